@@ -1,0 +1,1 @@
+"""Pallas kernels for slimqwen_jax, one folder per op: reference.py (jnp), kernel.py, ops.py."""

@@ -1,0 +1,260 @@
+"""Read and write Qwen3-Next checkpoints in the HF on-disk layout (config.json + safetensors).
+
+One table, `_TENSOR_RULES`, maps each of our parameter paths to its HF tensor name(s) and the
+layout change between them; loading and saving both read it. Tensors are read one at a time from
+memory-mapped safetensors files, so an 80B checkpoint never needs two copies in host memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from slimqwen_jax.config import Qwen3NextConfig
+from slimqwen_jax.model import Qwen3NextForCausalLM
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+DEFAULT_MAX_SHARD_BYTES = 4 * 2**30
+_NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+
+
+class CheckpointMismatchError(ValueError):
+    """An HF checkpoint whose tensors do not match the model its config.json describes."""
+
+
+# ---------------------------------------------------------------------------- the tensor table
+@dataclasses.dataclass(frozen=True)
+class TensorRule:
+    """Our parameter path pattern, its HF name template and how the layout changes (ours <-> HF)."""
+
+    ours: str  # regex with named groups, matched against the dotted parameter path
+    hf: str  # format template using those groups (and {e} for the expert index)
+    to_hf: Callable[[np.ndarray], np.ndarray]
+    from_hf: Callable[[np.ndarray], np.ndarray]
+    per_expert: bool = False
+
+
+def _identity(x):
+    return x
+
+
+_TENSOR_RULES = (
+    # Experts: ours [E, in, out] stacked; HF one torch Linear weight [out, in] per expert.
+    TensorRule(r"(?P<p>.*)\.experts\.(?P<proj>gate_proj|up_proj|down_proj)", "{p}.experts.{e}.{proj}.weight",
+               np.transpose, np.transpose, per_expert=True),
+    # Depthwise conv: ours [K, C]; HF torch Conv1d weight [C, 1, K].
+    TensorRule(r"(?P<p>.*)\.conv1d\.kernel", "{p}.conv1d.weight",
+               lambda w: np.transpose(w)[:, None, :], lambda w: np.transpose(w[:, 0, :])),
+    TensorRule(r"(?P<p>.*)\.embed_tokens\.embedding", "{p}.embed_tokens.weight", _identity, _identity),
+    # Linear: ours kernel [in, out]; HF weight [out, in].
+    TensorRule(r"(?P<p>.*)\.kernel", "{p}.weight", np.transpose, np.transpose),
+    # Norm weights, dt_bias, A_log: same name and layout.
+    TensorRule(r"(?P<p>.*)", "{p}", _identity, _identity),
+)  # fmt: skip
+
+
+def _rule_for(path: str) -> tuple[TensorRule, dict[str, str]]:
+    for rule in _TENSOR_RULES:
+        match = re.fullmatch(rule.ours, path)
+        if match:
+            return rule, match.groupdict()
+    raise AssertionError(f"no tensor rule matches {path}")  # the last rule matches everything
+
+
+def _hf_names(path: str, shape: tuple[int, ...]) -> list[str]:
+    rule, groups = _rule_for(path)
+    if rule.per_expert:
+        return [rule.hf.format(e=e, **groups) for e in range(shape[0])]
+    return [rule.hf.format(**groups)]
+
+
+def _hf_shape(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of (each of) the HF tensor(s) holding our parameter of the given shape."""
+    rule, _ = _rule_for(path)
+    if rule.per_expert:
+        shape = shape[1:]
+    return rule.to_hf(np.empty(shape, np.bool_)).shape
+
+
+def _param_paths(state: nnx.State) -> Iterator[tuple[str, tuple, nnx.Variable]]:
+    for key_path, variable in nnx.to_flat_state(state):
+        yield ".".join(str(k) for k in key_path), key_path, variable
+
+
+# ---------------------------------------------------------------------------- reading
+class _SafetensorsDir:
+    """Lazy, name-indexed access to the tensors of one HF checkpoint directory."""
+
+    def __init__(self, directory: Path):
+        index = directory / INDEX_FILE
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (directory / SINGLE_FILE).exists():
+            with safe_open(directory / SINGLE_FILE, framework="np") as f:
+                weight_map = {name: SINGLE_FILE for name in f.keys()}
+        else:
+            raise FileNotFoundError(f"{directory} has neither {SINGLE_FILE} nor {INDEX_FILE}")
+        self.directory = directory
+        self.weight_map = weight_map
+        self._handles = {}
+
+    def _file(self, name: str):
+        filename = self.weight_map[name]
+        if filename not in self._handles:
+            path = self.directory / filename
+            if not path.exists():
+                raise FileNotFoundError(f"{path} is listed in {INDEX_FILE} but missing")
+            self._handles[filename] = safe_open(path, framework="np")
+        return self._handles[filename]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._file(name).get_slice(name).get_shape())
+
+    def read(self, name: str) -> np.ndarray:
+        return self._file(name).get_tensor(name)
+
+
+def _count_mtp_layers(names) -> int:
+    depths = {int(m.group(1)) for n in names if (m := re.match(r"mtp\.layers\.(\d+)\.", n))}
+    return max(depths) + 1 if depths else 0
+
+
+def _check_tensors(state: nnx.State, tensors: _SafetensorsDir, cfg: Qwen3NextConfig) -> None:
+    """Raise one CheckpointMismatchError listing every missing, misshapen and unused tensor."""
+    missing, misshapen, used = [], [], set()
+    for path, _, variable in _param_paths(state):
+        expected = _hf_shape(path, variable.shape)
+        for name in _hf_names(path, variable.shape):
+            if name not in tensors.weight_map:
+                missing.append(f"{name} (for {path})")
+                continue
+            used.add(name)
+            if tensors.shape(name) != expected:
+                misshapen.append(f"{name}: checkpoint {tensors.shape(name)}, model expects {expected} (for {path})")
+    unused = sorted(set(tensors.weight_map) - used - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
+    if missing or misshapen or unused:
+        sections = [("parameters left unfilled", missing), ("wrong shapes", misshapen), ("HF tensors left unused", unused)]
+        report = "\n".join(f"{title} ({len(items)}):\n    " + "\n    ".join(items) for title, items in sections if items)
+        raise CheckpointMismatchError(f"checkpoint {tensors.directory} does not match its config:\n{report}")
+
+
+def load_config(path: str | os.PathLike, **runtime) -> Qwen3NextConfig:
+    """The model config of an HF checkpoint directory; MTP depth comes from its `mtp.*` tensors."""
+    directory = Path(path)
+    config_file = directory / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file} not found: not an HF checkpoint directory")
+    hf = json.loads(config_file.read_text())
+    hf["num_nextn_predict_layers"] = _count_mtp_layers(_SafetensorsDir(directory).weight_map)
+    return Qwen3NextConfig.from_hf_dict(hf, **runtime)
+
+
+def load_model(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None, **runtime) -> Qwen3NextForCausalLM:
+    """Load an HF Qwen3-Next checkpoint directory (single or sharded safetensors, `mtp.*` included).
+
+    Args:
+      path: directory with config.json and model.safetensors or model.safetensors.index.json.
+      dtype: compute dtype ("float32" or "bfloat16").
+      param_dtype: parameter dtype; defaults to `dtype`.
+      **runtime: other run-time config fields (gated_delta_rule_impl, moe_backend).
+    Raises:
+      CheckpointMismatchError listing every HF tensor left unused and every parameter left unfilled
+      or of the wrong shape, before any tensor data is read.
+    """
+    cfg = load_config(path, dtype=dtype, param_dtype=param_dtype or dtype, **runtime)
+    tensors = _SafetensorsDir(Path(path))
+    abstract = nnx.eval_shape(lambda: Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    _check_tensors(nnx.state(abstract, nnx.Param), tensors, cfg)
+    np_dtype = _NUMPY_DTYPES[cfg.param_dtype]
+    for path_str, key_path, variable in _param_paths(state):
+        rule, _ = _rule_for(path_str)
+        names = _hf_names(path_str, variable.shape)
+        if rule.per_expert:
+            buffer = np.empty(variable.shape, np_dtype)
+            for e, name in enumerate(names):
+                buffer[e] = rule.from_hf(tensors.read(name)).astype(np_dtype)
+        else:
+            buffer = rule.from_hf(tensors.read(names[0])).astype(np_dtype)
+        variable.set_value(jnp.asarray(buffer))
+        del buffer
+    return nnx.merge(graphdef, state)
+
+
+# ---------------------------------------------------------------------------- writing
+def _hf_tensors(model: Qwen3NextForCausalLM) -> Iterator[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]:
+    """(HF name, shape, lazy producer) for every tensor of the model, in parameter order."""
+    for path, _, variable in _param_paths(nnx.state(model, nnx.Param)):
+        rule, _ = _rule_for(path)
+        shape = _hf_shape(path, variable.shape)
+        for e, name in enumerate(_hf_names(path, variable.shape)):
+            index = e if rule.per_expert else ...
+            yield name, shape, lambda v=variable, i=index, r=rule: np.ascontiguousarray(r.to_hf(np.asarray(v[...][i])))
+
+
+def _plan_shards(sizes: list[int], max_shard_bytes: int) -> list[int]:
+    """Shard number of each tensor, filling shards in order up to max_shard_bytes."""
+    shard, filled, plan = 0, 0, []
+    for size in sizes:
+        if filled and filled + size > max_shard_bytes:
+            shard, filled = shard + 1, 0
+        plan.append(shard)
+        filled += size
+    return plan
+
+
+def save_model(model: Qwen3NextForCausalLM, path: str | os.PathLike, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+               overwrite: bool = False) -> Path:
+    """Write `model` as an HF checkpoint directory that `transformers` loads (`mtp.*` included).
+
+    Tensors go to `model.safetensors`, or to numbered shards with `model.safetensors.index.json` when
+    they exceed `max_shard_bytes`. The directory is written under a temporary name and renamed at
+    the end, so a failure never leaves a half-written checkpoint; an existing non-empty `path` is
+    refused unless `overwrite`.
+    """
+    target = Path(path)
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True to replace it")
+    cfg = model.config
+    tensors = list(_hf_tensors(model))
+    itemsize = np.dtype(_NUMPY_DTYPES[cfg.param_dtype]).itemsize
+    plan = _plan_shards([itemsize * int(np.prod(shape)) for _, shape, _ in tensors], max_shard_bytes)
+    num_shards = plan[-1] + 1
+    filenames = [SINGLE_FILE] if num_shards == 1 else [f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors" for i in range(num_shards)]
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        (staging / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
+        for shard in range(num_shards):
+            arrays = {name: produce() for (name, _, produce), s in zip(tensors, plan) if s == shard}
+            save_file(arrays, staging / filenames[shard], metadata={"format": "pt"})
+            del arrays
+        if num_shards > 1:
+            index = {
+                "metadata": {"total_size": sum(itemsize * int(np.prod(shape)) for _, shape, _ in tensors)},
+                "weight_map": {name: filenames[s] for (name, _, _), s in zip(tensors, plan)},
+            }
+            (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+

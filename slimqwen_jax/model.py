@@ -1,0 +1,147 @@
+"""Qwen3-Next causal LM with its multi-token-prediction (MTP) module, in Flax NNX.
+
+Shape letters: B batch, T tokens, D model width, V vocab, M MTP depth, N = B*T routed tokens,
+E experts. The module tree mirrors HF's checkpoint: `model.embed_tokens`, `model.layers.{i}`,
+`model.norm`, `lm_head`, `mtp.{fc, pre_fc_norm_embedding, pre_fc_norm_hidden, layers.{d}, norm}`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from slimqwen_jax.config import FULL_ATTENTION, LINEAR_ATTENTION, Qwen3NextConfig
+from slimqwen_jax.layers import MLP, Attention, Embedding, GatedDeltaNet, Linear, RMSNorm
+from slimqwen_jax.moe import SparseMoeBlock, load_balancing_loss
+
+
+class DecoderLayer(nnx.Module):
+    """x + mixer(input_layernorm(x)), then x + mlp(post_attention_layernorm(x))."""
+
+    def __init__(self, cfg: Qwen3NextConfig, layer_type: str, is_moe: bool, *, rngs):
+        self.layer_type = layer_type
+        if layer_type == LINEAR_ATTENTION:
+            self.linear_attn = GatedDeltaNet(cfg, rngs=rngs)
+        else:
+            self.self_attn = Attention(cfg, rngs=rngs)
+        self.mlp = SparseMoeBlock(cfg, rngs=rngs) if is_moe else MLP(cfg.intermediate_size, cfg, rngs=rngs)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, "embed", cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, "embed", cfg)
+
+    def __call__(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        """x [B, T, D], positions [B, T] -> (x [B, T, D], router logits [N, E] or None)."""
+        normed = self.input_layernorm(x)
+        if self.layer_type == LINEAR_ATTENTION:
+            x = x + self.linear_attn(normed)
+        else:
+            x = x + self.self_attn(normed, positions)
+        mlp_out = self.mlp(self.post_attention_layernorm(x))
+        router_logits = None
+        if isinstance(self.mlp, SparseMoeBlock):
+            mlp_out, router_logits = mlp_out
+        return x + mlp_out, router_logits
+
+
+class Qwen3NextModel(nnx.Module):
+    """Embedding, decoder stack and final norm (HF's `model.*`)."""
+
+    def __init__(self, cfg: Qwen3NextConfig, *, rngs):
+        self.embed_tokens = Embedding(cfg, rngs=rngs)
+        self.layers = nnx.List(
+            [DecoderLayer(cfg, cfg.layer_types[i], cfg.is_moe_layer(i), rngs=rngs) for i in range(cfg.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(cfg.hidden_size, "embed", cfg)
+
+    def __call__(self, input_ids: jax.Array, positions: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+        """input_ids [B, T] -> (final-normed hidden states [B, T, D], router logits of each MoE layer)."""
+        x = self.embed_tokens(input_ids)  # [B, T, D]
+        router_logits = []
+        for layer in self.layers:
+            x, logits = layer(x, positions)
+            if logits is not None:
+                router_logits.append(logits)
+        return self.norm(x), router_logits
+
+
+class MultiTokenPredictor(nnx.Module):
+    """DeepSeek-V3-style MTP (HF's `mtp.*`): step d predicts token i + 2 + d at position i.
+
+    h_d = norm(layers[d](fc([pre_fc_norm_embedding(emb(t_{i+1+d})) | pre_fc_norm_hidden(h_{d-1})])))
+    with h_{-1} the backbone output after its final norm; embedding and lm_head are the backbone's.
+    """
+
+    def __init__(self, cfg: Qwen3NextConfig, *, rngs):
+        d = cfg.hidden_size
+        self.fc = Linear(2 * d, d, ("embed_pair", "embed"), cfg, rngs=rngs)
+        self.pre_fc_norm_embedding = RMSNorm(d, "embed", cfg)
+        self.pre_fc_norm_hidden = RMSNorm(d, "embed", cfg)
+        self.layers = nnx.List(
+            [DecoderLayer(cfg, FULL_ATTENTION, cfg.num_experts > 0, rngs=rngs) for _ in range(cfg.num_mtp_layers)]
+        )
+        self.norm = RMSNorm(d, "embed", cfg)
+
+    def step(self, depth: int, hidden: jax.Array, next_embeds: jax.Array, positions: jax.Array):
+        """One draft step with layer `depth`: hidden, next_embeds [B, T, D] -> (hidden [B, T, D], router logits)."""
+        fused = jnp.concatenate([self.pre_fc_norm_embedding(next_embeds), self.pre_fc_norm_hidden(hidden)], axis=-1)
+        z, router_logits = self.layers[depth](self.fc(fused), positions)
+        return self.norm(z), router_logits
+
+
+@struct.dataclass
+class CausalLMOutput:
+    """Outputs of `Qwen3NextForCausalLM`.
+
+    logits [B, T, V]; hidden_states [B, T, D] (after the final norm); mtp_logits [M, B, T, V] or None,
+    where mtp_logits[d, :, i] predicts token i + 2 + d (positions whose inputs run past T are padding);
+    aux_loss: HF's load-balancing loss over the backbone's MoE layers (unscaled; 0 without MoE);
+    router_logits: one [N, E] array per backbone MoE layer.
+    """
+
+    logits: jax.Array
+    hidden_states: jax.Array
+    mtp_logits: jax.Array | None
+    aux_loss: jax.Array
+    router_logits: tuple[jax.Array, ...]
+
+
+def shift_left(ids: jax.Array, n: int) -> jax.Array:
+    """ids [B, T] moved n steps left, zero-padded at the end: out[:, i] = ids[:, i + n]."""
+    return jnp.pad(ids[:, n:], ((0, 0), (0, min(n, ids.shape[1]))))
+
+
+class Qwen3NextForCausalLM(nnx.Module):
+    """The full model: backbone, LM head (or tied embedding) and optional MTP module."""
+
+    def __init__(self, cfg: Qwen3NextConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.model = Qwen3NextModel(cfg, rngs=rngs)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), cfg, rngs=rngs)
+        self.mtp = MultiTokenPredictor(cfg, rngs=rngs) if cfg.num_mtp_layers > 0 else None
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [..., D] -> logits [..., V] through the LM head or the tied embedding."""
+        if self.lm_head is None:
+            return self.model.embed_tokens.attend(hidden)
+        return self.lm_head(hidden)
+
+    def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None, *, with_mtp: bool = True) -> CausalLMOutput:
+        """input_ids [B, T] (positions [B, T], default arange) -> CausalLMOutput."""
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+        hidden, router_logits = self.model(input_ids, positions)
+        mtp_logits = None
+        if with_mtp and self.mtp is not None:
+            mtp_logits = jnp.stack(self._mtp_logits(input_ids, hidden, positions))
+        aux_loss = (
+            load_balancing_loss(router_logits, self.config.num_experts_per_tok) if router_logits else jnp.zeros((), jnp.float32)
+        )
+        return CausalLMOutput(self.logits(hidden), hidden, mtp_logits, aux_loss, tuple(router_logits))
+
+    def _mtp_logits(self, input_ids, hidden, positions) -> list[jax.Array]:
+        logits = []
+        for depth in range(len(self.mtp.layers)):
+            next_embeds = self.model.embed_tokens(shift_left(input_ids, depth + 1))  # [B, T, D]
+            hidden, _ = self.mtp.step(depth, hidden, next_embeds, positions)
+            logits.append(self.logits(hidden))
+        return logits
