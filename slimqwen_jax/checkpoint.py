@@ -34,8 +34,7 @@ def save_checkpoint(model: Qwen3NextForCausalLM, directory: str | os.PathLike) -
     directory = Path(directory).absolute()
     if directory.exists():
         raise FileExistsError(f"{directory} already exists; refusing to overwrite a checkpoint")
-    checkpointer = _checkpointer()
-    checkpointer.save(
+    _checkpointer().save(
         directory,
         args=ocp.args.Composite(
             **{
@@ -44,7 +43,6 @@ def save_checkpoint(model: Qwen3NextForCausalLM, directory: str | os.PathLike) -
             }
         ),
     )
-    checkpointer.wait_until_finished()
     return directory
 
 
