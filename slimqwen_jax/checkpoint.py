@@ -67,3 +67,62 @@ def load_checkpoint(directory: str | os.PathLike, **runtime) -> Qwen3NextForCaus
     )
     nnx.replace_by_pure_dict(abstract_state, restored[PARAMS_ITEM].to_pure_dict())
     return nnx.merge(graphdef, abstract_state)
+
+
+class TrainingCheckpoints:
+    """Step checkpoints of a training run in `<workdir>/checkpoints/<step>/`.
+
+    Items: `params` and `config` (as in `save_checkpoint`, so `load_checkpoint` reads any step
+    directory), `opt_state`, and `train_state` (JSON: step, seed, data iterator state, run config).
+    Saves are asynchronous and atomic: a run killed mid-save resumes from the previous step.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, max_to_keep: int | None = 3):
+        self.directory = Path(workdir).absolute() / "checkpoints"
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=False, cleanup_tmp_directories=True),
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def step_directory(self, step: int) -> Path:
+        return self.directory / str(step)
+
+    def model_config(self, step: int) -> Qwen3NextConfig:
+        return load_checkpoint_config(self.step_directory(step))
+
+    def save(self, step: int, params, opt_state, model_config: Qwen3NextConfig, train_state: dict) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    PARAMS_ITEM: ocp.args.StandardSave(params),
+                    CONFIG_ITEM: ocp.args.JsonSave(model_config.to_dict()),
+                    "opt_state": ocp.args.StandardSave(opt_state),
+                    "train_state": ocp.args.JsonSave(train_state),
+                }
+            ),
+        )
+
+    def restore(self, step: int, abstract_params, abstract_opt_state):
+        """(params, opt_state, train_state) of `step`, placed like the abstract targets."""
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    PARAMS_ITEM: ocp.args.StandardRestore(abstract_params),
+                    "opt_state": ocp.args.StandardRestore(abstract_opt_state),
+                    "train_state": ocp.args.JsonRestore(),
+                }
+            ),
+        )
+        return restored[PARAMS_ITEM], restored["opt_state"], restored["train_state"]
+
+    def wait_until_finished(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()

@@ -158,8 +158,18 @@ class Qwen3NextConfig:
         """All fields as JSON-serialisable values (tuples become lists)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
+    def to_flag_dict(self) -> dict[str, Any]:
+        """Fields for an ml-collections config: tuples (overridable from the command line), and an
+        empty `layer_types` when it is HF's default pattern, so that overriding the depth alone works."""
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in self.to_dict().items()}
+        if self.layer_types == Qwen3NextConfig(**{**values, "layer_types": None}).layer_types:
+            values["layer_types"] = ()
+        return values
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Qwen3NextConfig:
+        """From `to_dict` or `to_flag_dict` output; an empty `layer_types` means the default pattern."""
+        values = {**values, "layer_types": values.get("layer_types") or None}
         unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ConfigError(f"unknown Qwen3NextConfig fields: {unknown}")

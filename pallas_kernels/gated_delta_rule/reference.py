@@ -10,11 +10,8 @@ count and L2-normalised (`ops.gated_delta_rule` does both). All math is float32.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import solve_triangular
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -52,6 +49,38 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state=None):
     return jnp.moveaxis(o, 0, 1).astype(v.dtype), final_state
 
 
+@jax.custom_vjp
+def _unit_lower_inverse(lower: jax.Array) -> jax.Array:
+    """(I + lower)^-1 for strictly lower-triangular `lower` [.., C, C], by exact forward substitution.
+
+    Row i of T = (I + L)^-1 is e_i - L[i] T (only rows < i of T are read), so C - 1 batched
+    vector-matrix products build it. Matmuls only: no LAPACK triangular solve, whose CPU custom
+    call inside the scanned backward pass deadlocked XLA's 2-thread pool in training.
+    """
+    c = lower.shape[-1]
+    eye = jnp.broadcast_to(jnp.eye(c, dtype=lower.dtype), lower.shape)
+
+    def substitute_row(i, inverse):
+        row = eye[..., i, :] - _einsum("...j,...jk->...k", lower[..., i, :], inverse)  # [.., C]
+        return inverse.at[..., i, :].set(row)
+
+    return jax.lax.fori_loop(1, c, substitute_row, eye)
+
+
+def _unit_lower_inverse_fwd(lower):
+    inverse = _unit_lower_inverse(lower)
+    return inverse, inverse
+
+
+def _unit_lower_inverse_bwd(inverse, cotangent):
+    # T = A^-1 with A = I + L: dA = -T^T dT T^T; L is strictly lower, so only that part flows back.
+    t_transpose = jnp.swapaxes(inverse, -1, -2)
+    return (jnp.tril(-_einsum("...ij,...jk,...kl->...il", t_transpose, cotangent, t_transpose), -1),)
+
+
+_unit_lower_inverse.defvjp(_unit_lower_inverse_fwd, _unit_lower_inverse_bwd)
+
+
 def _to_chunks(x: jax.Array, chunk_size: int) -> jax.Array:
     """[B, T, H, ...] -> [N, B, H, C, ...] float32, zero-padding T up to a multiple of C."""
     b, t = x.shape[:2]
@@ -82,10 +111,9 @@ def _intra_chunk(q, k, v, g, beta):
     gamma = jnp.exp(jnp.where(causal, g_cum[..., :, None] - g_cum[..., None, :], -jnp.inf))  # [.., C, C]
     k_beta = k * beta[..., None]  # [.., C, K]
     strictly_lower = jnp.tril(_einsum("...ik,...jk->...ij", k_beta, k) * gamma, -1)  # L [.., C, C]
-    # (I + L)^-1 applied by an exact unit-lower-triangular solve; the zero diagonal of L is unused.
-    solve = functools.partial(solve_triangular, strictly_lower, lower=True, unit_diagonal=True)
-    u = solve(v * beta[..., None])  # [.., C, V]
-    w = solve(k_beta * jnp.exp(g_cum)[..., None])  # [.., C, K]
+    inverse = _unit_lower_inverse(strictly_lower)  # (I + L)^-1 [.., C, C]
+    u = _einsum("...ij,...jv->...iv", inverse, v * beta[..., None])  # [.., C, V]
+    w = _einsum("...ij,...jk->...ik", inverse, k_beta * jnp.exp(g_cum)[..., None])  # [.., C, K]
     q_decayed = q * jnp.exp(g_cum)[..., None]  # [.., C, K]
     attn = _einsum("...ik,...jk->...ij", q, k) * gamma  # [.., C, C]
     k_decayed = k * jnp.exp(g_cum[..., -1:] - g_cum)[..., None]  # [.., C, K]

@@ -1,0 +1,31 @@
+"""Data pipeline: sources -> tokenizer -> one packed token stream -> grain windows and batches."""
+
+from slimqwen_jax.data.pipeline import (
+    WindowSource,
+    calibration_samples,
+    default_data_config,
+    heldout_batches,
+    pack_documents,
+    token_stream,
+    train_iterator,
+    unigram_entropy,
+    validate_data_config,
+)
+from slimqwen_jax.data.sources import DataError
+from slimqwen_jax.data.tokenizers import ByteTokenizer, HFTokenizer, make_tokenizer
+
+__all__ = [
+    "ByteTokenizer",
+    "DataError",
+    "HFTokenizer",
+    "WindowSource",
+    "calibration_samples",
+    "default_data_config",
+    "heldout_batches",
+    "make_tokenizer",
+    "pack_documents",
+    "token_stream",
+    "train_iterator",
+    "unigram_entropy",
+    "validate_data_config",
+]

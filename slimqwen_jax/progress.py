@@ -1,0 +1,129 @@
+"""Progress of long runs: log lines with tokens/s and ETA, tensorboard scalars, a metrics history
+(`metrics.jsonl`) and its loss-curve plot."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("slimqwen_jax")
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def expert_balance_scalars(expert_load: np.ndarray) -> dict[str, float]:
+    """Per MoE layer, max over mean expert load (1 = perfectly balanced) from loads [L_moe, E]."""
+    return {f"expert_balance/layer{i:02d}_max_over_mean": float(row.max() / row.mean()) for i, row in enumerate(expert_load)}
+
+
+class ProgressLogger:
+    """Logs every `log_every` steps; held-out losses whenever given. Only the main process writes."""
+
+    def __init__(self, workdir: Path, *, total_steps: int, start_step: int, tokens_per_step: int, log_every: int, is_main: bool):
+        self.total_steps, self.tokens_per_step, self.log_every, self.is_main = total_steps, tokens_per_step, log_every, is_main
+        self.history_file = workdir / "metrics.jsonl"
+        self._writer = None
+        if is_main:
+            from tensorboardX import SummaryWriter
+
+            workdir.mkdir(parents=True, exist_ok=True)
+            self._writer = SummaryWriter(str(workdir / "tensorboard"))
+        self._start_time = self._last_time = time.perf_counter()
+        self._last_step = start_step
+        self._first_interval = True
+        self._steady = {"steps": 0, "seconds": 0.0}
+        self._last = {}
+
+    def _record(self, step: int, scalars: dict[str, float]) -> None:
+        self._last.update(scalars)
+        if not self.is_main:
+            return
+        for name, value in scalars.items():
+            self._writer.add_scalar(name, value, step)
+        with self.history_file.open("a") as f:
+            f.write(json.dumps({"step": step, **scalars}) + "\n")
+
+    def train(self, step: int, metrics: dict, learning_rate: float) -> None:
+        if step % self.log_every and step != self.total_steps:
+            return
+        now = time.perf_counter()
+        steps, seconds = step - self._last_step, now - self._last_time
+        self._last_step, self._last_time = step, now
+        if not self._first_interval:  # the first interval includes compilation
+            self._steady["steps"] += steps
+            self._steady["seconds"] += seconds
+        self._first_interval = False
+        tokens_per_sec = steps * self.tokens_per_step / seconds
+        scalars = {f"train/{k}": float(v) for k, v in metrics.items() if np.ndim(v) == 0}
+        scalars.update({"train/learning_rate": learning_rate, "perf/tokens_per_sec": tokens_per_sec})
+        if np.size(metrics.get("expert_load", 0)):
+            scalars.update(expert_balance_scalars(np.asarray(metrics["expert_load"])))
+        self._record(step, scalars)
+        eta = (self.total_steps - step) * seconds / max(steps, 1)
+        parts = " ".join(f"{k} {float(metrics[k]):.4f}" for k in ("ce", "mtp_ce", "aux_loss") if k in metrics)
+        log.info(
+            "step %d/%d | loss %.4f (%s) | lr %.2e | grad %.3f | %s tok/s | ETA %s",
+            step, self.total_steps, float(metrics["loss"]), parts, learning_rate, float(metrics["grad_norm"]),
+            f"{tokens_per_sec:,.0f}", format_duration(eta),
+        )  # fmt: skip
+
+    def heldout(self, step: int, loss: float) -> None:
+        self._record(step, {"heldout/ce": loss})
+        log.info("step %d/%d | held-out loss %.4f", step, self.total_steps, loss)
+
+    def summary(self) -> dict:
+        """Last train/held-out values, steady-state tokens/s and wall time of this process's run."""
+        if not self._last:
+            return {}
+        steady = self._steady
+        tokens_per_sec = steady["steps"] * self.tokens_per_step / steady["seconds"] if steady["seconds"] else None
+        return {
+            "step": self._last_step,
+            "train_loss": self._last.get("train/loss"),
+            "train_ce": self._last.get("train/ce"),
+            "heldout_ce": self._last.get("heldout/ce"),
+            "tokens_per_sec": tokens_per_sec,
+            "wall_seconds": time.perf_counter() - self._start_time,
+        }
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def plot_loss_curves(history_file: Path, output: Path, reference: dict[str, float] | None = None) -> None:
+    """Train and held-out cross-entropy against step from `metrics.jsonl` (later entries win)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, dict[int, float]] = {"train/ce": {}, "train/mtp_ce": {}, "heldout/ce": {}}
+    for line in history_file.read_text().splitlines():
+        entry = json.loads(line)
+        for name in series:
+            if name in entry:
+                series[name][entry["step"]] = entry[name]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, points in series.items():
+        if points:
+            steps = sorted(points)
+            ax.plot(steps, [points[s] for s in steps], marker="o" if name.startswith("heldout") else None, ms=3, label=name)
+    for label, value in (reference or {}).items():
+        ax.axhline(value, ls="--", color="gray", lw=1)
+        ax.annotate(label, (0, value), xytext=(4, 3), textcoords="offset points", fontsize=8, color="gray")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
