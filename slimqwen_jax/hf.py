@@ -90,9 +90,10 @@ def _hf_shape(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return rule.to_hf(np.empty(shape, np.bool_)).shape
 
 
-def _param_paths(state: nnx.State) -> Iterator[tuple[str, tuple, nnx.Variable]]:
+def _param_paths(state: nnx.State) -> Iterator[tuple[str, nnx.Variable]]:
+    """(dotted path, variable) of every variable: `model.layers.0.self_attn.q_proj.kernel`, ..."""
     for key_path, variable in nnx.to_flat_state(state):
-        yield ".".join(str(k) for k in key_path), key_path, variable
+        yield ".".join(str(k) for k in key_path), variable
 
 
 # ---------------------------------------------------------------------------- reading
@@ -136,7 +137,7 @@ def _count_mtp_layers(names) -> int:
 def _check_tensors(state: nnx.State, tensors: _SafetensorsDir, cfg: Qwen3NextConfig) -> None:
     """Raise one CheckpointMismatchError listing every missing, misshapen and unused tensor."""
     missing, misshapen, used = [], [], set()
-    for path, _, variable in _param_paths(state):
+    for path, variable in _param_paths(state):
         expected = _hf_shape(path, variable.shape)
         for name in _hf_names(path, variable.shape):
             if name not in tensors.weight_map:
@@ -181,7 +182,7 @@ def load_model(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: 
     graphdef, state = nnx.split(abstract)
     _check_tensors(nnx.state(abstract, nnx.Param), tensors, cfg)
     np_dtype = _NUMPY_DTYPES[cfg.param_dtype]
-    for path_str, key_path, variable in _param_paths(state):
+    for path_str, variable in _param_paths(state):
         rule, _ = _rule_for(path_str)
         names = _hf_names(path_str, variable.shape)
         if rule.per_expert:
@@ -198,7 +199,7 @@ def load_model(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: 
 # ---------------------------------------------------------------------------- writing
 def _hf_tensors(model: Qwen3NextForCausalLM) -> Iterator[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]:
     """(HF name, shape, lazy producer) for every tensor of the model, in parameter order."""
-    for path, _, variable in _param_paths(nnx.state(model, nnx.Param)):
+    for path, variable in _param_paths(nnx.state(model, nnx.Param)):
         rule, _ = _rule_for(path)
         shape = _hf_shape(path, variable.shape)
         for e, name in enumerate(_hf_names(path, variable.shape)):

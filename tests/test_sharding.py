@@ -1,0 +1,66 @@
+"""Mesh construction, logical-axis placement and a sharded train step against one device."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from slimqwen_jax import losses, sharding, train
+from slimqwen_jax.config import tiny
+from slimqwen_jax.model import Qwen3NextForCausalLM
+
+
+@pytest.mark.parametrize(
+    "mesh, message",
+    [
+        (dict(data=3, fsdp=1, expert=1), "needs 3 devices, but 8"),
+        (dict(data=-1, fsdp=3, expert=1), "cannot be split"),
+        (dict(data=-1, fsdp=-1, expert=1), "at most one may be -1"),
+        (dict(data=0, fsdp=1, expert=1), "must be positive"),
+    ],
+)
+def test_bad_meshes_are_rejected(mesh, message):
+    with pytest.raises(sharding.MeshError, match=message):
+        sharding.make_mesh(mesh)
+
+
+def test_parameters_follow_the_logical_rules():
+    mesh = sharding.make_mesh(dict(data=-1, fsdp=2, expert=1))
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "expert": 1}
+    _, state = nnx.split(nnx.eval_shape(lambda: Qwen3NextForCausalLM(tiny(), rngs=nnx.Rngs(0))))
+    shardings = sharding.state_shardings(state, mesh)
+    layer = shardings["model"]["layers"][3]
+    assert layer["self_attn"]["q_proj"]["kernel"].get_value().spec == PartitionSpec("fsdp", None)
+    assert layer["self_attn"]["o_proj"]["kernel"].get_value().spec == PartitionSpec(None, "fsdp")
+    assert layer["mlp"]["experts"]["down_proj"].get_value().spec == PartitionSpec("expert", None, "fsdp")
+    assert layer["self_attn"]["q_norm"]["weight"].get_value().spec == PartitionSpec(None)
+    fsdp3 = jax.sharding.Mesh(np.asarray(jax.devices()[:3]).reshape(1, 3, 1), sharding.MESH_AXES)
+    with pytest.raises(sharding.MeshError, match="axis 'embed' of size 64 is not divisible"):
+        sharding.state_shardings(state, fsdp3)
+
+
+@pytest.mark.slow
+def test_sharded_train_steps_match_one_device():
+    """Two steps on a data=4 x fsdp=2 mesh equal two steps on one device."""
+    cfg = tiny(hidden_size=32, num_experts=4)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 257, (2, 8, 33)), jnp.int32)
+    tx = optax.sgd(0.5)  # linear in the gradients, so float reassociation noise is not amplified
+    results = []
+    for devices, shape in ((jax.devices()[:1], (1, 1, 1)), (jax.devices(), (4, 2, 1))):
+        mesh = jax.sharding.Mesh(np.asarray(devices).reshape(shape), sharding.MESH_AXES)
+        graphdef, _, _, param_shardings, opt_shardings = train.abstract_state(cfg, tx, mesh)
+        params = train.initial_params(cfg, "", 0, param_shardings)
+        opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+        micro = NamedSharding(mesh, PartitionSpec(None, sharding.LOGICAL_RULES["batch"]))
+        step = jax.jit(train.make_train_step(graphdef, tx, losses.language_model_loss(0.3), 1, micro),
+                       out_shardings=(param_shardings, opt_shardings, None))  # fmt: skip
+        for batch in tokens:
+            params, opt_state, metrics = step(params, opt_state, jax.device_put(batch, sharding.batch_sharding(mesh, 2)))
+        assert params["model"]["layers"][0]["mlp"]["experts"]["gate_proj"][...].sharding.mesh.size == len(devices)
+        results.append((jax.tree.leaves(jax.device_get(params)), float(metrics["loss"])))
+    for a, b in zip(results[0][0], results[1][0], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert results[0][1] == pytest.approx(results[1][1], rel=1e-5)
