@@ -109,13 +109,12 @@ def initial_params(cfg: Qwen3NextConfig, init_from: str, seed: int, param_shardi
         init = lambda: nnx.state(Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(seed)))  # noqa: E731
         return jax.jit(init, out_shardings=param_shardings)()
     source = Path(init_from)
-    loaded_cfg = (hf.load_config if (source / "config.json").exists() else load_checkpoint_config)(source)
-    problems = architecture_mismatch(cfg, loaded_cfg)
+    is_hf = (source / "config.json").exists()
+    problems = architecture_mismatch(cfg, (hf.load_config if is_hf else load_checkpoint_config)(source))
     if problems:
         raise TrainError(f"init_from {source} does not match config.model:\n  " + "\n  ".join(problems))
     runtime = {k: getattr(cfg, k) for k in ("dtype", "param_dtype", "gated_delta_rule_impl", "moe_backend")}
-    loader = hf.load_model if (source / "config.json").exists() else load_checkpoint
-    model = loader(source, **runtime)
+    model = (hf.load_model if is_hf else load_checkpoint)(source, **runtime)
     return jax.device_put(nnx.state(model), param_shardings)
 
 
