@@ -17,8 +17,10 @@ LINEAR_ATTENTION = "linear_attention"
 FULL_ATTENTION = "full_attention"
 LAYER_TYPES = (LINEAR_ATTENTION, FULL_ATTENTION)
 GATED_DELTA_RULE_IMPLEMENTATIONS = ("chunked", "recurrent", "pallas")
-MOE_BACKENDS = ("dense", "ragged")
+MOE_BACKENDS = ("dense", "ragged", "expert_parallel")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Fields that choose how the model runs, not what it computes: free to differ between checkpoints.
+RUNTIME_FIELDS = ("dtype", "param_dtype", "gated_delta_rule_impl", "moe_backend", "moe_capacity_factor")
 
 
 class ConfigError(ValueError):
@@ -64,11 +66,15 @@ class Qwen3NextConfig:
     param_dtype: str = "float32"
     gated_delta_rule_impl: str = "chunked"
     moe_backend: str = "ragged"
+    # expert_parallel only: capacity = ceil(factor * local copies / expert-axis size); 0 = dropless.
+    moe_capacity_factor: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "mlp_only_layers", tuple(int(i) for i in self.mlp_only_layers))
         if self.layer_types is None:
-            types = tuple(FULL_ATTENTION if (i + 1) % 4 == 0 else LINEAR_ATTENTION for i in range(self.num_hidden_layers))
+            types = tuple(
+                FULL_ATTENTION if (i + 1) % 4 == 0 else LINEAR_ATTENTION for i in range(self.num_hidden_layers)
+            )
         else:
             types = tuple(self.layer_types)
         object.__setattr__(self, "layer_types", types)
@@ -107,9 +113,13 @@ class Qwen3NextConfig:
             "linear_key_head_dim linear_value_head_dim linear_num_key_heads linear_num_value_heads "
             "decoder_sparse_step"
         ).split()
-        problems += [f"{name} must be positive, got {getattr(self, name)}" for name in positive if getattr(self, name) <= 0]
+        problems += [
+            f"{name} must be positive, got {getattr(self, name)}" for name in positive if getattr(self, name) <= 0
+        ]
         non_negative = "num_hidden_layers num_experts num_mtp_layers".split()
-        problems += [f"{name} must be >= 0, got {getattr(self, name)}" for name in non_negative if getattr(self, name) < 0]
+        problems += [
+            f"{name} must be >= 0, got {getattr(self, name)}" for name in non_negative if getattr(self, name) < 0
+        ]
         if problems:  # later checks divide by these sizes
             raise ConfigError("invalid Qwen3-Next config:\n  " + "\n  ".join(problems))
         if self.num_attention_heads % self.num_key_value_heads:
@@ -134,25 +144,32 @@ class Qwen3NextConfig:
             problems.append(f"unknown layer types {unknown}; expected {LAYER_TYPES}")
         bad_mlp_only = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
         if bad_mlp_only:
-            problems.append(f"mlp_only_layers {bad_mlp_only} are not layer indices of a {self.num_hidden_layers}-layer model")
+            problems.append(
+                f"mlp_only_layers {bad_mlp_only} are not layer indices of a {self.num_hidden_layers}-layer model"
+            )
         if self.num_experts > 0 and not 0 < self.num_experts_per_tok <= self.num_experts:
-            problems.append(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, num_experts={self.num_experts}]")
+            problems.append(
+                f"num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, num_experts={self.num_experts}]"
+            )
         if self.dtype not in DTYPES or self.param_dtype not in DTYPES:
-            problems.append(f"dtype and param_dtype must be in {sorted(DTYPES)}, got {self.dtype!r}, {self.param_dtype!r}")
+            problems.append(
+                f"dtype and param_dtype must be in {sorted(DTYPES)}, got {self.dtype!r}, {self.param_dtype!r}"
+            )
         if self.gated_delta_rule_impl not in GATED_DELTA_RULE_IMPLEMENTATIONS:
             problems.append(
                 f"gated_delta_rule_impl {self.gated_delta_rule_impl!r} not in {GATED_DELTA_RULE_IMPLEMENTATIONS}"
             )
         if self.moe_backend not in MOE_BACKENDS:
             problems.append(f"moe_backend {self.moe_backend!r} not in {MOE_BACKENDS}")
+        if not self.moe_capacity_factor >= 0:
+            problems.append(f"moe_capacity_factor must be >= 0 (0 = dropless), got {self.moe_capacity_factor}")
         if problems:
             raise ConfigError("invalid Qwen3-Next config:\n  " + "\n  ".join(problems))
 
     # ------------------------------------------------------------------ serialisation
     def architecture(self) -> dict[str, Any]:
         """The fields that define the parameter shapes and the function (no run-time options)."""
-        runtime = {"dtype", "param_dtype", "gated_delta_rule_impl", "moe_backend"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in runtime}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RUNTIME_FIELDS}
 
     def to_dict(self) -> dict[str, Any]:
         """All fields as JSON-serialisable values (tuples become lists)."""
@@ -177,7 +194,11 @@ class Qwen3NextConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """A transformers `config.json` dict (v5 layout, `rope_parameters`)."""
-        hf = {k: v for k, v in self.architecture().items() if k not in ("rope_theta", "partial_rotary_factor", "num_mtp_layers")}
+        hf = {
+            k: v
+            for k, v in self.architecture().items()
+            if k not in ("rope_theta", "partial_rotary_factor", "num_mtp_layers")
+        }
         hf = {k: list(v) if isinstance(v, tuple) else v for k, v in hf.items()}
         hf.update(
             architectures=["Qwen3NextForCausalLM"],

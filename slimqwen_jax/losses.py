@@ -1,6 +1,6 @@
 """Training objectives. A loss maps (model, tokens [B, L+1]) to (scalar, metrics dict).
 
-Shape letters: B batch, L sequence length, V vocab, M MTP depth, E experts.
+Shape letters: B batch, L sequence length, V vocab, M MTP depth, E experts, L_moe MoE layers.
 `tokens` holds inputs and targets together: inputs = tokens[:, :-1], next-token targets =
 tokens[:, 1:]; MTP step d at position i predicts tokens[:, i + 2 + d].
 """
@@ -11,8 +11,10 @@ from typing import Protocol
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from slimqwen_jax.model import CausalLMOutput, Qwen3NextForCausalLM
+from slimqwen_jax.moe import stack_routing_metrics
 
 
 class LossFn(Protocol):
@@ -39,29 +41,20 @@ def mtp_cross_entropies(mtp_logits: jax.Array, tokens: jax.Array) -> jax.Array:
     return jnp.stack(losses)
 
 
-def expert_load(router_logits: tuple[jax.Array, ...], top_k: int) -> jax.Array:
-    """Fraction of routed token slots each expert receives, per MoE layer: [L_moe, E], rows sum to 1."""
-    if not router_logits:
-        return jnp.zeros((0, 0), jnp.float32)
-    num_experts = router_logits[0].shape[-1]
-
-    def load(logits):
-        _, chosen = jax.lax.top_k(logits.astype(jnp.float32), top_k)  # softmax is monotonic
-        return jnp.mean(jnp.sum(jax.nn.one_hot(chosen, num_experts), axis=1), axis=0) / top_k
-
-    return jnp.stack([load(logits) for logits in router_logits])
-
-
 def language_model_loss(mtp_weight: float) -> LossFn:
-    """L = CE + router_aux_loss_coef * aux + mtp_weight * mean over depths of the MTP CE."""
+    """L = CE + router_aux_loss_coef * aux + mtp_weight * mean over depths of the MTP CE.
+
+    Metrics: the loss terms, and per MoE layer the routing metrics of `moe.stack_routing_metrics`
+    (expert_load [L_moe, E], max_load and dropped_fraction [L_moe]).
+    """
 
     def loss_fn(model: Qwen3NextForCausalLM, tokens: jax.Array):
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        out: CausalLMOutput = model(inputs, with_mtp=mtp_weight > 0)
+        out: CausalLMOutput
+        out, intermediates = nnx.capture(model, nnx.Intermediate)(inputs, with_mtp=mtp_weight > 0)
         ce = cross_entropy(out.logits, targets, jnp.ones(targets.shape, bool))
-        cfg = model.config
-        loss = ce + cfg.router_aux_loss_coef * out.aux_loss
-        metrics = {"ce": ce, "aux_loss": out.aux_loss, "expert_load": expert_load(out.router_logits, cfg.num_experts_per_tok)}
+        loss = ce + model.config.router_aux_loss_coef * out.aux_loss
+        metrics = {"ce": ce, "aux_loss": out.aux_loss, **stack_routing_metrics(intermediates)}
         if out.mtp_logits is not None:
             mtp_ce = mtp_cross_entropies(out.mtp_logits, tokens)
             loss = loss + mtp_weight * jnp.mean(mtp_ce)

@@ -1,19 +1,28 @@
 """The Qwen3-Next sparse MoE block as small pure functions: route -> expert FFN -> combine.
 
 Shape letters: N tokens (B*T flattened), D model width, E experts, K experts per token, F expert
-width. Expert weights are stacked: gate/up [E, D, F], down [E, F, D].
+width, P devices on the mesh's expert axis, L = E / P experts per device, C capacity (token copies
+one device may send to another). Expert weights are stacked: gate/up [E, D, F], down [E, F, D].
+
+Backends (`EXPERT_BACKENDS`, chosen by `cfg.moe_backend`): `dense` (every expert on every token:
+the reference), `ragged` (dropless grouped matmuls on one device) and `expert_parallel` (experts
+sharded over the mesh's expert axis, tokens dispatched with all-to-all; see
+`expert_parallel_experts`).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from slimqwen_jax.config import Qwen3NextConfig
 from slimqwen_jax.layers import MLP, Linear, normal_param
+from slimqwen_jax.sharding import LOGICAL_RULES
 
 
 def route(router_logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
@@ -52,7 +61,153 @@ def swiglu_experts_ragged(x, weights, experts, gate_proj, up_proj, down_proj):
     return jnp.zeros((n, x.shape[-1]), out.dtype).at[token_of_copy].add(out)
 
 
-EXPERT_BACKENDS = {"dense": swiglu_experts_dense, "ragged": swiglu_experts_ragged}
+def _mesh_axes(rule) -> tuple[str, ...]:
+    return () if rule is None else (rule,) if isinstance(rule, str) else tuple(rule)
+
+
+def expert_capacity(local_tokens: int, top_k: int, expert_axis_size: int, capacity_factor: float | None) -> int:
+    """Token copies one device may send to each device of the expert axis.
+
+    ceil(capacity_factor * local_tokens * top_k / expert_axis_size), at least 1; a capacity factor of
+    None or <= 0 means dropless (local_tokens * top_k: every copy may go to one device).
+    """
+    copies = local_tokens * top_k
+    if not capacity_factor or capacity_factor <= 0:
+        return copies
+    return max(1, min(copies, math.ceil(capacity_factor * copies / expert_axis_size)))
+
+
+def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, *, mesh=None, capacity_factor=None):
+    """Expert-parallel SwiGLU experts: (out [N, D], dropped_fraction scalar float32).
+
+    Experts are sharded over the mesh axis that `LOGICAL_RULES["expert"]` names (P devices, L = E / P
+    experts each) and tokens over the `batch` axes. Inside `jax.shard_map` each device writes its
+    local token copies into fixed-size buffers [P, C, D], one per destination device (copies of
+    first choices before second choices, then in token order; copies beyond C are dropped and
+    contribute 0), exchanges them with `all_to_all` over the expert axis, runs grouped matmuls
+    (`ragged_dot`) on its L experts, sends the results back with the reverse `all_to_all` and combines
+    them with the routing weights. `dropped_fraction` is the fraction of all N * K copies dropped
+    (0 when dropless: capacity_factor None or <= 0).
+
+    mesh: a `Mesh`, or None for the context mesh (`jax.set_mesh`). Without a mesh, or with an expert
+    axis of size 1, this is `swiglu_experts_ragged` (nothing dropped). Token counts not divisible by
+    the batch shards are padded with copies that go nowhere.
+    """
+    n, k = experts.shape
+    d = x.shape[-1]
+    num_experts = gate_proj.shape[0]
+    context = mesh is None
+    mesh = jax.sharding.get_abstract_mesh() if context else mesh
+    (expert_axis,) = _mesh_axes(LOGICAL_RULES["expert"])
+    no_dropped = jnp.zeros((), jnp.float32)
+    if mesh is None or mesh.empty or expert_axis not in mesh.axis_names or mesh.shape[expert_axis] == 1:
+        return swiglu_experts_ragged(x, weights, experts, gate_proj, up_proj, down_proj), no_dropped
+    p = mesh.shape[expert_axis]
+    if num_experts % p:
+        raise ValueError(
+            f"expert_parallel: num_experts ({num_experts}) is not divisible by the size of the mesh's "
+            f"'{expert_axis}' axis ({p})"
+        )
+    per_device = num_experts // p  # L
+    batch_axes = tuple(a for a in _mesh_axes(LOGICAL_RULES["batch"]) if a in mesh.axis_names)
+    shards = math.prod(mesh.shape[a] for a in batch_axes)
+    pad = -n % shards
+    if pad:  # padded copies name expert E: they are sent nowhere and not counted as dropped
+        x = jnp.pad(x, ((0, pad), (0, 0)))
+        weights = jnp.pad(weights, ((0, pad), (0, 0)))
+        experts = jnp.pad(experts, ((0, pad), (0, 0)), constant_values=num_experts)
+    local_tokens = (n + pad) // shards
+    capacity = expert_capacity(local_tokens, k, p, capacity_factor)  # C
+
+    def local(x, weights, experts, gate_proj, up_proj, down_proj):
+        # x [n, D], weights/experts [n, K] (this device's tokens); gate/up [L, D, F], down [L, F, D].
+        copies = experts.T.reshape(-1)  # [K*n], slot-major: first choices get capacity first
+        dest = copies // per_device  # [K*n] device owning the expert; P for padding copies
+        one_hot = jax.nn.one_hot(dest, p, dtype=jnp.int32)  # [K*n, P]
+        rank = jnp.sum((jnp.cumsum(one_hot, axis=0) - 1) * one_hot, axis=1)  # [K*n] place in its buffer
+        valid = dest < p
+        kept = valid & (rank < capacity)
+        slot = jnp.where(kept, dest * capacity + rank, p * capacity)  # [K*n]; out of range: not sent
+        send_x = jnp.zeros((p * capacity, d), x.dtype).at[slot].set(jnp.tile(x, (k, 1)), mode="drop")
+        send_e = jnp.full((p * capacity,), per_device, jnp.int32).at[slot].set(copies % per_device, mode="drop")
+        # [P, C, ...] per destination -> [P, C, ...] per source.
+        exchange = lambda a: jax.lax.all_to_all(a, expert_axis, 0, 0, tiled=True)
+        recv_x, recv_e = exchange(send_x), exchange(send_e)  # [P*C, D], [P*C] (L marks an empty row)
+        order = jnp.argsort(recv_e, stable=True)  # empty rows sort last and are left out of the groups
+        group_sizes = jnp.bincount(recv_e, length=per_device).astype(jnp.int32)  # [L]
+        xs = recv_x[order]
+        hidden = jax.nn.silu(jax.lax.ragged_dot(xs, gate_proj, group_sizes)) * jax.lax.ragged_dot(
+            xs, up_proj, group_sizes
+        )
+        ys = jnp.zeros_like(recv_x).at[order].set(jax.lax.ragged_dot(hidden, down_proj, group_sizes))  # [P*C, D]
+        back = exchange(ys)  # [P*C, D] results of the copies this device sent, in its own buffer layout
+        y = back.at[slot].get(mode="fill", fill_value=0)  # [K*n, D]; dropped copies read 0
+        y = y.reshape(k, -1, d) * weights.T[..., None].astype(y.dtype)  # [K, n, D]
+        dropped = jax.lax.psum(jnp.sum(valid & ~kept, dtype=jnp.int32), mesh.axis_names)
+        return jnp.sum(y, axis=0), dropped
+
+    tokens = PartitionSpec(batch_axes or None)
+    stacked = PartitionSpec(expert_axis)
+    out, dropped = jax.shard_map(
+        local,
+        mesh=None if context else mesh,
+        in_specs=(tokens, tokens, tokens, stacked, stacked, stacked),
+        out_specs=(tokens, PartitionSpec()),
+        check_vma=False,
+    )(x, weights, experts, gate_proj, up_proj, down_proj)
+    return out[:n], dropped.astype(jnp.float32) / (n * k)
+
+
+def swiglu_experts_expert_parallel(
+    x, weights, experts, gate_proj, up_proj, down_proj, *, mesh=None, capacity_factor=None
+):
+    """`expert_parallel_experts` without the dropped fraction (the `EXPERT_BACKENDS` signature)."""
+    return expert_parallel_experts(
+        x, weights, experts, gate_proj, up_proj, down_proj, mesh=mesh, capacity_factor=capacity_factor
+    )[0]
+
+
+EXPERT_BACKENDS = {
+    "dense": swiglu_experts_dense,
+    "ragged": swiglu_experts_ragged,
+    "expert_parallel": swiglu_experts_expert_parallel,
+}
+
+
+def routing_metrics(
+    experts: jax.Array, num_experts: int, dropped_fraction: jax.Array | float = 0.0
+) -> dict[str, jax.Array]:
+    """One MoE layer's routing metrics from its chosen experts [N, K].
+
+    expert_load [E]: fraction of the N * K token copies routed to each expert (sums to 1);
+    max_load: its maximum times E (1 = perfectly balanced); dropped_fraction: copies dropped by the
+    expert-parallel capacity (0 for dropless backends).
+    """
+    load = jnp.bincount(experts.reshape(-1), length=num_experts).astype(jnp.float32) / experts.size  # [E]
+    return {
+        "expert_load": load,
+        "max_load": jnp.max(load) * num_experts,
+        "dropped_fraction": jnp.asarray(dropped_fraction, jnp.float32),
+    }
+
+
+def stack_routing_metrics(intermediates: nnx.State) -> dict[str, jax.Array]:
+    """The `routing_metrics` sown under `nnx.capture`, stacked over MoE layers (decoder layers in order,
+    then the MTP layers): expert_load [L_moe, E], max_load [L_moe], dropped_fraction [L_moe]."""
+    per_layer = []
+
+    def visit(node):
+        if isinstance(node, dict) and "routing_metrics" in node:
+            sown = node["routing_metrics"]  # one entry per call
+            per_layer.extend(sown.values() if isinstance(sown, dict) else sown)
+        elif isinstance(node, dict):
+            for key in sorted(node, key=lambda k: (isinstance(k, str), k)):  # layer indices numerically
+                visit(node[key])
+
+    visit(nnx.to_pure_dict(intermediates))
+    if not per_layer:
+        return {}
+    return {name: jnp.stack([m[name] for m in per_layer]) for name in per_layer[0]}
 
 
 def load_balancing_loss(router_logits: Sequence[jax.Array], top_k: int) -> jax.Array:
@@ -80,16 +235,34 @@ class Experts(nnx.Module):
         self.down_proj = normal_param(rngs, (e, f, d), ("expert", "expert_mlp", "embed"), cfg)
         self.dtype = cfg.compute_dtype
         self.backend = EXPERT_BACKENDS[cfg.moe_backend]
+        self.expert_parallel = cfg.moe_backend == "expert_parallel"
+        self.capacity_factor = cfg.moe_capacity_factor
 
     def __call__(self, x: jax.Array, weights: jax.Array, experts: jax.Array) -> jax.Array:
-        cast = lambda p: p[...].astype(self.dtype)  # noqa: E731
+        return self.with_dropped_fraction(x, weights, experts)[0]
+
+    def with_dropped_fraction(
+        self, x: jax.Array, weights: jax.Array, experts: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """(out [N, D], fraction of token copies dropped by the expert-parallel capacity)."""
+        cast = lambda p: p[...].astype(self.dtype)
         # HF rounds the routing weights to the compute dtype before combining.
         weights = weights.astype(self.dtype)
-        return self.backend(x, weights, experts, cast(self.gate_proj), cast(self.up_proj), cast(self.down_proj))
+        params = (cast(self.gate_proj), cast(self.up_proj), cast(self.down_proj))
+        if self.expert_parallel:  # the mesh is the caller's: `jax.set_mesh(mesh)` around the call
+            return expert_parallel_experts(x, weights, experts, *params, capacity_factor=self.capacity_factor)
+        return self.backend(x, weights, experts, *params), jnp.zeros((), jnp.float32)
 
 
 class SparseMoeBlock(nnx.Module):
-    """Routed experts plus a sigmoid-gated shared expert. Returns (out [B,T,D], router_logits [N,E])."""
+    """Routed experts plus a sigmoid-gated shared expert. Returns (out [B,T,D], router_logits [N,E]).
+
+    Under `nnx.capture(..., nnx.Intermediate)` each call also sows `routing_metrics(...)` (expert
+    load, max load, dropped fraction) as the intermediate `routing_metrics` of this block, e.g.
+    `_, inter = nnx.capture(model, nnx.Intermediate)(ids, pos)`, then
+    `inter["model"]["layers"][i]["mlp"]["routing_metrics"][0]`; outside `nnx.capture` nothing is
+    stored or computed.
+    """
 
     def __init__(self, cfg: Qwen3NextConfig, *, rngs):
         self.gate = Linear(cfg.hidden_size, cfg.num_experts, ("embed", "expert"), cfg, rngs=rngs)
@@ -103,6 +276,10 @@ class SparseMoeBlock(nnx.Module):
         tokens = x.reshape(b * t, d)  # [N, D]
         router_logits = self.gate(tokens)  # [N, E]
         weights, experts = route(router_logits, self.top_k, self.norm_topk_prob)
-        routed = self.experts(tokens, weights, experts)  # [N, D]
+        routed, dropped_fraction = self.experts.with_dropped_fraction(tokens, weights, experts)  # [N, D]
+        if hasattr(self, "__captures__"):  # inside nnx.capture; sow would otherwise store an attribute
+            self.sow(
+                nnx.Intermediate, "routing_metrics", routing_metrics(experts, router_logits.shape[-1], dropped_fraction)
+            )
         shared = jax.nn.sigmoid(self.shared_expert_gate(tokens)) * self.shared_expert(tokens)
         return (routed + shared).reshape(b, t, d), router_logits

@@ -19,16 +19,28 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
-def expert_balance_scalars(expert_load: np.ndarray) -> dict[str, float]:
-    """Per MoE layer, max over mean expert load (1 = perfectly balanced) from loads [L_moe, E]."""
-    return {f"expert_balance/layer{i:02d}_max_over_mean": float(row.max() / row.mean()) for i, row in enumerate(expert_load)}
+def routing_scalars(metrics: dict) -> dict[str, float]:
+    """Per MoE layer i: routing/layer{i}_max_load (max over mean expert load, 1 = balanced) and
+    routing/layer{i}_dropped_fraction, from the [L_moe] metrics of `moe.stack_routing_metrics`."""
+    return {
+        f"routing/layer{i:02d}_{name}": float(value)
+        for name in ("max_load", "dropped_fraction")
+        for i, value in enumerate(np.asarray(metrics.get(name, ())))
+    }
 
 
 class ProgressLogger:
     """Logs every `log_every` steps; held-out losses whenever given. Only the main process writes."""
 
-    def __init__(self, workdir: Path, *, total_steps: int, start_step: int, tokens_per_step: int, log_every: int, is_main: bool):
-        self.total_steps, self.tokens_per_step, self.log_every, self.is_main = total_steps, tokens_per_step, log_every, is_main
+    def __init__(
+        self, workdir: Path, *, total_steps: int, start_step: int, tokens_per_step: int, log_every: int, is_main: bool
+    ):
+        self.total_steps, self.tokens_per_step, self.log_every, self.is_main = (
+            total_steps,
+            tokens_per_step,
+            log_every,
+            is_main,
+        )
         self.history_file = workdir / "metrics.jsonl"
         self._writer = None
         if is_main:
@@ -64,11 +76,12 @@ class ProgressLogger:
         tokens_per_sec = steps * self.tokens_per_step / seconds
         scalars = {f"train/{k}": float(v) for k, v in metrics.items() if np.ndim(v) == 0}
         scalars.update({"train/learning_rate": learning_rate, "perf/tokens_per_sec": tokens_per_sec})
-        if np.size(metrics.get("expert_load", 0)):
-            scalars.update(expert_balance_scalars(np.asarray(metrics["expert_load"])))
+        scalars.update(routing_scalars(metrics))
         self._record(step, scalars)
         eta = (self.total_steps - step) * seconds / max(steps, 1)
         parts = " ".join(f"{k} {float(metrics[k]):.4f}" for k in ("ce", "mtp_ce", "aux_loss") if k in metrics)
+        if np.any(np.asarray(metrics.get("dropped_fraction", 0.0))):
+            parts += f" dropped {float(np.mean(metrics['dropped_fraction'])):.2%}"
         log.info(
             "step %d/%d | loss %.4f (%s) | lr %.2e | grad %.3f | %s tok/s | ETA %s",
             step, self.total_steps, float(metrics["loss"]), parts, learning_rate, float(metrics["grad_norm"]),
@@ -116,7 +129,9 @@ def plot_loss_curves(history_file: Path, output: Path, reference: dict[str, floa
     for name, points in series.items():
         if points:
             steps = sorted(points)
-            ax.plot(steps, [points[s] for s in steps], marker="o" if name.startswith("heldout") else None, ms=3, label=name)
+            ax.plot(
+                steps, [points[s] for s in steps], marker="o" if name.startswith("heldout") else None, ms=3, label=name
+            )
     for label, value in (reference or {}).items():
         ax.axhline(value, ls="--", color="gray", lw=1)
         ax.annotate(label, (0, value), xytext=(4, 3), textcoords="offset points", fontsize=8, color="gray")

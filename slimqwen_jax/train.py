@@ -27,7 +27,7 @@ from ml_collections import config_flags
 
 from slimqwen_jax import data, hf, sharding
 from slimqwen_jax.checkpoint import TrainingCheckpoints, load_checkpoint, load_checkpoint_config
-from slimqwen_jax.config import ConfigError, Qwen3NextConfig
+from slimqwen_jax.config import RUNTIME_FIELDS, ConfigError, Qwen3NextConfig
 from slimqwen_jax.hf import CheckpointMismatchError
 from slimqwen_jax.losses import LossFn, language_model_loss
 from slimqwen_jax.model import Qwen3NextForCausalLM
@@ -65,7 +65,8 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> 
     elif opt.schedule == "wsd":
         decay = max(int(remaining * opt.decay_fraction), 1)
         after = optax.join_schedules(
-            [optax.constant_schedule(opt.peak_lr), optax.linear_schedule(opt.peak_lr, opt.end_lr, decay)], [remaining - decay]
+            [optax.constant_schedule(opt.peak_lr), optax.linear_schedule(opt.peak_lr, opt.end_lr, decay)],
+            [remaining - decay],
         )
     elif opt.schedule == "constant":
         after = optax.constant_schedule(opt.peak_lr)
@@ -74,7 +75,9 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> 
     return optax.join_schedules([warmup, after], [opt.warmup_steps])
 
 
-def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+    opt: ml_collections.ConfigDict, total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW with global-norm clipping; weight decay skips vectors (norms, gates' biases, decays)."""
     schedule = learning_rate_schedule(opt, total_steps)
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
@@ -113,7 +116,7 @@ def initial_params(cfg: Qwen3NextConfig, init_from: str, seed: int, param_shardi
     problems = architecture_mismatch(cfg, (hf.load_config if is_hf else load_checkpoint_config)(source))
     if problems:
         raise TrainError(f"init_from {source} does not match config.model:\n  " + "\n  ".join(problems))
-    runtime = {k: getattr(cfg, k) for k in ("dtype", "param_dtype", "gated_delta_rule_impl", "moe_backend")}
+    runtime = {k: getattr(cfg, k) for k in RUNTIME_FIELDS}
     model = (hf.load_model if is_hf else load_checkpoint)(source, **runtime)
     return jax.device_put(nnx.state(model), param_shardings)
 
@@ -225,26 +228,35 @@ def run(config: ml_collections.ConfigDict, loss_fn: LossFn | None = None) -> dic
                               log_every=tc.log_every, is_main=jax.process_index() == 0)  # fmt: skip
     last_saved = start_step
     metrics = {}
-    try:
-        for step in range(start_step + 1, tc.steps + 1):
-            params, opt_state, metrics = train_step(params, opt_state, to_global(next(train_batches)))
-            loss = float(metrics["loss"])
-            if not np.isfinite(loss):
-                raise TrainError(
-                    f"non-finite loss ({loss}) at step {step}; stopped without saving. The last good checkpoint is "
-                    + (f"step {last_saved} in {checkpoints.directory}" if last_saved else "none (no step was saved)")
-                )
-            progress.train(step, metrics, float(schedule(step - 1)))
-            if step % tc.eval_every == 0 or step == tc.steps:
-                progress.heldout(step, evaluate())
-            if step % tc.checkpoint_every == 0 or step == tc.steps:
-                train_state = {"step": step, "seed": config.seed, "data": train_batches.get_state(), "config": config.to_json()}
-                checkpoints.save(step, params, opt_state, cfg, json.loads(json.dumps(train_state, default=_json_default)))
-                last_saved = step
-    finally:
-        checkpoints.wait_until_finished()
-        checkpoints.close()
-        progress.close()
+    with jax.set_mesh(mesh):  # the context mesh of the expert-parallel MoE's shard_map
+        try:
+            for step in range(start_step + 1, tc.steps + 1):
+                params, opt_state, metrics = train_step(params, opt_state, to_global(next(train_batches)))
+                loss = float(metrics["loss"])
+                if not np.isfinite(loss):
+                    last_good = f"step {last_saved} in {checkpoints.directory}" if last_saved else "none (none saved)"
+                    raise TrainError(
+                        f"non-finite loss ({loss}) at step {step}; stopped without saving. "
+                        f"The last good checkpoint is {last_good}"
+                    )
+                progress.train(step, metrics, float(schedule(step - 1)))
+                if step % tc.eval_every == 0 or step == tc.steps:
+                    progress.heldout(step, evaluate())
+                if step % tc.checkpoint_every == 0 or step == tc.steps:
+                    train_state = {
+                        "step": step,
+                        "seed": config.seed,
+                        "data": train_batches.get_state(),
+                        "config": config.to_json(),
+                    }
+                    checkpoints.save(
+                        step, params, opt_state, cfg, json.loads(json.dumps(train_state, default=_json_default))
+                    )
+                    last_saved = step
+        finally:
+            checkpoints.wait_until_finished()
+            checkpoints.close()
+            progress.close()
     summary = progress.summary()
     if jax.process_index() == 0 and summary:
         entropy = data.unigram_entropy(data.token_stream(config.data, "heldout", tokenizer))
@@ -284,7 +296,14 @@ def main(argv: list[str]) -> None:
         jax.distributed.initialize()
     try:
         run(_CONFIG.value)
-    except (TrainError, ConfigError, data.DataError, CheckpointMismatchError, sharding.MeshError, FileNotFoundError) as error:
+    except (
+        TrainError,
+        ConfigError,
+        data.DataError,
+        CheckpointMismatchError,
+        sharding.MeshError,
+        FileNotFoundError,
+    ) as error:
         log.error("error: %s", error)
         sys.exit(1)
 

@@ -42,23 +42,41 @@ def test_parameters_follow_the_logical_rules():
         sharding.state_shardings(state, fsdp3)
 
 
+def test_experts_not_divisible_by_the_expert_axis_are_rejected():
+    mesh = sharding.make_mesh(dict(data=2, fsdp=1, expert=4))
+    _, state = nnx.split(nnx.eval_shape(lambda: Qwen3NextForCausalLM(tiny(num_experts=6), rngs=nnx.Rngs(0))))
+    with pytest.raises(
+        sharding.MeshError, match=r"mlp.experts.\w+_proj: axis 'expert' of size 6 is not divisible by mesh expert \(4\)"
+    ):
+        sharding.state_shardings(state, mesh)
+
+
 @pytest.mark.slow
-def test_sharded_train_steps_match_one_device():
-    """Two steps on a data=4 x fsdp=2 mesh equal two steps on one device."""
+@pytest.mark.parametrize(
+    "mesh_shape, moe_backend", [((4, 2, 1), "ragged"), ((2, 1, 4), "expert_parallel")], ids=["fsdp", "expert"]
+)
+def test_sharded_train_steps_match_one_device(mesh_shape, moe_backend):
+    """Two steps on a mesh of 8 devices (data=4 x fsdp=2, or data=2 x expert=4 with the
+    expert-parallel MoE) equal two steps on one device with the ragged MoE."""
     cfg = tiny(hidden_size=32, num_experts=4)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 257, (2, 8, 33)), jnp.int32)
     tx = optax.sgd(0.5)  # linear in the gradients, so float reassociation noise is not amplified
     results = []
-    for devices, shape in ((jax.devices()[:1], (1, 1, 1)), (jax.devices(), (4, 2, 1))):
+    runs = ((jax.devices()[:1], (1, 1, 1), "ragged"), (jax.devices(), mesh_shape, moe_backend))
+    for devices, shape, backend in runs:
         mesh = jax.sharding.Mesh(np.asarray(devices).reshape(shape), sharding.MESH_AXES)
-        graphdef, _, _, param_shardings, opt_shardings = train.abstract_state(cfg, tx, mesh)
+        graphdef, _, _, param_shardings, opt_shardings = train.abstract_state(
+            cfg.replace(moe_backend=backend), tx, mesh
+        )
         params = train.initial_params(cfg, "", 0, param_shardings)
         opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
         micro = NamedSharding(mesh, PartitionSpec(None, sharding.LOGICAL_RULES["batch"]))
         step = jax.jit(train.make_train_step(graphdef, tx, losses.language_model_loss(0.3), 1, micro),
                        out_shardings=(param_shardings, opt_shardings, None))  # fmt: skip
-        for batch in tokens:
-            params, opt_state, metrics = step(params, opt_state, jax.device_put(batch, sharding.batch_sharding(mesh, 2)))
+        with jax.set_mesh(mesh):
+            for batch in tokens:
+                batch = jax.device_put(batch, sharding.batch_sharding(mesh, 2))
+                params, opt_state, metrics = step(params, opt_state, batch)
         assert params["model"]["layers"][0]["mlp"]["experts"]["gate_proj"][...].sharding.mesh.size == len(devices)
         results.append((jax.tree.leaves(jax.device_get(params)), float(metrics["loss"])))
     for a, b in zip(results[0][0], results[1][0], strict=True):

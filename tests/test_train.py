@@ -181,12 +181,6 @@ def test_mtp_targets_and_mask_match_a_naive_loop():
     np.testing.assert_allclose(losses.mtp_cross_entropies(jnp.asarray(logits), jnp.asarray(tokens)), expected, rtol=1e-5)
 
 
-def test_expert_load_counts_top_k_choices():
-    logits = jnp.asarray([[3.0, 2.0, 0.0, -1.0], [0.0, 1.0, 5.0, 4.0], [9.0, 0.0, 8.0, 0.0]])
-    load = np.asarray(losses.expert_load((logits,), top_k=2))
-    np.testing.assert_allclose(load, [[2 / 6, 1 / 6, 2 / 6, 1 / 6]])
-
-
 @pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
 def test_learning_rate_schedules(schedule):
     opt = train.ml_collections.ConfigDict(

@@ -1,0 +1,203 @@
+"""The expert-parallel MoE backend on 8 fake CPU devices against the dense reference."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from slimqwen_jax import losses, moe, sharding
+from slimqwen_jax.config import ConfigError, tiny
+from slimqwen_jax.model import Qwen3NextForCausalLM
+
+N, D, F, E, K = 64, 16, 8, 16, 2
+TOL = 1e-5
+MESHES = {"2x4": (2, 1, 4), "1x8": (1, 1, 8)}  # (data, fsdp, expert)
+
+
+def max_relative_error(ours, expected) -> float:
+    ours, expected = np.asarray(ours, np.float64), np.asarray(expected, np.float64)
+    return float(np.max(np.abs(ours - expected)) / np.max(np.abs(expected)))
+
+
+def make_mesh(name):
+    return sharding.make_mesh(dict(zip(sharding.MESH_AXES, MESHES[name])))
+
+
+def inputs(routing: str, seed: int = 0):
+    """(x, weights, experts, gate, up, down); `skewed`: expert 0 in every token, 3 others share the
+    second choice, 12 experts idle (whole devices of the 1x8 mesh get nothing)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, D)).astype(np.float32)
+    gate, up = (0.3 * rng.standard_normal((E, D, F)).astype(np.float32) for _ in range(2))
+    down = 0.3 * rng.standard_normal((E, F, D)).astype(np.float32)
+    weights = rng.uniform(size=(N, K)).astype(np.float32)
+    if routing == "uniform":
+        experts = np.argsort(rng.standard_normal((N, E)), axis=1)[:, :K]
+    else:
+        experts = np.stack([np.zeros(N, int), rng.choice([1, 5, 9], N, p=[0.8, 0.1, 0.1])], axis=1)
+    return x, weights, experts.astype(np.int32), gate, up, down
+
+
+@functools.cache
+def value_and_grads(backend, mesh_name=None, capacity_factor=None):
+    """jit(x, weights, experts, gate, up, down -> ((loss, out, dropped), grads w.r.t. all but experts))."""
+    kwargs = {} if mesh_name is None else {"mesh": make_mesh(mesh_name), "capacity_factor": capacity_factor}
+
+    def loss(x, weights, gate, up, down, experts):
+        if backend is moe.expert_parallel_experts:
+            out, dropped = backend(x, weights, experts, gate, up, down, **kwargs)
+        else:
+            out, dropped = backend(x, weights, experts, gate, up, down), jnp.zeros(())
+        return jnp.sum(out * jnp.sin(out)), (out, dropped)
+
+    grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)
+    return jax.jit(lambda x, weights, experts, gate, up, down: grad(x, weights, gate, up, down, experts))
+
+
+def test_eight_devices():
+    assert len(jax.devices()) == 8
+
+
+@pytest.mark.parametrize("routing", ["uniform", "skewed"])
+@pytest.mark.parametrize("mesh_name", sorted(MESHES))
+def test_expert_parallel_matches_dense_outputs_and_gradients(mesh_name, routing):
+    args = inputs(routing)
+    (_, (expected, _)), expected_grads = value_and_grads(moe.swiglu_experts_dense)(*args)
+    (_, (out, dropped)), grads = value_and_grads(moe.expert_parallel_experts, mesh_name)(*args)
+    assert float(dropped) == 0.0
+    assert max_relative_error(out, expected) <= TOL
+    for name, g, eg in zip(("x", "weights", "gate", "up", "down"), grads, expected_grads, strict=True):
+        assert max_relative_error(g, eg) <= TOL, name
+
+
+def overflowing_copies(experts, shards, devices, capacity):
+    """Independent count of the policy: per token shard and destination device, first choices
+    before second choices, then token order; copies past `capacity` are dropped. -> bool [N, K]."""
+    dropped = np.zeros(experts.shape, bool)
+    per_device = E // devices
+    for tokens in np.split(np.arange(len(experts)), shards):
+        used = np.zeros(devices, int)
+        for slot in range(experts.shape[1]):
+            for t in tokens:
+                dest = experts[t, slot] // per_device
+                dropped[t, slot] = used[dest] >= capacity
+                used[dest] += 1
+    return dropped
+
+
+@pytest.mark.parametrize("mesh_name", sorted(MESHES))
+def test_capacity_overflow_is_counted_and_dropped(mesh_name):
+    capacity_factor = 1.25
+    x, weights, experts, gate, up, down = inputs("skewed")
+    devices = MESHES[mesh_name][-1]
+    local_tokens = N // math.prod(MESHES[mesh_name])
+    capacity = math.ceil(capacity_factor * local_tokens * K / devices)
+    assert moe.expert_capacity(local_tokens, K, devices, capacity_factor) == capacity
+    dropped = overflowing_copies(experts, math.prod(MESHES[mesh_name]), devices, capacity)
+    assert 0 < dropped.mean() < 1
+    (_, (out, fraction)), _ = value_and_grads(moe.expert_parallel_experts, mesh_name, capacity_factor)(
+        x, weights, experts, gate, up, down
+    )
+    assert float(fraction) == pytest.approx(dropped.mean(), abs=1e-7)
+    expected = moe.swiglu_experts_dense(x, np.where(dropped, 0.0, weights), experts, gate, up, down)
+    assert max_relative_error(out, expected) <= TOL
+
+
+def test_experts_not_divisible_by_the_expert_axis_are_refused():
+    x, weights, experts, gate, up, down = inputs("uniform")
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "expert": 4})
+    with pytest.raises(
+        ValueError, match=r"num_experts \(6\) is not divisible by the size of the mesh's 'expert' axis \(4\)"
+    ):
+        moe.expert_parallel_experts(x, weights, experts % 6, gate[:6], up[:6], down[:6], mesh=mesh)
+    with pytest.raises(ConfigError, match="moe_capacity_factor must be >= 0"):
+        tiny(moe_capacity_factor=-1.0)
+
+
+def test_without_an_expert_axis_it_is_the_ragged_backend():
+    args = inputs("skewed")
+    expected = moe.swiglu_experts_ragged(*args)
+    for mesh in (None, sharding.make_mesh({"data": 4, "fsdp": 2, "expert": 1})):
+        out, dropped = moe.expert_parallel_experts(*args, mesh=mesh)
+        assert max_relative_error(out, expected) == 0.0 and float(dropped) == 0.0
+
+
+def test_block_uses_the_context_mesh_and_sows_routing_metrics():
+    """SparseMoeBlock with `expert_parallel` under `jax.set_mesh` equals the ragged block; 14 tokens
+    (not a multiple of 8 shards) exercise the padding; `nnx.capture` returns the routing metrics."""
+    cfg = tiny(hidden_size=32, num_experts=8)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 7, 32)), jnp.float32)
+    ragged = moe.SparseMoeBlock(cfg, rngs=nnx.Rngs(0))
+    expected, expected_logits = ragged(x)
+    for capacity_factor in (0.0, 0.5):
+        block = moe.SparseMoeBlock(
+            cfg.replace(moe_backend="expert_parallel", moe_capacity_factor=capacity_factor), rngs=nnx.Rngs(0)
+        )
+        with jax.set_mesh(make_mesh("2x4")):
+            (out, logits), intermediates = nnx.jit(lambda m, x: nnx.capture(m, nnx.Intermediate)(x))(block, x)
+        (metrics,) = intermediates["routing_metrics"]
+        _, chosen = moe.route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+        load = np.bincount(np.asarray(chosen).ravel(), minlength=cfg.num_experts) / chosen.size
+        np.testing.assert_allclose(metrics["expert_load"], load, rtol=1e-6)
+        assert max_relative_error(logits, expected_logits) <= TOL
+        if capacity_factor == 0.0:
+            assert float(metrics["dropped_fraction"]) == 0.0
+            assert max_relative_error(out, expected) <= TOL
+        else:  # capacity 1 copy per (shard, device): 2 local tokens x 2 slots cannot all fit
+            assert moe.expert_capacity(2, 2, 4, capacity_factor) == 1
+            assert 0 < float(metrics["dropped_fraction"]) < 1
+    assert not hasattr(block, "routing_metrics")  # nothing stored outside nnx.capture
+
+
+def sharded_model(cfg, mesh=None):
+    """The tiny model (seed 0), its parameters placed by the logical-axis rules on `mesh` if given."""
+    graphdef, state = nnx.split(Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    return graphdef, state if mesh is None else jax.device_put(state, sharding.state_shardings(state, mesh))
+
+
+def test_whole_model_with_expert_parallelism_matches_one_device():
+    """Logits and all parameter gradients: expert_parallel on a data=2 x expert=4 mesh (dropless)
+    against the ragged backend on one device."""
+    cfg = tiny(hidden_size=32, num_experts=8)
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (4, 13)), jnp.int32)
+    loss = losses.language_model_loss(0.3)
+
+    def logits_and_grads(graphdef, state, tokens):
+        forward = lambda state: loss(nnx.merge(graphdef, state), tokens)  # noqa: E731
+        (_, metrics), grads = jax.value_and_grad(forward, has_aux=True)(state)
+        return nnx.merge(graphdef, state)(tokens[:, :-1]).logits, metrics, grads
+
+    single = jax.jit(logits_and_grads, static_argnums=0)(*sharded_model(cfg), tokens)
+    mesh = make_mesh("2x4")
+    graphdef, state = sharded_model(cfg.replace(moe_backend="expert_parallel"), mesh)
+    assert state["model"]["layers"][0]["mlp"]["experts"]["gate_proj"][...].sharding.spec[0] == "expert"
+    with jax.set_mesh(mesh):
+        sharded = jax.jit(logits_and_grads, static_argnums=0)(graphdef, state, tokens)
+    assert max_relative_error(sharded[0], single[0]) <= TOL
+    assert float(jnp.max(sharded[1]["dropped_fraction"])) == 0.0
+    # Each gradient relative to its largest entry, floored at 1e-3 of the largest gradient anywhere:
+    # A_log and dt_bias gradients are ~1e-6 sums with cancellation, where reassociation shows.
+    floor = 1e-3 * max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(single[2]))
+    for (path, g), eg in zip(jax.tree.leaves_with_path(sharded[2]), jax.tree.leaves(single[2]), strict=True):
+        error = float(jnp.max(jnp.abs(g - eg))) / max(float(jnp.max(jnp.abs(eg))), floor)
+        assert error <= TOL, jax.tree_util.keystr(path)
+
+
+def test_loss_reports_routing_metrics_of_every_moe_layer():
+    """expert_load [L_moe, E] (decoder MoE layers, then MTP) equals a numpy count of the top-k
+    choices of the router logits the model returns; max_load is its max times E."""
+    cfg = tiny(num_experts=8, mlp_only_layers=(1,))
+    model = Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(0))
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 17)), jnp.int32)
+    _, metrics = losses.language_model_loss(0.3)(model, tokens)
+    router_logits = model(tokens[:, :-1]).router_logits  # decoder MoE layers only
+    assert metrics["expert_load"].shape == (len(router_logits) + cfg.num_mtp_layers, cfg.num_experts)
+    for load, logits in zip(np.asarray(metrics["expert_load"]), router_logits):
+        chosen = np.argsort(-np.asarray(logits), axis=1, kind="stable")[:, : cfg.num_experts_per_tok]
+        np.testing.assert_allclose(load, np.bincount(chosen.ravel(), minlength=cfg.num_experts) / chosen.size)
+    np.testing.assert_allclose(metrics["max_load"], np.max(metrics["expert_load"], axis=1) * cfg.num_experts)
+    assert not np.any(metrics["dropped_fraction"])
