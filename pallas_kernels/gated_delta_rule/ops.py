@@ -1,23 +1,28 @@
-"""Public entry point of the gated delta rule: input checks, q/k L2 norm and scale, head repeat,
-then dispatch to an implementation (the jnp reference forms today; the Pallas kernel later).
+"""Public entry points of the gated delta rule: input checks, then dispatch to an implementation.
+
+"pallas" runs the kernels of `kernel.py` (interpreted on CPU) under a `jax.custom_vjp` whose
+backward is also Pallas; "chunked" and "recurrent" are the jnp references, for which q/k L2 norm,
+scale and head repeat happen here. `gated_delta_rule_step` is the one-token decode step.
 
 Shape letters: B batch, T tokens, Hk key heads, Hv value heads, Dk / Dv key / value head dims.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.gated_delta_rule import kernel
+from pallas_kernels.gated_delta_rule.kernel import KernelOptions
 from pallas_kernels.gated_delta_rule.reference import (
     chunked_gated_delta_rule,
     recurrent_gated_delta_rule,
 )
 
-IMPLEMENTATIONS = {
-    "chunked": chunked_gated_delta_rule,
-    "recurrent": recurrent_gated_delta_rule,
-}
+REFERENCES = {"chunked": chunked_gated_delta_rule, "recurrent": recurrent_gated_delta_rule}
+IMPLEMENTATIONS = (*REFERENCES, "pallas")
 
 
 def _check_inputs(q, k, v, g, beta, initial_state, implementation: str) -> None:
@@ -46,6 +51,53 @@ def _l2norm(x: jax.Array) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-6)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _pallas_chunked(q, k, v, g_cum, beta, initial_state, scale, use_qk_l2norm, options):
+    """The kernels on a padded sequence: (o [B, Tp, Hv, Dv], final state [B, Hv, Dk, Dv])."""
+    return kernel.chunk_forward(
+        q, k, v, g_cum, beta, initial_state, scale=scale, use_qk_l2norm=use_qk_l2norm, options=options
+    )
+
+
+def _pallas_chunked_fwd(q, k, v, g_cum, beta, initial_state, scale, use_qk_l2norm, options):
+    outputs = _pallas_chunked(q, k, v, g_cum, beta, initial_state, scale, use_qk_l2norm, options)
+    return outputs, (q, k, v, g_cum, beta, initial_state)
+
+
+def _pallas_chunked_bwd(scale, use_qk_l2norm, options, residuals, cotangents):
+    # Recompute the state entering each chunk rather than keep [B, Hv, N, Dk, Dv] alive from the
+    # forward pass: one more forward kernel in exchange for activation memory.
+    settings = {"scale": scale, "use_qk_l2norm": use_qk_l2norm, "options": options}
+    _, _, chunk_states = kernel.chunk_forward(*residuals, **settings, output_chunk_states=True)
+    q, k, v, g_cum, beta, _ = residuals
+    d_o, d_final_state = cotangents
+    return kernel.chunk_backward(q, k, v, g_cum, beta, chunk_states, d_o, d_final_state, **settings)
+
+
+_pallas_chunked.defvjp(_pallas_chunked_fwd, _pallas_chunked_bwd)
+
+
+def _pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, use_qk_l2norm, options):
+    """Pad T to a multiple of the chunk (g = beta = 0 there keeps the state), take the chunk-local
+    cumulative log decay in jnp, run the kernels and crop."""
+    b, t, _, dk = q.shape
+    hv, dv = v.shape[2:]
+    c = options.chunk_size
+    n = -(-t // c)
+
+    def pad(x):  # [B, T, ...] -> [B, N * C, ...]
+        return jnp.pad(x, [(0, 0), (0, n * c - t)] + [(0, 0)] * (x.ndim - 2))
+
+    g_cum = jnp.cumsum(pad(g.astype(jnp.float32)).reshape(b, n, c, hv), axis=2).reshape(b, n * c, hv)
+    if initial_state is None:
+        initial_state = jnp.zeros((b, hv, dk, dv), jnp.float32)  # [B, Hv, Dk, Dv]
+    beta = pad(beta.astype(jnp.float32))  # [B, Tp, Hv]
+    o, final_state = _pallas_chunked(
+        pad(q), pad(k), pad(v), g_cum, beta, initial_state.astype(jnp.float32), scale, use_qk_l2norm, options
+    )
+    return o[:, :t], final_state
+
+
 def gated_delta_rule(
     q: jax.Array,
     k: jax.Array,
@@ -58,6 +110,8 @@ def gated_delta_rule(
     output_final_state: bool = False,
     use_qk_l2norm: bool = True,
     implementation: str = "chunked",
+    chunk_size: int = 64,
+    platform: str | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Gated delta rule over a whole sequence (see `reference.py` for the recurrence).
 
@@ -70,20 +124,71 @@ def gated_delta_rule(
       initial_state: [B, Hv, Dk, Dv]; default zeros. Computed in float32.
       output_final_state: return the final state [B, Hv, Dk, Dv] float32, else None.
       use_qk_l2norm: L2-normalise q and k per head first.
-      implementation: "chunked" (default) or "recurrent".
+      implementation: "chunked" (default, jnp), "recurrent" (jnp `lax.scan`) or "pallas".
+      chunk_size: chunk length of "chunked" and "pallas", a power of two for "pallas".
+      platform: "pallas" only: "tpu" or "gpu" compiles for that backend, "cpu" interprets;
+        None means the default backend.
 
     Returns:
       (o [B, T, Hv, Dv] in v's dtype, final state or None).
     """
     _check_inputs(q, k, v, g, beta, initial_state, implementation)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if implementation == "pallas":
+        options = KernelOptions(chunk_size=chunk_size, platform=platform)
+        o, final_state = _pallas_gated_delta_rule(
+            q, k, v, g, beta, scale=scale, initial_state=initial_state, use_qk_l2norm=use_qk_l2norm, options=options
+        )
+        return o, final_state if output_final_state else None
     # Upcast before the L2 norm, as HF transformers 5.x and FLA do (HF 4.57 normalised in the input
     # dtype first; identical for float32 inputs, differs only in bf16 rounding).
     q, k = q.astype(jnp.float32), k.astype(jnp.float32)  # [B, T, Hk, Dk]
     if use_qk_l2norm:
         q, k = _l2norm(q), _l2norm(k)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
     group = v.shape[2] // q.shape[2]
     q, k = jnp.repeat(q, group, axis=2), jnp.repeat(k, group, axis=2)  # [B, T, Hv, Dk]
-    o, final_state = IMPLEMENTATIONS[implementation](q, k, v, g, beta, scale=scale, initial_state=initial_state)
+    reference = REFERENCES[implementation]
+    if implementation == "chunked":
+        reference = functools.partial(reference, chunk_size=chunk_size)
+    o, final_state = reference(q, k, v, g, beta, scale=scale, initial_state=initial_state)
     return o, final_state if output_final_state else None
+
+
+def gated_delta_rule_step(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array,
+    beta: jax.Array,
+    state: jax.Array,
+    *,
+    scale: float | None = None,
+    use_qk_l2norm: bool = True,
+    implementation: str = "pallas",
+    platform: str | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """One decode token: the recurrence applied once to `state`.
+
+    Args:
+      q, k: [B, Hk, Dk]; v: [B, Hv, Dv]; g, beta: [B, Hv]; state: [B, Hv, Dk, Dv].
+      scale, use_qk_l2norm, platform: as in `gated_delta_rule`.
+      implementation: "pallas" (default) or "recurrent" (the jnp reference on one token).
+
+    Returns:
+      (o [B, Hv, Dv] in v's dtype, new state [B, Hv, Dk, Dv] float32).
+    """
+    if implementation not in ("pallas", "recurrent"):
+        raise ValueError(f"implementation must be 'pallas' or 'recurrent', got {implementation!r}")
+    token = [x[:, None] for x in (q, k, v, g, beta)]  # one-token sequences [B, 1, ...]
+    _check_inputs(*token, state, implementation)
+    if implementation == "recurrent":
+        o, new_state = gated_delta_rule(
+            *token, scale=scale, initial_state=state, output_final_state=True, use_qk_l2norm=use_qk_l2norm,
+            implementation="recurrent",
+        )  # fmt: skip
+        return o[:, 0], new_state
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    options = KernelOptions(platform=platform)
+    return kernel.decode_step(q, k, v, g, beta, state, scale=scale, use_qk_l2norm=use_qk_l2norm, options=options)

@@ -1,0 +1,559 @@
+"""Pallas kernels of the gated delta rule: chunked (WY) forward, its backward, one-token decode step.
+
+One program per (batch, value head); it walks the chunks in order with `lax.fori_loop`, carrying
+the [Dk, Dv] state in float32 (the backward walks them in reverse, carrying dState). Value head h
+reads key head h // (Hv / Hk) straight from the un-repeated q / k through the BlockSpec index map.
+The optional q / k L2 norm and the scale are fused (forward and backward). All arithmetic is
+float32; bfloat16 inputs are upcast when loaded and the output is written in v's dtype.
+
+Inside a chunk (C positions, G the chunk-local cumulative log decay, supplied by the caller):
+  Gam[i, j] = exp(G_i - G_j) for i >= j else 0,  L = strictly_lower((beta k) k^T * Gam),
+  u - w S = (I + L)^-1 (beta v - (beta exp(G) k) S)  = v_new,
+  o = (exp(G) q) S + (q k^T * Gam) v_new,  S' = exp(G_C) S + (exp(G_C - G) k)^T v_new.
+(I + L)^-1 is built by block doubling with matmuls (no triangular solve, no dynamic row writes),
+G's row and column forms by masked reductions (no cumsum: Mosaic TPU cannot lower it).
+
+Backends: Mosaic TPU, and Triton on GPU (`pltriton.CompilerParams`). Mosaic GPU, the default
+for "cuda" in jax 0.10.2, was tried and rejected: lowering this kernel to it fails (the whole-T
+blocks are staged in shared memory, 388 KiB > 227 KiB at T = 256, and at T = 64 "No support for
+axes yet" on the masked reductions), and its `pallas_call` path is deprecated in favour of
+`plgpu.kernel`, which would need a separate warpgroup-level kernel. Triton lowers this kernel
+unchanged (checked by cross-lowering to "cuda"), though it is deprecated from JAX 0.11 on.
+Every ref is sliced, never a value (Triton cannot slice values), and every array is 2-D with
+power-of-two sizes when Dk, Dv and C are powers of two.
+
+Layouts the kernels see: q, k [B, Tp, Hk * Dk] and v / o [B, Tp, Hv * Dv] (free reshapes, so a
+program's block is [Tp, Dk] with Dk = 128 lane-aligned on TPU), gates [B, Hv, N, C], states
+[B, Hv, Dk, Dv]. Tp = N * C. A program holds its whole [Tp, D] blocks on chip, which bounds T on
+TPU by VMEM (at a 16 MiB scoped limit, bfloat16: forward ~6k tokens, backward ~2k).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
+
+PLATFORMS = ("cpu", "tpu", "gpu")
+_L2_EPS = 1e-6  # FLA / HF: x * rsqrt(sum(x^2) + eps)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelOptions:
+    """How the kernels run.
+
+    chunk_size: positions per chunk, a power of two (>= 16 on GPU, where Triton dots need it).
+    platform: "tpu" (Mosaic) or "gpu" (Triton) compiles for that backend, "cpu" runs the Pallas
+      interpreter; None means the default backend.
+    """
+
+    chunk_size: int = 64
+    platform: str | None = None
+
+    def __post_init__(self):
+        c = self.chunk_size
+        if c < 2 or c & (c - 1):
+            raise ValueError(f"chunk_size must be a power of two >= 2, got {c}")
+        if self.platform is not None and self.platform not in PLATFORMS:
+            raise ValueError(f"platform must be one of {PLATFORMS} or None, got {self.platform!r}")
+
+    def resolved(self) -> tuple[bool, object]:
+        """(interpret, compiler params) for this platform."""
+        platform = self.platform or jax.default_backend()
+        if platform == "cpu":
+            return True, None
+        if platform == "tpu":
+            return False, pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
+        return False, pltriton.CompilerParams(num_warps=4, num_stages=1)
+
+
+# ---------------------------------------------------------------- math on 2-D values (kernel side)
+
+
+def _dot(a: jax.Array, b: jax.Array, *, transpose_a: bool = False, transpose_b: bool = False) -> jax.Array:
+    """a @ b in exact float32, either operand optionally transposed (no transpose materialised)."""
+    dims = (((0 if transpose_a else 1,), (1 if transpose_b else 0,)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+
+
+def _iota(c: int) -> tuple[jax.Array, jax.Array]:
+    """Row and column indices of a [C, C] matrix."""
+    return lax.broadcasted_iota(jnp.int32, (c, c), 0), lax.broadcasted_iota(jnp.int32, (c, c), 1)
+
+
+def _is_last(c: int) -> jax.Array:
+    """[1, C] mask of the last position (built, not sliced: Triton cannot slice values)."""
+    return lax.broadcasted_iota(jnp.int32, (1, c), 1) == c - 1
+
+
+def _row_to_column(x: jax.Array) -> jax.Array:
+    """[1, C] -> [C, 1] by a masked lane reduction (exact: one nonzero term per row)."""
+    rows, cols = _iota(x.shape[1])
+    return jnp.sum(jnp.where(rows == cols, x, 0.0), axis=1, keepdims=True)
+
+
+def _column_to_row(x: jax.Array) -> jax.Array:
+    """[C, 1] -> [1, C] by a masked sublane reduction."""
+    rows, cols = _iota(x.shape[0])
+    return jnp.sum(jnp.where(rows == cols, x, 0.0), axis=0, keepdims=True)
+
+
+def _l2_normalize(x: jax.Array, axis: int, enabled: bool) -> tuple[jax.Array, jax.Array | None]:
+    """(x * r, r) with r = rsqrt(sum(x^2) + 1e-6) along `axis`; (x, None) when not enabled."""
+    if not enabled:
+        return x, None
+    r = lax.rsqrt(jnp.sum(x * x, axis=axis, keepdims=True) + _L2_EPS)
+    return x * r, r
+
+
+def _l2_normalize_backward(dy: jax.Array, y: jax.Array, r: jax.Array | None, axis: int) -> jax.Array:
+    """Cotangent of x from that of y = x * r: r (dy - y sum(y dy)); identity when r is None."""
+    if r is None:
+        return dy
+    return r * (dy - y * jnp.sum(y * dy, axis=axis, keepdims=True))
+
+
+def _unit_lower_inverse(lower: jax.Array) -> jax.Array:
+    """(I + lower)^-1 for strictly lower-triangular `lower` [C, C], C a power of two.
+
+    Block doubling: if X inverts the block diagonal of I + L with blocks of size b, and E holds
+    the lower-left b x b blocks inside each diagonal 2b x 2b block, then (D + E)^-1 = X - X E X
+    exactly (E X E = 0). log2(C) levels of two matmuls; every intermediate is an entry of the
+    true inverse, so nothing grows beyond it (unlike a Neumann series).
+    """
+    c = lower.shape[0]
+    rows, cols = _iota(c)
+    inverse = jnp.where(rows == cols, 1.0, 0.0).astype(jnp.float32)  # [C, C]
+    shift = 0
+    while (1 << shift) < c:
+        same_block = (rows >> shift) == (cols >> shift)
+        same_double = (rows >> (shift + 1)) == (cols >> (shift + 1))
+        off_diagonal = jnp.where(same_double & ~same_block, lower, 0.0)  # E [C, C]
+        inverse = inverse - _dot(_dot(inverse, off_diagonal), inverse)
+        shift += 1
+    return inverse
+
+
+class _Chunk(NamedTuple):
+    """One chunk's inputs in float32, q / k normalised (norm factors kept for the backward)."""
+
+    q_unit: jax.Array  # [C, K] normalised q
+    q: jax.Array  # [C, K] normalised q times scale
+    k: jax.Array  # [C, K] normalised k
+    v: jax.Array  # [C, V]
+    beta: jax.Array  # [C, 1]
+    g_column: jax.Array  # [C, 1] chunk-local cumulative log decay G
+    g_row: jax.Array  # [1, C] the same as a row
+    g_last: jax.Array  # [1, 1] G at the chunk's last position
+    q_norm: jax.Array | None  # [C, 1] rsqrt factor of q, None without L2 norm
+    k_norm: jax.Array | None  # [C, 1]
+
+
+def _load_chunk(q_ref, k_ref, v_ref, g_ref, beta_ref, i, *, chunk_size: int, scale: float, use_qk_l2norm: bool):
+    """Read chunk i of one program's refs (q/k/v [Tp, D], gates [N, C]) into a `_Chunk`."""
+    rows = pl.ds(pl.multiple_of(i * chunk_size, chunk_size), chunk_size)
+    q, q_norm = _l2_normalize(q_ref[rows, :].astype(jnp.float32), 1, use_qk_l2norm)
+    k, k_norm = _l2_normalize(k_ref[rows, :].astype(jnp.float32), 1, use_qk_l2norm)
+    g_row = g_ref[pl.ds(i, 1), :]  # [1, C]
+    return _Chunk(
+        q_unit=q,
+        q=q * scale,
+        k=k,
+        v=v_ref[rows, :].astype(jnp.float32),
+        beta=_row_to_column(beta_ref[pl.ds(i, 1), :]),
+        g_column=_row_to_column(g_row),
+        g_row=g_row,
+        g_last=jnp.sum(jnp.where(_is_last(chunk_size), g_row, 0.0), axis=1, keepdims=True),
+        q_norm=q_norm,
+        k_norm=k_norm,
+    )
+
+
+class _Intra(NamedTuple):
+    """State-independent quantities of a chunk."""
+
+    gamma: jax.Array  # [C, C] exp(G_i - G_j) on and below the diagonal, 0 above
+    k_beta: jax.Array  # [C, K] beta k
+    k_beta_decayed: jax.Array  # [C, K] beta exp(G) k
+    inverse: jax.Array  # [C, C] (I + L)^-1
+    attn: jax.Array  # [C, C] q k^T * gamma
+    decay: jax.Array  # [C, 1] exp(G)
+    decay_to_end: jax.Array  # [C, 1] exp(G_last - G)
+    chunk_decay: jax.Array  # [1, 1] exp(G_last)
+
+
+def _intra_chunk(chunk: _Chunk) -> _Intra:
+    rows, cols = _iota(chunk.g_row.shape[1])
+    causal = cols <= rows
+    # Mask before exp: above the diagonal G_i - G_j > 0 could overflow.
+    gamma = jnp.where(causal, jnp.exp(jnp.where(causal, chunk.g_column - chunk.g_row, 0.0)), 0.0)
+    k_beta = chunk.k * chunk.beta
+    strictly_lower = jnp.where(cols < rows, _dot(k_beta, chunk.k, transpose_b=True) * gamma, 0.0)  # L
+    decay = jnp.exp(chunk.g_column)
+    return _Intra(
+        gamma=gamma,
+        k_beta=k_beta,
+        k_beta_decayed=k_beta * decay,
+        inverse=_unit_lower_inverse(strictly_lower),
+        attn=_dot(chunk.q, chunk.k, transpose_b=True) * gamma,
+        decay=decay,
+        decay_to_end=jnp.exp(chunk.g_last - chunk.g_column),
+        chunk_decay=jnp.exp(chunk.g_last),
+    )
+
+
+def _new_values(chunk: _Chunk, intra: _Intra, state: jax.Array) -> jax.Array:
+    """v_new = (I + L)^-1 (beta v - beta exp(G) k S) [C, V]: values minus what S already predicts."""
+    return _dot(intra.inverse, chunk.v * chunk.beta - _dot(intra.k_beta_decayed, state))
+
+
+# ---------------------------------------------------------------- kernels
+
+
+def _forward_kernel(
+    q_ref, k_ref, v_ref, g_ref, beta_ref, h0_ref, o_ref, ht_ref, *states_ref, chunk_size, scale, use_qk_l2norm
+):
+    """One (batch, value head): o [Tp, V], final state [K, V] and, if asked, each chunk's input state."""
+    load = functools.partial(_load_chunk, chunk_size=chunk_size, scale=scale, use_qk_l2norm=use_qk_l2norm)
+
+    def step(i, state):  # state [K, V] float32, the state before chunk i
+        chunk = load(q_ref, k_ref, v_ref, g_ref, beta_ref, i)
+        intra = _intra_chunk(chunk)
+        if states_ref:
+            states_ref[0][i] = state
+        v_new = _new_values(chunk, intra, state)  # [C, V]
+        o = _dot(chunk.q * intra.decay, state) + _dot(intra.attn, v_new)  # [C, V]
+        o_ref[pl.ds(pl.multiple_of(i * chunk_size, chunk_size), chunk_size), :] = o.astype(o_ref.dtype)
+        return state * intra.chunk_decay + _dot(chunk.k * intra.decay_to_end, v_new, transpose_a=True)
+
+    ht_ref[...] = lax.fori_loop(0, g_ref.shape[0], step, h0_ref[...].astype(jnp.float32))
+
+
+def _backward_kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    g_ref,
+    beta_ref,
+    states_ref,
+    do_ref,
+    dht_ref,
+    dq_ref,
+    dk_ref,
+    dv_ref,
+    dg_ref,
+    dbeta_ref,
+    dh0_ref,
+    *,
+    chunk_size,
+    scale,
+    use_qk_l2norm,
+):
+    """One (batch, value head), chunks in reverse: per-value-head dq, dk [Tp, K], dv [Tp, V],
+    dG, dbeta [N, C] and d initial state [K, V]. Chunk quantities are recomputed from the inputs
+    and the chunk's input state (saved by a forward pass)."""
+    load = functools.partial(_load_chunk, chunk_size=chunk_size, scale=scale, use_qk_l2norm=use_qk_l2norm)
+    n, c = g_ref.shape
+    rows, cols = _iota(c)
+
+    def step(j, d_state):  # d_state [K, V]: cotangent of the state after chunk i
+        i = n - 1 - j
+        chunk = load(q_ref, k_ref, v_ref, g_ref, beta_ref, i)
+        intra = _intra_chunk(chunk)
+        state = states_ref[i]  # [K, V] state before chunk i
+        t_rows = pl.ds(pl.multiple_of(i * chunk_size, chunk_size), chunk_size)
+        d_o = do_ref[t_rows, :].astype(jnp.float32)  # [C, V]
+        v_new = _new_values(chunk, intra, state)  # [C, V]
+        k_to_end = chunk.k * intra.decay_to_end  # [C, K]
+
+        # Through o = (exp(G) q) S + attn v_new and S' = exp(G_C) S + (exp(G_C - G) k)^T v_new.
+        d_v_new = _dot(intra.attn, d_o, transpose_a=True) + _dot(k_to_end, d_state)  # [C, V]
+        d_q_decayed = _dot(d_o, state, transpose_b=True)  # [C, K]
+        d_k_to_end = _dot(v_new, d_state, transpose_b=True)  # [C, K]
+        d_attn = jnp.where(cols <= rows, _dot(d_o, v_new, transpose_b=True), 0.0)  # [C, C]
+        # Through v_new = A^-1 x, x = beta v - (beta exp(G) k) S: dx = A^-T dv_new, dA = -dx v_new^T.
+        d_x = _dot(intra.inverse, d_v_new, transpose_a=True)  # [C, V]
+        d_lower = jnp.where(cols < rows, -_dot(d_x, v_new, transpose_b=True), 0.0)  # [C, C]
+        d_k_beta_decayed = -_dot(d_x, state, transpose_b=True)  # [C, K]
+        d_state_in = (
+            d_state * intra.chunk_decay
+            + _dot(chunk.q * intra.decay, d_o, transpose_a=True)
+            - _dot(intra.k_beta_decayed, d_x, transpose_a=True)
+        )  # [K, V]
+
+        # Back to q, k, v, beta and G.
+        d_attn_gamma = d_attn * intra.gamma  # cotangent of q k^T
+        d_lower_gamma = d_lower * intra.gamma  # cotangent of (beta k) k^T
+        d_k_beta = _dot(d_lower_gamma, chunk.k) + d_k_beta_decayed * intra.decay  # [C, K]
+        d_q = d_q_decayed * intra.decay + _dot(d_attn_gamma, chunk.k)  # [C, K]
+        d_k = (
+            _dot(d_attn_gamma, chunk.q, transpose_a=True)
+            + _dot(d_lower_gamma, intra.k_beta, transpose_a=True)
+            + d_k_beta * chunk.beta
+            + d_k_to_end * intra.decay_to_end
+        )  # [C, K]
+        d_beta = jnp.sum(d_x * chunk.v, axis=1, keepdims=True) + jnp.sum(d_k_beta * chunk.k, axis=1, keepdims=True)
+        d_gamma = d_attn * _dot(chunk.q, chunk.k, transpose_b=True) + d_lower * _dot(
+            intra.k_beta, chunk.k, transpose_b=True
+        )
+        d_log_gamma = d_gamma * intra.gamma  # [C, C], d/d(G_i - G_j)
+        d_g_to_end = jnp.sum(d_k_to_end * k_to_end, axis=1, keepdims=True)  # [C, 1]
+        d_g_column = (
+            jnp.sum(d_q_decayed * chunk.q * intra.decay, axis=1, keepdims=True)
+            + jnp.sum(d_k_beta_decayed * intra.k_beta_decayed, axis=1, keepdims=True)
+            - d_g_to_end
+            + jnp.sum(d_log_gamma, axis=1, keepdims=True)
+        )  # [C, 1]
+        d_g_last = jnp.sum(d_g_to_end, axis=0, keepdims=True) + intra.chunk_decay * jnp.sum(
+            jnp.sum(state * d_state, axis=1, keepdims=True), axis=0, keepdims=True
+        )  # [1, 1]
+        d_g_row = (
+            _column_to_row(d_g_column)
+            - jnp.sum(d_log_gamma, axis=0, keepdims=True)
+            + jnp.where(_is_last(c), d_g_last, 0.0)
+        )  # [1, C]
+
+        dq_ref[t_rows, :] = _l2_normalize_backward(d_q * scale, chunk.q_unit, chunk.q_norm, 1)
+        dk_ref[t_rows, :] = _l2_normalize_backward(d_k, chunk.k, chunk.k_norm, 1)
+        dv_ref[t_rows, :] = d_x * chunk.beta
+        dg_ref[pl.ds(i, 1), :] = d_g_row
+        dbeta_ref[pl.ds(i, 1), :] = _column_to_row(d_beta)
+        return d_state_in
+
+    dh0_ref[...] = lax.fori_loop(0, n, step, dht_ref[...])
+
+
+def _decode_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, state_ref, o_ref, new_state_ref, *, scale, use_qk_l2norm):
+    """One token, one (batch, value head): q, k [K, 1] columns, v [1, V], g, beta [1, 1]."""
+    q, _ = _l2_normalize(q_ref[...].astype(jnp.float32), 0, use_qk_l2norm)
+    k, _ = _l2_normalize(k_ref[...].astype(jnp.float32), 0, use_qk_l2norm)
+    state = state_ref[...] * jnp.exp(g_ref[...])  # [K, V], decay first, then read
+    delta = beta_ref[...] * (v_ref[...].astype(jnp.float32) - jnp.sum(state * k, axis=0, keepdims=True))  # [1, V]
+    state = state + k * delta
+    new_state_ref[...] = state
+    o_ref[...] = jnp.sum(state * (q * scale), axis=0, keepdims=True).astype(o_ref.dtype)  # [1, V]
+
+
+# ---------------------------------------------------------------- wrappers (layouts and pallas_calls)
+
+
+def _gate_layout(x: jax.Array, chunk_size: int) -> jax.Array:
+    """[B, Tp, Hv] -> [B, Hv, N, C] float32."""
+    b, tp, hv = x.shape
+    return jnp.moveaxis(x.astype(jnp.float32), 2, 1).reshape(b, hv, tp // chunk_size, chunk_size)
+
+
+def _gate_from_layout(x: jax.Array) -> jax.Array:
+    """[B, Hv, N, C] -> [B, Tp, Hv]."""
+    b, hv, n, c = x.shape
+    return jnp.moveaxis(x.reshape(b, hv, n * c), 1, 2)
+
+
+class _Specs(NamedTuple):
+    qk: pl.BlockSpec  # [B, Tp, Hk * K], value head h reads key head h // group
+    qk_per_value_head: pl.BlockSpec  # [B, Tp, Hv * K]
+    v: pl.BlockSpec  # [B, Tp, Hv * V]
+    gate: pl.BlockSpec  # [B, Hv, N, C]
+    state: pl.BlockSpec  # [B, Hv, K, V]
+    chunk_states: pl.BlockSpec  # [B, Hv, N, K, V]
+
+
+def _block_specs(tp: int, n: int, c: int, dk: int, dv: int, group: int) -> _Specs:
+    # lax.div, not //: floor division lowers through `sign`, which Mosaic resolves per TPU chip.
+    return _Specs(
+        qk=pl.BlockSpec((None, tp, dk), lambda b, h: (b, 0, lax.div(h, group))),
+        qk_per_value_head=pl.BlockSpec((None, tp, dk), lambda b, h: (b, 0, h)),
+        v=pl.BlockSpec((None, tp, dv), lambda b, h: (b, 0, h)),
+        gate=pl.BlockSpec((None, None, n, c), lambda b, h: (b, h, 0, 0)),
+        state=pl.BlockSpec((None, None, dk, dv), lambda b, h: (b, h, 0, 0)),
+        chunk_states=pl.BlockSpec((None, None, n, dk, dv), lambda b, h: (b, h, 0, 0, 0)),
+    )
+
+
+def chunk_forward(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g_cum: jax.Array,
+    beta: jax.Array,
+    initial_state: jax.Array,
+    *,
+    scale: float,
+    use_qk_l2norm: bool,
+    options: KernelOptions,
+    output_chunk_states: bool = False,
+) -> tuple[jax.Array, ...]:
+    """Chunked forward over a padded sequence.
+
+    Args:
+      q, k: [B, Tp, Hk, K]; v: [B, Tp, Hv, V]; Tp a multiple of the chunk size.
+      g_cum: [B, Tp, Hv] chunk-local cumulative sum of the log decay g; beta: [B, Tp, Hv].
+      initial_state: [B, Hv, K, V] float32.
+    Returns:
+      o [B, Tp, Hv, V] in v's dtype, final state [B, Hv, K, V] float32 and, when
+      `output_chunk_states`, the state entering each chunk [B, Hv, N, K, V] float32.
+    """
+    b, tp, hk, dk = q.shape
+    hv, dv = v.shape[2:]
+    c = options.chunk_size
+    n = tp // c
+    specs = _block_specs(tp, n, c, dk, dv, hv // hk)
+    interpret, compiler_params = options.resolved()
+    out_shape = [
+        jax.ShapeDtypeStruct((b, tp, hv * dv), v.dtype),
+        jax.ShapeDtypeStruct((b, hv, dk, dv), jnp.float32),
+    ]
+    out_specs = [specs.v, specs.state]
+    if output_chunk_states:
+        out_shape.append(jax.ShapeDtypeStruct((b, hv, n, dk, dv), jnp.float32))
+        out_specs.append(specs.chunk_states)
+    kernel = functools.partial(_forward_kernel, chunk_size=c, scale=scale, use_qk_l2norm=use_qk_l2norm)
+    outputs = pl.pallas_call(
+        kernel,
+        grid=(b, hv),
+        in_specs=[specs.qk, specs.qk, specs.v, specs.gate, specs.gate, specs.state],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        interpret=interpret,
+        compiler_params=compiler_params,
+    )(
+        q.reshape(b, tp, hk * dk),
+        k.reshape(b, tp, hk * dk),
+        v.reshape(b, tp, hv * dv),
+        _gate_layout(g_cum, c),
+        _gate_layout(beta, c),
+        initial_state.astype(jnp.float32),
+    )
+    return (outputs[0].reshape(b, tp, hv, dv), *outputs[1:])
+
+
+def chunk_backward(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g_cum: jax.Array,
+    beta: jax.Array,
+    chunk_states: jax.Array,
+    d_o: jax.Array,
+    d_final_state: jax.Array,
+    *,
+    scale: float,
+    use_qk_l2norm: bool,
+    options: KernelOptions,
+) -> tuple[jax.Array, ...]:
+    """Cotangents of `chunk_forward`'s inputs from those of o [B, Tp, Hv, V] and the final state.
+
+    `chunk_states` [B, Hv, N, K, V] is `chunk_forward(..., output_chunk_states=True)[2]`.
+    Returns dq, dk [B, Tp, Hk, K] (summed over the value heads sharing a key head), dv like v,
+    dg_cum, dbeta [B, Tp, Hv] float32 and d initial state [B, Hv, K, V] float32.
+    """
+    b, tp, hk, dk = q.shape
+    hv, dv = v.shape[2:]
+    c = options.chunk_size
+    n = tp // c
+    group = hv // hk
+    specs = _block_specs(tp, n, c, dk, dv, group)
+    interpret, compiler_params = options.resolved()
+    kernel = functools.partial(_backward_kernel, chunk_size=c, scale=scale, use_qk_l2norm=use_qk_l2norm)
+    dq, dk_, dv_, dg, dbeta, dh0 = pl.pallas_call(
+        kernel,
+        grid=(b, hv),
+        in_specs=[
+            specs.qk,
+            specs.qk,
+            specs.v,
+            specs.gate,
+            specs.gate,
+            specs.chunk_states,
+            specs.v,
+            specs.state,
+        ],
+        out_specs=[specs.qk_per_value_head, specs.qk_per_value_head, specs.v, specs.gate, specs.gate, specs.state],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, tp, hv * dk), jnp.float32),
+            jax.ShapeDtypeStruct((b, tp, hv * dk), jnp.float32),
+            jax.ShapeDtypeStruct((b, tp, hv * dv), jnp.float32),
+            jax.ShapeDtypeStruct((b, hv, n, c), jnp.float32),
+            jax.ShapeDtypeStruct((b, hv, n, c), jnp.float32),
+            jax.ShapeDtypeStruct((b, hv, dk, dv), jnp.float32),
+        ],
+        interpret=interpret,
+        compiler_params=compiler_params,
+    )(
+        q.reshape(b, tp, hk * dk),
+        k.reshape(b, tp, hk * dk),
+        v.reshape(b, tp, hv * dv),
+        _gate_layout(g_cum, c),
+        _gate_layout(beta, c),
+        chunk_states,
+        d_o.reshape(b, tp, hv * dv),
+        d_final_state.astype(jnp.float32),
+    )
+
+    def sum_groups(x):  # [B, Tp, Hv * K] -> [B, Tp, Hk, K]
+        return x.reshape(b, tp, hk, group, dk).sum(axis=3).astype(q.dtype)
+
+    return (
+        sum_groups(dq),
+        sum_groups(dk_),
+        dv_.reshape(b, tp, hv, dv).astype(v.dtype),
+        _gate_from_layout(dg),
+        _gate_from_layout(dbeta),
+        dh0,
+    )
+
+
+def decode_step(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array,
+    beta: jax.Array,
+    state: jax.Array,
+    *,
+    scale: float,
+    use_qk_l2norm: bool,
+    options: KernelOptions,
+) -> tuple[jax.Array, jax.Array]:
+    """One recurrent step: q, k [B, Hk, K], v [B, Hv, V], g, beta [B, Hv], state [B, Hv, K, V].
+
+    Returns (o [B, Hv, V] in v's dtype, new state [B, Hv, K, V] float32); the state buffer is
+    updated in place when the caller donates it.
+    """
+    b, hk, dk = q.shape
+    hv, dv = v.shape[1:]
+    group = hv // hk
+    interpret, compiler_params = options.resolved()
+    column = pl.BlockSpec((None, None, dk, 1), lambda b, h: (b, lax.div(h, group), 0, 0))  # [B, Hk, K, 1]
+    row = pl.BlockSpec((None, None, 1, dv), lambda b, h: (b, h, 0, 0))  # [B, Hv, 1, V]
+    scalar = pl.BlockSpec((None, None, 1, 1), lambda b, h: (b, h, 0, 0))  # [B, Hv, 1, 1]
+    state_spec = pl.BlockSpec((None, None, dk, dv), lambda b, h: (b, h, 0, 0))
+    kernel = functools.partial(_decode_kernel, scale=scale, use_qk_l2norm=use_qk_l2norm)
+    o, new_state = pl.pallas_call(
+        kernel,
+        grid=(b, hv),
+        in_specs=[column, column, row, scalar, scalar, state_spec],
+        out_specs=[row, state_spec],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, hv, 1, dv), v.dtype),
+            jax.ShapeDtypeStruct((b, hv, dk, dv), jnp.float32),
+        ],
+        input_output_aliases={5: 1},
+        interpret=interpret,
+        compiler_params=compiler_params,
+    )(
+        q[..., None],
+        k[..., None],
+        v[:, :, None, :],
+        g.astype(jnp.float32)[..., None, None],
+        beta.astype(jnp.float32)[..., None, None],
+        state.astype(jnp.float32),
+    )
+    return o[:, :, 0, :], new_state
