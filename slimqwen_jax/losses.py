@@ -45,7 +45,7 @@ def language_model_loss(mtp_weight: float) -> LossFn:
     """L = CE + router_aux_loss_coef * aux + mtp_weight * mean over depths of the MTP CE.
 
     Metrics: the loss terms, and per MoE layer the routing metrics of `moe.stack_routing_metrics`
-    (expert_load [L_moe, E], max_load and dropped_fraction [L_moe]).
+    (expert_load [L_moe, E]; max_load, layer_aux_loss and dropped_fraction [L_moe]).
     """
 
     def loss_fn(model: Qwen3NextForCausalLM, tokens: jax.Array):

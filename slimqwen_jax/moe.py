@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from slimqwen_jax.config import Qwen3NextConfig
-from slimqwen_jax.layers import MLP, Linear, normal_param
+from slimqwen_jax.layers import MLP, Calibration, Linear, capturing, normal_param
 from slimqwen_jax.sharding import LOGICAL_RULES
 
 
@@ -175,25 +175,29 @@ EXPERT_BACKENDS = {
 
 
 def routing_metrics(
-    experts: jax.Array, num_experts: int, dropped_fraction: jax.Array | float = 0.0
+    router_logits: jax.Array, experts: jax.Array, dropped_fraction: jax.Array | float = 0.0
 ) -> dict[str, jax.Array]:
-    """One MoE layer's routing metrics from its chosen experts [N, K].
+    """One MoE layer's routing metrics from its router logits [N, E] and chosen experts [N, K].
 
     expert_load [E]: fraction of the N * K token copies routed to each expert (sums to 1);
-    max_load: its maximum times E (1 = perfectly balanced); dropped_fraction: copies dropped by the
+    max_load: its maximum times E (1 = perfectly balanced); layer_aux_loss: this layer's term of
+    `load_balancing_loss` (K at perfect balance); dropped_fraction: copies dropped by the
     expert-parallel capacity (0 for dropless backends).
     """
+    num_experts = router_logits.shape[-1]
     load = jnp.bincount(experts.reshape(-1), length=num_experts).astype(jnp.float32) / experts.size  # [E]
+    mean_probs = jnp.mean(jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1), axis=0)  # [E]
     return {
         "expert_load": load,
         "max_load": jnp.max(load) * num_experts,
+        "layer_aux_loss": num_experts * experts.shape[-1] * jnp.sum(load * mean_probs),
         "dropped_fraction": jnp.asarray(dropped_fraction, jnp.float32),
     }
 
 
 def stack_routing_metrics(intermediates: nnx.State) -> dict[str, jax.Array]:
     """The `routing_metrics` sown under `nnx.capture`, stacked over MoE layers (decoder layers in order,
-    then the MTP layers): expert_load [L_moe, E], max_load [L_moe], dropped_fraction [L_moe]."""
+    then the MTP layers): expert_load [L_moe, E]; max_load, layer_aux_loss, dropped_fraction [L_moe]."""
     per_layer = []
 
     def visit(node):
@@ -253,15 +257,26 @@ class Experts(nnx.Module):
             return expert_parallel_experts(x, weights, experts, *params, capacity_factor=self.capacity_factor)
         return self.backend(x, weights, experts, *params), jnp.zeros((), jnp.float32)
 
+    def copy_outputs(self, x: jax.Array, experts: jax.Array) -> jax.Array:
+        """Each token copy's expert output before weighting: x [N, D], experts [N, K] -> [N, K, D].
+
+        The backend runs on the N*K copies with one expert each (weight 1), so every backend gives
+        them; calibration sows their norms (REAP importance, `slimqwen_jax.pruning`).
+        """
+        n, k = experts.shape
+        copies = jnp.repeat(x, k, axis=0)  # [N*K, D]: copy j of token i is row i*K + j
+        return self(copies, jnp.ones((n * k, 1), jnp.float32), experts.reshape(n * k, 1)).reshape(n, k, -1)
+
 
 class SparseMoeBlock(nnx.Module):
     """Routed experts plus a sigmoid-gated shared expert. Returns (out [B,T,D], router_logits [N,E]).
 
     Under `nnx.capture(..., nnx.Intermediate)` each call also sows `routing_metrics(...)` (expert
-    load, max load, dropped fraction) as the intermediate `routing_metrics` of this block, e.g.
+    load, max load, the layer's aux loss, dropped fraction) as the intermediate `routing_metrics` of this block, e.g.
     `_, inter = nnx.capture(model, nnx.Intermediate)(ids, pos)`, then
     `inter["model"]["layers"][i]["mlp"]["routing_metrics"][0]`; outside `nnx.capture` nothing is
-    stored or computed.
+    stored or computed. Under `nnx.capture(..., Calibration)` it sows `routing` instead (router
+    logits, top-k weights and experts, each token copy's expert output norm) for pruning statistics.
     """
 
     def __init__(self, cfg: Qwen3NextConfig, *, rngs):
@@ -278,8 +293,10 @@ class SparseMoeBlock(nnx.Module):
         weights, experts = route(router_logits, self.top_k, self.norm_topk_prob)
         routed, dropped_fraction = self.experts.with_dropped_fraction(tokens, weights, experts)  # [N, D]
         if hasattr(self, "__captures__"):  # inside nnx.capture; sow would otherwise store an attribute
-            self.sow(
-                nnx.Intermediate, "routing_metrics", routing_metrics(experts, router_logits.shape[-1], dropped_fraction)
-            )
+            self.sow(nnx.Intermediate, "routing_metrics", routing_metrics(router_logits, experts, dropped_fraction))
+        if capturing(self, Calibration):  # pruning statistics only: a second expert pass over the copies
+            copy_norms = jnp.linalg.norm(self.experts.copy_outputs(tokens, experts).astype(jnp.float32), axis=-1)
+            routing = {"logits": router_logits, "weights": weights, "experts": experts, "copy_norms": copy_norms}
+            self.sow(Calibration, "routing", routing)  # [N, E], then [N, K] each
         shared = jax.nn.sigmoid(self.shared_expert_gate(tokens)) * self.shared_expert(tokens)
         return (routed + shared).reshape(b, t, d), router_logits

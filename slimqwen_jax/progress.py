@@ -20,11 +20,12 @@ def format_duration(seconds: float) -> str:
 
 
 def routing_scalars(metrics: dict) -> dict[str, float]:
-    """Per MoE layer i: routing/layer{i}_max_load (max over mean expert load, 1 = balanced) and
-    routing/layer{i}_dropped_fraction, from the [L_moe] metrics of `moe.stack_routing_metrics`."""
+    """Per MoE layer i: routing/layer{i}_max_load (max over mean expert load, 1 = balanced),
+    routing/layer{i}_layer_aux_loss and routing/layer{i}_dropped_fraction, from the [L_moe] metrics
+    of `moe.stack_routing_metrics`."""
     return {
         f"routing/layer{i:02d}_{name}": float(value)
-        for name in ("max_load", "dropped_fraction")
+        for name in ("max_load", "layer_aux_loss", "dropped_fraction")
         for i, value in enumerate(np.asarray(metrics.get(name, ())))
     }
 

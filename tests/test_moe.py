@@ -189,15 +189,19 @@ def test_whole_model_with_expert_parallelism_matches_one_device():
 
 def test_loss_reports_routing_metrics_of_every_moe_layer():
     """expert_load [L_moe, E] (decoder MoE layers, then MTP) equals a numpy count of the top-k
-    choices of the router logits the model returns; max_load is its max times E."""
+    choices of the router logits the model returns; max_load is its max times E; layer_aux_loss is
+    HF's load-balancing loss of that layer alone (`load_balancing_loss` is checked against HF)."""
     cfg = tiny(num_experts=8, mlp_only_layers=(1,))
     model = Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(0))
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 17)), jnp.int32)
     _, metrics = losses.language_model_loss(0.3)(model, tokens)
     router_logits = model(tokens[:, :-1]).router_logits  # decoder MoE layers only
     assert metrics["expert_load"].shape == (len(router_logits) + cfg.num_mtp_layers, cfg.num_experts)
-    for load, logits in zip(np.asarray(metrics["expert_load"]), router_logits):
+    for layer, logits in enumerate(router_logits):
         chosen = np.argsort(-np.asarray(logits), axis=1, kind="stable")[:, : cfg.num_experts_per_tok]
-        np.testing.assert_allclose(load, np.bincount(chosen.ravel(), minlength=cfg.num_experts) / chosen.size)
+        load = np.bincount(chosen.ravel(), minlength=cfg.num_experts) / chosen.size
+        np.testing.assert_allclose(metrics["expert_load"][layer], load)
+        aux = moe.load_balancing_loss((logits,), cfg.num_experts_per_tok)
+        np.testing.assert_allclose(metrics["layer_aux_loss"][layer], aux, rtol=1e-6)
     np.testing.assert_allclose(metrics["max_load"], np.max(metrics["expert_load"], axis=1) * cfg.num_experts)
     assert not np.any(metrics["dropped_fraction"])
