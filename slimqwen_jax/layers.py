@@ -18,6 +18,19 @@ from pallas_kernels.gated_delta_rule import gated_delta_rule
 from slimqwen_jax.config import Qwen3NextConfig
 
 
+class Calibration(nnx.Intermediate):
+    """Intermediates sown for pruning statistics (`slimqwen_jax.pruning.calibration`).
+
+    A type of its own so that only `nnx.capture(model, Calibration)` collects them: the training
+    loss's `nnx.capture(model, nnx.Intermediate)` neither stores nor computes them.
+    """
+
+
+def capturing(module: nnx.Module, variable_type: type[nnx.Variable]) -> bool:
+    """Whether `module` runs inside an `nnx.capture` of exactly `variable_type` (sow only then)."""
+    return any(type(var) is variable_type for var in getattr(module, "__captures__", ()))
+
+
 def normal_param(rngs: nnx.Rngs, shape, axes, cfg: Qwen3NextConfig) -> nnx.Param:
     """A normal(0, initializer_range) parameter, HF's init for projections and embeddings."""
     value = cfg.initializer_range * jax.random.normal(rngs.params(), shape, jnp.float32)
@@ -64,7 +77,10 @@ class RMSNorm(nnx.Module):
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         # HF multiplies by (1 + w) in float32 before the cast (unlike Llama).
-        return (y * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
+        out = (y * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
+        if capturing(self, Calibration):
+            self.sow(Calibration, "output", out)  # [..., dim]: channel importance for width pruning
+        return out
 
 
 class GatedRMSNorm(nnx.Module):

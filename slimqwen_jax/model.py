@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from slimqwen_jax.config import FULL_ATTENTION, LINEAR_ATTENTION, Qwen3NextConfig
-from slimqwen_jax.layers import MLP, Attention, Embedding, GatedDeltaNet, Linear, RMSNorm
+from slimqwen_jax.layers import MLP, Attention, Calibration, Embedding, GatedDeltaNet, Linear, RMSNorm, capturing
 from slimqwen_jax.moe import SparseMoeBlock, load_balancing_loss
 
 
@@ -30,7 +30,12 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, "embed", cfg)
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array | None]:
-        """x [B, T, D], positions [B, T] -> (x [B, T, D], router logits [N, E] or None)."""
+        """x [B, T, D], positions [B, T] -> (x [B, T, D], router logits [N, E] or None).
+
+        Under `nnx.capture(..., Calibration)` it sows (input, output) of the residual stream as
+        `residual`, for the block-influence score of depth pruning.
+        """
+        residual_in = x
         normed = self.input_layernorm(x)
         if self.layer_type == LINEAR_ATTENTION:
             x = x + self.linear_attn(normed)
@@ -40,7 +45,10 @@ class DecoderLayer(nnx.Module):
         router_logits = None
         if isinstance(self.mlp, SparseMoeBlock):
             mlp_out, router_logits = mlp_out
-        return x + mlp_out, router_logits
+        x = x + mlp_out
+        if capturing(self, Calibration):
+            self.sow(Calibration, "residual", (residual_in, x))  # [B, T, D] each
+        return x, router_logits
 
 
 class Qwen3NextModel(nnx.Module):

@@ -292,7 +292,7 @@ class SparseMoeBlock(nnx.Module):
         router_logits = self.gate(tokens)  # [N, E]
         weights, experts = route(router_logits, self.top_k, self.norm_topk_prob)
         routed, dropped_fraction = self.experts.with_dropped_fraction(tokens, weights, experts)  # [N, D]
-        if hasattr(self, "__captures__"):  # inside nnx.capture; sow would otherwise store an attribute
+        if capturing(self, nnx.Intermediate):  # only then: sow would otherwise store an attribute
             self.sow(nnx.Intermediate, "routing_metrics", routing_metrics(router_logits, experts, dropped_fraction))
         if capturing(self, Calibration):  # pruning statistics only: a second expert pass over the copies
             copy_norms = jnp.linalg.norm(self.experts.copy_outputs(tokens, experts).astype(jnp.float32), axis=-1)

@@ -21,11 +21,10 @@ import ml_collections
 import numpy as np
 import optax
 from absl import app, flags
-from absl import logging as absl_logging
 from flax import nnx
 from ml_collections import config_flags
 
-from slimqwen_jax import data, hf, sharding
+from slimqwen_jax import cli, data, hf, sharding
 from slimqwen_jax.checkpoint import TrainingCheckpoints, load_checkpoint, load_checkpoint_config
 from slimqwen_jax.config import RUNTIME_FIELDS, ConfigError, Qwen3NextConfig
 from slimqwen_jax.hf import CheckpointMismatchError
@@ -275,27 +274,19 @@ def _json_default(value):
     raise TypeError(f"cannot serialise {type(value).__name__} in the train state")
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/<name>.py).", lock_config=True)
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host TPU/GPU).")
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing that turns an unknown config key or a bad value into one clear line."""
-    try:
-        return flags.FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
-        sys.stderr.write(f"error: bad command line: {error}\n")
-        sys.exit(2)
+def define_flags() -> None:
+    """--config (the config file plus --config.key=value overrides) and --distributed."""
+    config_flags.DEFINE_config_file("config", None, "Training config file (configs/<name>.py).", lock_config=True)
+    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host TPU/GPU).")
 
 
 def main(argv: list[str]) -> None:
     del argv
-    absl_logging.set_verbosity(absl_logging.WARNING)  # silence library INFO chatter (orbax, jax)
-    logging.getLogger("slimqwen_jax").setLevel(logging.INFO)
-    if _DISTRIBUTED.value:
+    cli.setup_logging()
+    if flags.FLAGS.distributed:
         jax.distributed.initialize()
     try:
-        run(_CONFIG.value)
+        run(flags.FLAGS.config)
     except (
         TrainError,
         ConfigError,
@@ -309,4 +300,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    define_flags()
+    app.run(main, flags_parser=cli.parse_flags)

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -59,7 +60,7 @@ def test_every_config_loads_and_documents_its_command(path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
-    assert module.__doc__.startswith(f"python -m slimqwen_jax.train --config configs/{path.name}")
+    assert re.match(rf"python -m slimqwen_jax\.(train|prune) --config configs/{path.name}", module.__doc__)
     assert train.model_config(config).num_hidden_layers > 0
 
 

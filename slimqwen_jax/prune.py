@@ -1,0 +1,179 @@
+"""Pruning entry point: source model -> calibration -> depth/width/expert pruning -> checkpoint.
+
+    python -m slimqwen_jax.prune --config configs/<name>.py [--config.key=value ...]
+
+Reads `source` (an HF checkpoint directory or one of our checkpoints; empty: the model `model`
+describes, randomly initialised with `seed`, for demos and tests), calibrates it on `calibration.num_samples`
+sequences of the data pipeline when the spec needs statistics (or reuses the statistics file
+`stats`), applies the `depth`, `width` and `experts` specs, writes our checkpoint to `output` and,
+if `export_hf` is set, an HF directory. Prints the architecture and parameter counts before and
+after. `--config.dry_run=True` plans the same on abstract parameters (shapes only) and writes
+nothing. Exit codes: 0 done, 1 bad input (nothing written), 2 bad command line.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import ml_collections
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
+
+from slimqwen_jax import cli, data, hf
+from slimqwen_jax.checkpoint import load_checkpoint, load_checkpoint_config, save_checkpoint
+from slimqwen_jax.config import ConfigError, Qwen3NextConfig
+from slimqwen_jax.hf import CheckpointMismatchError
+from slimqwen_jax.model import Qwen3NextForCausalLM
+from slimqwen_jax.pruning import CalibrationStats, PruneSpec, PruningError, calibrate, count_parameters, prune
+from slimqwen_jax.pruning.param_count import format_count
+from slimqwen_jax.pruning.state import abstract_params, build_model
+
+log = logging.getLogger("slimqwen_jax.prune")
+
+# Without a source, config.model is randomly initialised: fine for demos, never for a model this large.
+MAX_RANDOM_INIT_PARAMS = 10**9
+
+
+# ---------------------------------------------------------------------------- source
+def source_config(config: ml_collections.ConfigDict) -> Qwen3NextConfig:
+    """The source model's config: `config.model` when `source` is empty, else the directory's."""
+    dtypes = {"dtype": config.dtype, "param_dtype": config.dtype}
+    if not config.source:
+        return Qwen3NextConfig.from_dict({**config.model.to_dict(), **dtypes})
+    path = Path(config.source)
+    if (path / "config.json").exists():
+        return hf.load_config(path, **dtypes)
+    return load_checkpoint_config(path, **dtypes)
+
+
+def load_source(config: ml_collections.ConfigDict) -> Qwen3NextForCausalLM:
+    """The source model with its weights (`config.model` randomly initialised with `seed` when
+    `source` is empty: for demos and tests, refused above MAX_RANDOM_INIT_PARAMS)."""
+    if not config.source:
+        cfg = source_config(config)
+        total = count_parameters(cfg).total
+        if total > MAX_RANDOM_INIT_PARAMS:
+            raise PruningError(
+                f"no source given: config.model ({format_count(total)} parameters) would be randomly initialised; "
+                "set --config.source to an HF or checkpoint directory, or plan with --config.dry_run=True"
+            )
+        return Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(config.seed))
+    path = Path(config.source)
+    if (path / "config.json").exists():
+        return hf.load_model(path, dtype=config.dtype)
+    return load_checkpoint(path, dtype=config.dtype, param_dtype=config.dtype)
+
+
+# ---------------------------------------------------------------------------- report
+def _layer_summary(cfg: Qwen3NextConfig) -> str:
+    full = sum(t == "full_attention" for t in cfg.layer_types)
+    return f"{full} full + {cfg.num_hidden_layers - full} linear"
+
+
+def architecture_table(before: Qwen3NextConfig, after: Qwen3NextConfig, params_before, params_after) -> str:
+    """Every architecture field before and after (changed ones marked), then the parameter counts."""
+    a, b = before.architecture(), after.architecture()
+    a["layer_types"], b["layer_types"] = _layer_summary(before), _layer_summary(after)
+    rows = [(k, str(a[k]), str(b[k]), "*" if a[k] != b[k] else "") for k in a]
+    counts = [count_parameters(before, params_before), count_parameters(after, params_after)]
+    rows += [
+        ("parameters: total", *(format_count(c.total) for c in counts), ""),
+        ("parameters: active", *(format_count(c.active) for c in counts), ""),
+        ("  of which embeddings + lm_head", *(format_count(c.embeddings) for c in counts), ""),
+        ("MTP module (not in total): total", *(format_count(c.mtp_total) for c in counts), ""),
+        ("MTP module: active", *(format_count(c.mtp_active) for c in counts), ""),
+    ]
+    width = max(len(r[0]) for r in rows) + 2
+    lines = [f"{'field':<{width}}{'before':>22}  {'after':>22}"]
+    lines += [f"{name:<{width}}{x:>22}  {y:>22} {mark}".rstrip() for name, x, y, mark in rows]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- the run
+def check_outputs(config: ml_collections.ConfigDict) -> None:
+    """Refuse, before any work, to write over an existing checkpoint or HF directory."""
+    if not config.output:
+        raise PruningError("config.output (the pruned checkpoint directory) is required unless dry_run")
+    if Path(config.output).exists():
+        raise FileExistsError(f"output {config.output} already exists; refusing to overwrite it")
+    export = Path(config.export_hf) if config.export_hf else None
+    if export is not None and export.exists() and any(export.iterdir()):
+        raise FileExistsError(f"export_hf {export} exists and is not empty; refusing to overwrite it")
+
+
+def statistics(config: ml_collections.ConfigDict, model: Qwen3NextForCausalLM) -> CalibrationStats:
+    """Reuse the statistics file `config.stats` if it exists, else calibrate and write it."""
+    path = Path(config.stats or f"{config.output}.calibration.npz")
+    if path.exists():
+        stats = CalibrationStats.load(path)
+        source = Qwen3NextConfig.from_dict(stats.meta["config"]).architecture()
+        if source != model.config.architecture():
+            raise PruningError(f"calibration statistics {path} were computed on another architecture")
+        log.info("reusing calibration statistics %s (%d tokens)", path, stats.num_tokens)
+        return stats
+    cal = config.calibration
+    tokenizer = data.make_tokenizer(config.data.tokenizer)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ConfigError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {model.config.vocab_size}"
+        )
+    samples = data.calibration_samples(
+        config.data, tokenizer, num_samples=cal.num_samples, seq_len=cal.seq_len, seed=cal.seed
+    )
+    log.info("calibrating on %d sequences of %d tokens", *samples.shape)
+    stats = calibrate(model, samples, batch_size=cal.batch_size, log_every=cal.log_every)
+    log.info(
+        "calibration: %s tok/s (steady state), %.1f s", f"{stats.meta['tokens_per_second']:,.0f}", stats.meta["seconds"]
+    )
+    stats.save(path)
+    log.info("wrote calibration statistics %s", path)
+    return stats
+
+
+def run(config: ml_collections.ConfigDict) -> tuple[Qwen3NextConfig, nnx.State]:
+    """Prune as configured; returns the pruned (config, params). Raises PruningError / ConfigError /
+    DataError / FileExistsError / FileNotFoundError."""
+    spec = PruneSpec.from_config(config)
+    if config.dry_run:
+        cfg = source_config(config)
+        params, stats = abstract_params(cfg), None
+        print(f"dry run of {config.source or 'config.model'} on abstract parameters (shapes only); nothing is written")
+    else:
+        check_outputs(config)
+        model = load_source(config)
+        cfg, params = model.config, nnx.state(model, nnx.Param)
+        stats = statistics(config, model) if spec.needs_stats(cfg) else None
+    new_cfg, new_params, notes = prune(cfg, params, spec, stats)
+    print(f"spec: {spec}")
+    print(architecture_table(cfg, new_cfg, params, new_params))
+    for note in notes:
+        print(f"note: {note}")
+    if not config.dry_run:
+        pruned = build_model(new_cfg, new_params)
+        log.info("wrote checkpoint %s", save_checkpoint(pruned, config.output))
+        if config.export_hf:
+            log.info("wrote HF directory %s", hf.save_model(pruned, config.export_hf))
+    return new_cfg, new_params
+
+
+def define_flags() -> None:
+    """--config: the prune config file plus --config.key=value overrides."""
+    config_flags.DEFINE_config_file("config", None, "Prune config file (configs/prune_*.py).", lock_config=True)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    cli.setup_logging()
+    try:
+        run(flags.FLAGS.config)
+    except (ConfigError, data.DataError, CheckpointMismatchError, FileExistsError, FileNotFoundError) as error:
+        log.error("error: %s", error)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main, flags_parser=cli.parse_flags)

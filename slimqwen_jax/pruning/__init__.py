@@ -1,0 +1,47 @@
+"""Structural pruning of Qwen3-Next models, driven by calibration statistics (method.md section 3).
+
+    stats = calibrate(model, samples)                          # streaming statistics, save/load
+    cfg, params, notes = prune(cfg, nnx.state(model), spec, stats)   # depth -> experts -> width
+    pruned = build_model(cfg, params)
+
+Each axis is also a pure transform `(config, params, stats, spec) -> (config, params)`:
+`prune_depth`, `prune_width`, `prune_experts`. All of them run on abstract parameters
+(`abstract_params(cfg)`) to plan a compression without weights; `count_parameters` gives total
+and active counts of any config.
+"""
+
+from slimqwen_jax.pruning.calibration import CalibrationStats, calibrate, residual_norms
+from slimqwen_jax.pruning.depth import block_influence, layers_to_keep, prune_depth
+from slimqwen_jax.pruning.experts import ExpertPlan, expert_importance, plan_experts, prune_experts
+from slimqwen_jax.pruning.param_count import ParameterCount, count_parameters, format_count
+from slimqwen_jax.pruning.pipeline import prune
+from slimqwen_jax.pruning.spec import DepthSpec, ExpertSpec, PruneSpec, PruningError, WidthSpec, validate
+from slimqwen_jax.pruning.state import abstract_params, build_model
+from slimqwen_jax.pruning.width import channel_importance, prune_width
+
+__all__ = [
+    "CalibrationStats",
+    "DepthSpec",
+    "ExpertPlan",
+    "ExpertSpec",
+    "ParameterCount",
+    "PruneSpec",
+    "PruningError",
+    "WidthSpec",
+    "abstract_params",
+    "block_influence",
+    "build_model",
+    "calibrate",
+    "channel_importance",
+    "count_parameters",
+    "expert_importance",
+    "format_count",
+    "layers_to_keep",
+    "plan_experts",
+    "prune",
+    "prune_depth",
+    "prune_experts",
+    "prune_width",
+    "residual_norms",
+    "validate",
+]

@@ -1,0 +1,170 @@
+"""What to cut: one frozen spec per axis (depth, width, experts) and their validation.
+
+A spec whose fields keep everything (`num_layers_to_remove=0`, `hidden_size=0`, `num_experts=0`,
+`num_experts_per_tok=0`) is the identity. `PruneSpec.from_config` reads the `depth`, `width` and
+`experts` sections of a prune config (`configs/prune_*.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from slimqwen_jax.config import FULL_ATTENTION, ConfigError, Qwen3NextConfig
+
+DEPTH_METHODS = ("last", "similarity")
+EXPERT_IMPORTANCES = ("frequency", "soft_logits", "reap")
+EXPERT_METHODS = ("prune", "merge", "partial_preservation")
+EXPERT_SIMILARITIES = ("router_logits", "router_weights", "expert_vector")
+
+
+class PruningError(ConfigError):
+    """A pruning spec that does not fit the model (or statistics that do not fit either)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DepthSpec:
+    """Remove `num_layers_to_remove` decoder layers: the `last` ones or the least influential
+    (`similarity`: lowest 1 - cos(input, output) of the residual stream, ShortGPT's block influence)."""
+
+    method: str = "last"
+    num_layers_to_remove: int = 0
+
+    def is_identity(self) -> bool:
+        return self.num_layers_to_remove == 0
+
+    def needs_stats(self) -> bool:
+        return not self.is_identity() and self.method == "similarity"
+
+
+@dataclasses.dataclass(frozen=True)
+class WidthSpec:
+    """Keep the `hidden_size` most important hidden channels (0 = keep the width).
+
+    `multiple_of`: the new width must be a multiple of it (128 by default: the TPU lane width, which
+    the MXU tiles and grouped-matmul kernels' hidden-dimension blocks assume); keeping the source
+    width is always allowed. Lower it for toy models.
+    """
+
+    hidden_size: int = 0
+    multiple_of: int = 128
+
+    def is_identity(self, cfg: Qwen3NextConfig) -> bool:
+        return self.hidden_size in (0, cfg.hidden_size)
+
+    def needs_stats(self, cfg: Qwen3NextConfig) -> bool:
+        return not self.is_identity(cfg)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertSpec:
+    """Compress every MoE layer (the MTP module's included) to `num_experts` experts, top-k
+    `num_experts_per_tok` (0 = keep either).
+
+    importance: frequency | soft_logits | reap; method: prune | merge | partial_preservation (the
+    top `preserve_fraction` of the kept experts untouched, the rest merge bases); similarity (merge
+    groups): router_logits | router_weights | expert_vector.
+    """
+
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    importance: str = "reap"
+    method: str = "partial_preservation"
+    similarity: str = "expert_vector"
+    preserve_fraction: float = 0.5
+
+    def new_sizes(self, cfg: Qwen3NextConfig) -> tuple[int, int]:
+        """(experts, top-k) after compression."""
+        return self.num_experts or cfg.num_experts, self.num_experts_per_tok or cfg.num_experts_per_tok
+
+    def is_identity(self, cfg: Qwen3NextConfig) -> bool:
+        return self.new_sizes(cfg) == (cfg.num_experts, cfg.num_experts_per_tok)
+
+    def compresses(self, cfg: Qwen3NextConfig) -> bool:
+        return self.new_sizes(cfg)[0] != cfg.num_experts
+
+    def needs_stats(self, cfg: Qwen3NextConfig) -> bool:
+        return self.compresses(cfg)
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneSpec:
+    depth: DepthSpec = DepthSpec()
+    width: WidthSpec = WidthSpec()
+    experts: ExpertSpec = ExpertSpec()
+
+    @classmethod
+    def from_config(cls, config: Any) -> PruneSpec:
+        """From a ConfigDict (or dict) with `depth`, `width` and `experts` sections."""
+        return cls(
+            depth=DepthSpec(**dict(config["depth"])),
+            width=WidthSpec(**dict(config["width"])),
+            experts=ExpertSpec(**dict(config["experts"])),
+        )
+
+    def needs_stats(self, cfg: Qwen3NextConfig) -> bool:
+        """Whether any axis needs calibration statistics (real parameters) to choose what to keep."""
+        return self.depth.needs_stats() or self.width.needs_stats(cfg) or self.experts.needs_stats(cfg)
+
+
+def _choice(name: str, value: str, options: tuple[str, ...]) -> list[str]:
+    return [] if value in options else [f"{name} {value!r} is not one of {options}"]
+
+
+def depth_problems(cfg: Qwen3NextConfig, spec: DepthSpec) -> list[str]:
+    problems = _choice("depth.method", spec.method, DEPTH_METHODS)
+    n, layers = spec.num_layers_to_remove, cfg.num_hidden_layers
+    if not 0 <= n < layers:
+        problems.append(f"depth.num_layers_to_remove is {n}; the model has {layers} layers and must keep at least one")
+    return problems
+
+
+def width_problems(cfg: Qwen3NextConfig, spec: WidthSpec) -> list[str]:
+    d = spec.hidden_size
+    if spec.multiple_of < 1:
+        return [f"width.multiple_of must be >= 1, got {spec.multiple_of}"]
+    if not 0 <= d <= cfg.hidden_size:
+        return [f"width.hidden_size is {d}; the model has {cfg.hidden_size} hidden channels (0 keeps them all)"]
+    if not spec.is_identity(cfg) and d % spec.multiple_of:
+        return [
+            (
+                f"width.hidden_size {d} is not a multiple of width.multiple_of={spec.multiple_of} (the kernels' "
+                "hidden-dimension tile); pick a multiple or lower width.multiple_of for a toy model"
+            )
+        ]
+    return []
+
+
+def expert_problems(cfg: Qwen3NextConfig, spec: ExpertSpec) -> list[str]:
+    problems = _choice("experts.importance", spec.importance, EXPERT_IMPORTANCES)
+    problems += _choice("experts.method", spec.method, EXPERT_METHODS)
+    problems += _choice("experts.similarity", spec.similarity, EXPERT_SIMILARITIES)
+    if not 0.0 <= spec.preserve_fraction <= 1.0:
+        problems.append(f"experts.preserve_fraction must be in [0, 1], got {spec.preserve_fraction}")
+    if spec.is_identity(cfg):
+        return problems
+    if cfg.num_experts == 0:
+        return problems + ["experts: the model has no MoE layers to compress"]
+    experts, top_k = spec.new_sizes(cfg)
+    if not 0 < experts <= cfg.num_experts:
+        problems.append(f"experts.num_experts is {experts}; the model has {cfg.num_experts} experts per MoE layer")
+    elif not 0 < top_k <= experts:
+        problems.append(f"experts.num_experts_per_tok ({top_k}) must be in [1, num_experts={experts}]")
+    return problems
+
+
+def validate(cfg: Qwen3NextConfig, spec: PruneSpec) -> None:
+    """Raise one PruningError naming every field of `spec` that does not fit `cfg`."""
+    problems = depth_problems(cfg, spec.depth) + width_problems(cfg, spec.width) + expert_problems(cfg, spec.experts)
+    if problems:
+        raise PruningError("invalid pruning spec:\n  " + "\n  ".join(problems))
+
+
+def require_full_attention(cfg: Qwen3NextConfig, kept: list[int]) -> None:
+    """A hybrid model must keep a full-attention layer: transformers' Qwen3-Next (its cache) fails
+    on a model made of linear-attention layers only."""
+    if FULL_ATTENTION in cfg.layer_types and all(cfg.layer_types[i] != FULL_ATTENTION for i in kept):
+        raise PruningError(
+            f"depth pruning would keep layers {kept}, none of them full attention; HF transformers needs at least "
+            "one (remove fewer layers, or other ones)"
+        )

@@ -1,0 +1,89 @@
+"""Width pruning: keep the d' most important hidden channels, one index set for the whole model.
+
+Importance of channel k: mean over the residual-stream RMSNorms (every norm over the hidden
+dimension: input/post-attention norms of each layer, the final norm, the MTP norms) of the mean
+over calibration tokens of |norm output[k]|. The kept channels (in their original order) are
+gathered along every parameter axis whose logical name is `embed` (embeddings, lm_head, norms,
+every projection's input or output) and `embed_pair` (the MTP fc input, both halves).
+
+Each residual-stream norm's scale (1 + w) is multiplied by sqrt(D / d'): the norm then divides by
+the RMS over d' channels instead of D, and this factor makes its output unchanged when the removed
+channels are zero (up to eps), so a model that never used them is pruned without change.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from slimqwen_jax.config import Qwen3NextConfig
+from slimqwen_jax.pruning.calibration import ABS_OUTPUT, CalibrationStats, residual_norms
+from slimqwen_jax.pruning.spec import PruningError, WidthSpec, width_problems
+from slimqwen_jax.pruning.state import (
+    EMBED_AXIS,
+    EMBED_PAIR_AXIS,
+    flat_params,
+    logical_axes,
+    require_abstract,
+    take,
+    with_values,
+)
+
+
+def channel_importance(params: nnx.State, stats: CalibrationStats) -> np.ndarray:
+    """[D] mean over the residual-stream norms of mean |norm output| per channel."""
+    return np.mean([stats.mean(norm, ABS_OUTPUT) for norm in residual_norms(params)], axis=0)
+
+
+def channels_to_keep(
+    cfg: Qwen3NextConfig, params: nnx.State, stats: CalibrationStats | None, spec: WidthSpec
+) -> np.ndarray:
+    """Sorted indices of the kept channels [d']. Without statistics (abstract parameters only) the
+    first d' channels: a placeholder that has the right shapes."""
+    problems = width_problems(cfg, spec)
+    if problems:
+        raise PruningError("invalid width spec:\n  " + "\n  ".join(problems))
+    if spec.is_identity(cfg):
+        return np.arange(cfg.hidden_size)
+    if stats is None:
+        require_abstract(params, "width pruning")
+        return np.arange(spec.hidden_size)
+    importance = channel_importance(params, stats)
+    return np.sort(np.argsort(-importance, kind="stable")[: spec.hidden_size])  # ties: lower index
+
+
+def _rescale_norm(weight, scale: float):
+    """(1 + w) -> scale * (1 + w) for a zero-centred RMSNorm weight."""
+    if isinstance(weight, jax.ShapeDtypeStruct):
+        return weight
+    return (scale * (1.0 + weight.astype(jnp.float32)) - 1.0).astype(weight.dtype)
+
+
+def select_channels(cfg: Qwen3NextConfig, params: nnx.State, keep: np.ndarray) -> tuple[Qwen3NextConfig, nnx.State]:
+    """(config, params) of the model restricted to hidden channels `keep` (sorted indices)."""
+    d = cfg.hidden_size
+    if len(keep) == d:
+        return cfg, params
+    norms = {f"{n}.weight" for n in residual_norms(params)}
+    scale = float(np.sqrt(d / len(keep)))
+    values = {}
+    for path, variable in flat_params(params).items():
+        value = variable.get_value()
+        for axis, name in enumerate(logical_axes(variable)):
+            if name == EMBED_AXIS:
+                value = take(value, keep, axis)
+            elif name == EMBED_PAIR_AXIS:  # MTP fc input: [embedding half | hidden half]
+                value = take(value, np.concatenate([keep, d + keep]), axis)
+        values[path] = _rescale_norm(value, scale) if path in norms else value
+    new_cfg = cfg.replace(hidden_size=len(keep))
+    return new_cfg, with_values(params, values)
+
+
+def prune_width(
+    cfg: Qwen3NextConfig, params: nnx.State, stats: CalibrationStats | None, spec: WidthSpec
+) -> tuple[Qwen3NextConfig, nnx.State]:
+    """Keep `spec.hidden_size` hidden channels (see module docstring). Pure; works on abstract
+    parameters, where `stats` may be None (placeholder channel choice)."""
+    return select_channels(cfg, params, channels_to_keep(cfg, params, stats, spec))

@@ -1,0 +1,286 @@
+"""Pruning transforms: parameter counts, identity, depth, width, expert plans and bad specs."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hf_reference import max_relative_error
+
+from slimqwen_jax.config import FULL_ATTENTION, tiny
+from slimqwen_jax.model import Qwen3NextForCausalLM
+from slimqwen_jax.pruning import (
+    CalibrationStats,
+    DepthSpec,
+    ExpertSpec,
+    PruneSpec,
+    PruningError,
+    WidthSpec,
+    abstract_params,
+    build_model,
+    calibrate,
+    count_parameters,
+    plan_experts,
+    prune,
+    prune_depth,
+)
+from slimqwen_jax.pruning.experts import apply_plans, expert_similarity, moe_blocks, plan_layers
+from slimqwen_jax.pruning.state import flat_params, logical_axes
+
+# Every layer kind (full attention at 1 and 3), a dense-MLP layer (1), MoE elsewhere, MTP.
+CFG = tiny(layer_types=("linear_attention", "full_attention") * 2, mlp_only_layers=(1,), initializer_range=0.1)
+IDS = np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 24))
+
+
+@nnx.jit
+def forward(model, input_ids):
+    out = model(input_ids)
+    return out.logits, out.mtp_logits
+
+
+def random_model(cfg=CFG, seed=0):
+    model = Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(seed))
+    rng = np.random.default_rng(seed + 1)
+    for path, variable in flat_params(nnx.state(model)).items():  # norm weights far from their init
+        if path.endswith("norm.weight"):
+            variable.set_value(variable[...] + 0.3 * rng.standard_normal(variable.shape).astype(np.float32))
+    return model
+
+
+# ---------------------------------------------------------------------------- parameter counts
+def hand_count(cfg) -> tuple[int, int]:
+    """(total, active) of the backbone from the tensor list in qwen3_next.md, written out by hand."""
+    d, hd = cfg.hidden_size, cfg.head_dim
+    hk, hv, dk, dv = (
+        cfg.linear_num_key_heads,
+        cfg.linear_num_value_heads,
+        cfg.linear_key_head_dim,
+        cfg.linear_value_head_dim,
+    )
+    linear = (
+        d * (2 * hk * dk + 2 * hv * dv)
+        + d * 2 * hv
+        + (2 * hk * dk + hv * dv) * cfg.linear_conv_kernel_dim
+        + 2 * hv
+        + dv
+    )
+    linear += hv * dv * d
+    full = (
+        d * 2 * cfg.num_attention_heads * hd
+        + 2 * d * cfg.num_key_value_heads * hd
+        + cfg.num_attention_heads * hd * d
+        + 2 * hd
+    )
+    expert = 3 * d * cfg.moe_intermediate_size
+    shared = d * cfg.num_experts + 3 * d * cfg.shared_expert_intermediate_size + d
+    total = active = cfg.vocab_size * d * (1 if cfg.tie_word_embeddings else 2) + d
+    for i, kind in enumerate(cfg.layer_types):
+        mixer = full if kind == FULL_ATTENTION else linear
+        if cfg.is_moe_layer(i):
+            total += mixer + 2 * d + shared + cfg.num_experts * expert
+            active += mixer + 2 * d + shared + cfg.num_experts_per_tok * expert
+        else:
+            total += mixer + 2 * d + 3 * d * cfg.intermediate_size
+            active += mixer + 2 * d + 3 * d * cfg.intermediate_size
+    return total, active
+
+
+@pytest.mark.parametrize("cfg", [CFG, tiny(tie_word_embeddings=True, decoder_sparse_step=2)], ids=["untied", "tied"])
+def test_parameter_count_matches_a_hand_count(cfg):
+    count = count_parameters(cfg)
+    assert (count.total, count.active) == hand_count(cfg)
+
+
+# ---------------------------------------------------------------------------- identity and depth
+@pytest.fixture(scope="module")
+def model_and_stats():
+    model = random_model()
+    return model, calibrate(model, IDS, batch_size=2)
+
+
+def test_keeping_everything_is_the_identity(model_and_stats):
+    model, stats = model_and_stats
+    cfg, params = model.config, nnx.state(model)
+    spec = PruneSpec(
+        DepthSpec("similarity", 0), WidthSpec(cfg.hidden_size, 7), ExpertSpec(cfg.num_experts, method="merge")
+    )
+    new_cfg, new_params, _ = prune(cfg, params, spec, stats)
+    # The expert path with every expert kept: plans, then gathers and (trivial) merges.
+    new_cfg, new_params = apply_plans(
+        new_cfg, new_params, plan_layers(cfg, params, stats, spec.experts), cfg.num_experts_per_tok
+    )
+    assert new_cfg == cfg
+    for ours, theirs in zip(forward(model, IDS), forward(build_model(new_cfg, new_params), IDS)):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+
+
+def test_depth_last_equals_the_first_layers_then_norm_and_head(model_and_stats):
+    model, _ = model_and_stats
+    new_cfg, new_params = prune_depth(model.config, nnx.state(model), None, DepthSpec("last", 2))
+    pruned = build_model(new_cfg, new_params)
+    assert new_cfg.num_hidden_layers == 2 and new_cfg.mlp_only_layers == (1,)
+
+    @nnx.jit
+    def truncated(model, ids):
+        positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+        x = model.model.embed_tokens(ids)
+        for layer in list(model.model.layers)[:2]:
+            x, _ = layer(x, positions)
+        hidden = model.model.norm(x)
+        return model.logits(hidden), model._mtp_logits(ids, hidden, positions)[0]
+
+    logits, mtp_logits = forward(pruned, IDS)
+    expected_logits, expected_mtp = truncated(model, IDS)
+    np.testing.assert_array_equal(np.asarray(logits), np.asarray(expected_logits))
+    np.testing.assert_array_equal(np.asarray(mtp_logits[0]), np.asarray(expected_mtp))
+
+
+def test_depth_similarity_drops_the_least_influential_layers_and_keeps_the_moe_pattern():
+    cfg = tiny(num_hidden_layers=6, decoder_sparse_step=2, mlp_only_layers=(3,))  # MoE at 1 and 5
+    influence = np.array([0.5, 0.1, 0.9, 0.7, 0.05, 0.3])  # 1 - mean cos; least: layers 4 then 1
+    sums = {f"model.layers.{i}:residual_cos": (1.0 - b) * 10 for i, b in enumerate(influence)}
+    stats = CalibrationStats(sums, num_tokens=10, meta={})
+    new_cfg, params = prune_depth(cfg, abstract_params(cfg), stats, DepthSpec("similarity", 2))
+    kept = [0, 2, 3, 5]
+    assert new_cfg.layer_types == tuple(cfg.layer_types[i] for i in kept)
+    assert [new_cfg.is_moe_layer(j) for j in range(4)] == [cfg.is_moe_layer(i) for i in kept]
+    assert flat_params(params)["model.layers.3.mlp.experts.gate_proj"].shape[0] == cfg.num_experts  # old layer 5
+
+
+# ---------------------------------------------------------------------------- width
+def zero_channels(model, dropped: np.ndarray) -> None:
+    """Zero hidden channels `dropped` in every weight that reads or writes them (embed axes)."""
+    d = model.config.hidden_size
+    for variable in flat_params(nnx.state(model)).values():
+        value = np.array(variable[...])
+        for axis, name in enumerate(logical_axes(variable)):
+            index = {"embed": dropped, "embed_pair": np.concatenate([dropped, d + dropped])}.get(name)
+            if index is not None:
+                value[(slice(None),) * axis + (index,)] = 0.0
+        variable.set_value(jnp.asarray(value))
+
+
+def test_width_removes_unused_channels_without_changing_logits():
+    model = random_model(seed=3)
+    # A residual stream of RMS ~1 (embeddings x10), so the norms' eps (1e-6) is negligible: the
+    # width transform is exact only up to eps (mean over d' instead of D channels).
+    model.model.embed_tokens.embedding.set_value(10.0 * model.model.embed_tokens.embedding[...])
+    dropped = np.array([1, 4, 5, 10, 17, 20, 33, 34, 40, 41, 50, 52, 55, 60, 62, 63])
+    zero_channels(model, dropped)
+    stats = calibrate(model, IDS, batch_size=2)
+    spec = PruneSpec(width=WidthSpec(48, 16))
+    new_cfg, new_params, _ = prune(model.config, nnx.state(model), spec, stats)
+    kept = np.setdiff1d(np.arange(64), dropped)
+    embedding = np.asarray(flat_params(new_params)["model.embed_tokens.embedding"][...])
+    np.testing.assert_array_equal(embedding, np.asarray(model.model.embed_tokens.embedding[...])[:, kept])
+    for ours, theirs in zip(forward(model, IDS), forward(build_model(new_cfg, new_params), IDS)):
+        error = max_relative_error(theirs, ours)
+        print(f"width 64 -> 48 on unused channels: max relative logit error {error:.1e}")
+        assert error < 1e-5
+
+
+# ---------------------------------------------------------------------------- expert plans
+def test_partial_preservation_sets_and_merge_coefficients_on_hand_made_importances():
+    importance = np.array([5.0, 9.0, 1.0, 7.0, 3.0, 8.0, 2.0, 6.0])  # ranking: 1 5 3 7 0 4 6 2
+    similarity = np.zeros((8, 8))
+    similarity[0, 7] = similarity[4, 3] = similarity[6, 7] = similarity[2, 3] = 0.9
+    similarity[0, 1] = similarity[4, 5] = 1.0  # preserved experts are never merge bases
+    plan = plan_experts(importance, similarity, num_experts=4, method="partial_preservation", preserve_fraction=0.5)
+    assert plan.preserved.tolist() == [1, 5] and plan.bases.tolist() == [3, 7]
+    assert plan.survivors.tolist() == [1, 3, 5, 7]
+    assert plan.assignment.tolist() == [3, 0, 1, 1, 1, 2, 3, 3]  # 0, 6 -> 7 (new 3); 4, 2 -> 3 (new 1)
+    np.testing.assert_allclose(plan.coefficient[[3, 4, 2]], np.array([7, 3, 1]) / 11)
+    np.testing.assert_allclose(plan.coefficient[[7, 0, 6]], np.array([6, 5, 2]) / 13)
+    assert plan.coefficient[1] == plan.coefficient[5] == 1.0
+
+    merged = plan_experts(importance, similarity, 4, "merge", 0.5)
+    assert merged.preserved.tolist() == [] and merged.bases.tolist() == [1, 3, 5, 7]
+    assert merged.assignment.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]  # 0 -> 1, 4 -> 5 now allowed
+    pruned = plan_experts(importance, None, 4, "prune", 0.5)
+    assert pruned.assignment.tolist() == [-1, 0, -1, 1, -1, 2, -1, 3] and pruned.coefficient.sum() == 4
+
+
+# ---------------------------------------------------------------------------- experts on a model
+NEVER_CHOSEN = [6, 7]
+
+
+@pytest.fixture(scope="module")
+def routed_away():
+    """A model whose experts 6 and 7 are never chosen (expert 7 a copy of expert 2), and its stats.
+
+    Channel 0 of the residual stream is held at 1 (embedding column 0; nothing writes it; the MTP fc
+    copies its embedding half's channel 0, which is positive), and every router row reads it with
+    +5 (or -5 for experts 6, 7), so those two stay far below the top-k.
+    """
+    model = random_model(seed=5)
+    for path, variable in flat_params(nnx.state(model)).items():
+        value = np.array(variable[...])
+        if path == "model.embed_tokens.embedding":
+            value[:, 0] = 1.0
+        elif path == "mtp.fc.kernel":  # [2D, D]
+            value[:, 0] = 0.0
+            value[0, 0] = 1.0
+        elif path.endswith(".gate.kernel"):  # router [D, E]
+            value[0, :] = 5.0
+            value[0, NEVER_CHOSEN] = -5.0
+        elif path.endswith("norm.weight") and logical_axes(variable) == ("embed",):
+            value[0] = 0.0
+        elif logical_axes(variable)[-1] == "embed" and value.ndim >= 2:  # writes the residual stream
+            value[..., 0] = 0.0
+        if ".experts." in path:
+            value[7] = value[2]
+        variable.set_value(jnp.asarray(value))
+    return model, calibrate(model, IDS, batch_size=2)
+
+
+def test_pruning_never_chosen_experts_leaves_outputs_unchanged(routed_away):
+    model, stats = routed_away
+    for moe in ("model.layers.0.mlp", "mtp.layers.0.mlp"):
+        np.testing.assert_array_equal(stats.mean(moe, "selected")[NEVER_CHOSEN], 0.0)
+    spec = PruneSpec(experts=ExpertSpec(6, importance="frequency", method="prune"))
+    new_cfg, new_params, _ = prune(model.config, nnx.state(model), spec, stats)
+    router = np.asarray(flat_params(new_params)["model.layers.2.mlp.gate.kernel"][...])
+    np.testing.assert_array_equal(router, np.asarray(model.model.layers[2].mlp.gate.kernel[...])[:, :6])
+    for ours, theirs in zip(forward(model, IDS), forward(build_model(new_cfg, new_params), IDS)):
+        assert max_relative_error(theirs, ours) < 1e-6
+
+
+def test_merging_an_expert_into_its_identical_duplicate_leaves_outputs_unchanged(routed_away):
+    model, stats = routed_away
+    cfg, params = model.config, nnx.state(model)
+    values = {path: v[...] for path, v in flat_params(params).items()}
+    importance = np.array([8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0])  # expert 7 weighs 1/7 in the merge
+    plans = {}
+    for moe in moe_blocks(params):
+        similarity = expert_similarity(values, stats, moe, "expert_vector")
+        plans[moe] = plan_experts(importance, similarity, num_experts=7, method="merge", preserve_fraction=0.0)
+        assert plans[moe].assignment.tolist() == [0, 1, 2, 3, 4, 5, 6, 2]  # 7 joins its duplicate 2
+    new_cfg, new_params = apply_plans(cfg, params, plans, cfg.num_experts_per_tok)
+    for ours, theirs in zip(forward(model, IDS), forward(build_model(new_cfg, new_params), IDS)):
+        assert max_relative_error(theirs, ours) < 1e-5  # (6/7 W + 1/7 W) is W up to rounding
+
+
+# ---------------------------------------------------------------------------- bad specs
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (PruneSpec(depth=DepthSpec("last", 4)), "has 4 layers and must keep at least one"),
+        (PruneSpec(depth=DepthSpec("middle", 1)), "depth.method 'middle'"),
+        (PruneSpec(depth=DepthSpec("last", 3)), "none of them full attention"),
+        (PruneSpec(width=WidthSpec(80, 16)), "the model has 64 hidden channels"),
+        (PruneSpec(width=WidthSpec(40, 16)), "not a multiple of width.multiple_of=16"),
+        (PruneSpec(width=WidthSpec(48)), "not a multiple of width.multiple_of=128"),
+        (PruneSpec(experts=ExpertSpec(4, 5)), "num_experts_per_tok (5) must be in [1, num_experts=4]"),
+        (PruneSpec(experts=ExpertSpec(9)), "the model has 8 experts"),
+        (PruneSpec(experts=ExpertSpec(4, importance="loud")), "experts.importance 'loud'"),
+    ],
+)
+def test_bad_specs_raise_clear_errors(spec, message):
+    with pytest.raises(PruningError) as error:
+        prune(CFG, abstract_params(CFG), spec)
+    assert message in str(error.value)
+
+
+def test_real_parameters_need_statistics(model_and_stats):
+    model, _ = model_and_stats
+    with pytest.raises(PruningError, match="needs calibration statistics"):
+        prune(model.config, nnx.state(model), PruneSpec(experts=ExpertSpec(4)))
