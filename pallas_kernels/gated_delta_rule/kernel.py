@@ -356,6 +356,13 @@ def _gate_from_layout(x: jax.Array) -> jax.Array:
     return jnp.moveaxis(x.reshape(b, hv, n * c), 1, 2)
 
 
+def _sequence_layout(q, k, v, g_cum, beta, chunk_size: int) -> tuple[jax.Array, ...]:
+    """The kernels' view of a sequence: q, k [B, Tp, Hk * K], v [B, Tp, Hv * V], gates [B, Hv, N, C]."""
+    b, tp = q.shape[:2]
+    flat = lambda x: x.reshape(b, tp, -1)  # noqa: E731
+    return flat(q), flat(k), flat(v), _gate_layout(g_cum, chunk_size), _gate_layout(beta, chunk_size)
+
+
 class _Specs(NamedTuple):
     qk: pl.BlockSpec  # [B, Tp, Hk * K], value head h reads key head h // group
     qk_per_value_head: pl.BlockSpec  # [B, Tp, Hv * K]
@@ -423,14 +430,7 @@ def chunk_forward(
         out_shape=out_shape,
         interpret=interpret,
         compiler_params=compiler_params,
-    )(
-        q.reshape(b, tp, hk * dk),
-        k.reshape(b, tp, hk * dk),
-        v.reshape(b, tp, hv * dv),
-        _gate_layout(g_cum, c),
-        _gate_layout(beta, c),
-        initial_state.astype(jnp.float32),
-    )
+    )(*_sequence_layout(q, k, v, g_cum, beta, c), initial_state.astype(jnp.float32))
     return (outputs[0].reshape(b, tp, hv, dv), *outputs[1:])
 
 
@@ -487,11 +487,7 @@ def chunk_backward(
         interpret=interpret,
         compiler_params=compiler_params,
     )(
-        q.reshape(b, tp, hk * dk),
-        k.reshape(b, tp, hk * dk),
-        v.reshape(b, tp, hv * dv),
-        _gate_layout(g_cum, c),
-        _gate_layout(beta, c),
+        *_sequence_layout(q, k, v, g_cum, beta, c),
         chunk_states,
         d_o.reshape(b, tp, hv * dv),
         d_final_state.astype(jnp.float32),
