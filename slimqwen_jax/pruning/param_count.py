@@ -26,15 +26,6 @@ class ParameterCount:
     mtp_active: int
     embeddings: int  # embed_tokens plus the untied lm_head (part of total and active)
 
-    def lines(self) -> list[str]:
-        return [
-            f"total {format_count(self.total)} / active {format_count(self.active)}",
-            (
-                f"(embeddings and lm_head {format_count(self.embeddings)}; MTP module "
-                f"{format_count(self.mtp_total)} total / {format_count(self.mtp_active)} active, not included)"
-            ),
-        ]
-
 
 def format_count(n: int) -> str:
     """79_674_391_296 -> '79.67B'; small counts in M or K."""
