@@ -3,7 +3,8 @@ lowering for TPU (Mosaic) and GPU (Triton) at production shapes; the whole model
 
 On CPU the kernels run in interpret mode (the default platform); on a GPU or TPU the same tests run
 the compiled kernels. Interpret mode accepts code that real backends reject, hence the
-cross-lowering tests.
+cross-lowering tests. layout None is the platform's default ("grid" on CPU and TPU, "loop" on GPU);
+a few cases pin "loop" so that both kernel layouts run in interpret mode.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from hf_reference import make_hf_model, max_relative_error
+from jax.experimental.pallas import tpu as pltpu
 from test_gated_delta_rule_reference import make_inputs, rel_err
 
 from pallas_kernels.gated_delta_rule import gated_delta_rule, gated_delta_rule_step
@@ -21,7 +23,7 @@ from pallas_kernels.gated_delta_rule.kernel import KernelOptions
 from slimqwen_jax import hf
 
 FP32_TOL = 1e-5
-STATIC = ("output_final_state", "implementation", "chunk_size", "use_qk_l2norm", "platform")
+STATIC = ("output_final_state", "implementation", "chunk_size", "use_qk_l2norm", "platform", "layout")
 gdr = jax.jit(gated_delta_rule, static_argnames=STATIC)
 
 
@@ -57,47 +59,79 @@ def to_bfloat16(inputs: dict) -> dict:
 
 # Every T of the issue; 63 / 64 / 65 around the real chunk of 64; both group sizes and state options.
 @pytest.mark.parametrize(
-    "t, hk, hv, with_state, chunk_size",
+    "t, hk, hv, with_state, chunk_size, layout",
     [
-        (1, 2, 4, True, 64),
-        (63, 2, 2, False, 64),
-        (64, 2, 4, True, 64),
-        (65, 2, 2, True, 64),
-        (65, 2, 4, False, 64),
-        (200, 2, 4, True, 64),
-        (200, 2, 2, False, 16),
+        (1, 2, 4, True, 64, None),
+        (63, 2, 2, False, 64, None),
+        (64, 2, 4, True, 64, None),
+        (65, 2, 2, True, 64, None),
+        (65, 2, 4, False, 64, None),
+        (200, 2, 4, True, 64, None),
+        (200, 2, 2, False, 16, None),
+        (65, 2, 4, True, 64, "loop"),
+        (200, 2, 2, False, 16, "loop"),
     ],
     ids=lambda x: str(x),
 )
-def test_forward_matches_recurrence(t, hk, hv, with_state, chunk_size):
+def test_forward_matches_recurrence(t, hk, hv, with_state, chunk_size, layout):
     inputs = make_inputs(t, t, hk, hv, with_state=with_state)
-    o, state = gdr(**inputs, output_final_state=True, implementation="pallas", chunk_size=chunk_size)
+    o, state = gdr(**inputs, output_final_state=True, implementation="pallas", chunk_size=chunk_size, layout=layout)
     o_ref, state_ref = gdr(**inputs, output_final_state=True, implementation="recurrent")
     o_err, state_err = rel_err(o, o_ref), rel_err(state, state_ref)
-    print(f"T={t} Hk={hk} Hv={hv} state={with_state} C={chunk_size}: o {o_err:.2e}, final state {state_err:.2e}")
+    print(f"T={t} Hk={hk} Hv={hv} state={with_state} C={chunk_size} {layout}: o {o_err:.2e}, state {state_err:.2e}")
     assert o.shape == o_ref.shape and o.dtype == jnp.float32 and state.shape == state_ref.shape
     assert o_err <= FP32_TOL and state_err <= FP32_TOL
 
 
 @pytest.mark.parametrize(
-    "t, hk, hv, with_state, chunk_size, use_qk_l2norm",
+    "t, hk, hv, with_state, chunk_size, use_qk_l2norm, layout",
     [
-        (1, 2, 4, True, 64, True),
-        (65, 2, 4, True, 64, True),
-        (40, 2, 2, False, 16, True),
-        (40, 2, 4, True, 16, False),
+        (1, 2, 4, True, 64, True, None),
+        (65, 2, 4, True, 64, True, None),
+        (40, 2, 2, False, 16, True, None),
+        (40, 2, 4, True, 16, False, None),
+        (65, 2, 4, True, 64, True, "loop"),
+        (40, 2, 4, True, 16, False, "loop"),
     ],
     ids=lambda x: str(x),
 )
-def test_gradients_match_recurrence(t, hk, hv, with_state, chunk_size, use_qk_l2norm):
+def test_gradients_match_recurrence(t, hk, hv, with_state, chunk_size, use_qk_l2norm, layout):
     inputs = make_inputs(100 + t, t, hk, hv, with_state=with_state)
     o_weight, state_weight = weights(inputs, seed=t)
     options = {"use_qk_l2norm": use_qk_l2norm}
-    grads = loss_grads(inputs, o_weight, state_weight, implementation="pallas", chunk_size=chunk_size, **options)
+    grads = loss_grads(
+        inputs, o_weight, state_weight, implementation="pallas", chunk_size=chunk_size, layout=layout, **options
+    )
     grads_ref = loss_grads(inputs, o_weight, state_weight, implementation="recurrent", **options)
     errors = {name: rel_err(grads[name], grads_ref[name]) for name in grads_ref}
-    print(f"T={t} Hk={hk} Hv={hv} state={with_state} C={chunk_size} l2={use_qk_l2norm}: gradient errors", errors)
+    print(f"T={t} Hk={hk} Hv={hv} state={with_state} C={chunk_size} l2={use_qk_l2norm} {layout}: gradients", errors)
     assert set(errors) == {"q", "k", "v", "g", "beta"} | ({"initial_state"} if with_state else set())
+    assert max(errors.values()) <= FP32_TOL, errors
+
+
+def test_grid_layout_under_the_tpu_interpreter(monkeypatch):
+    """The chunk-grid kernels under `pltpu.InterpretParams`: TPU grid semantics, uninitialised
+    memory NaN-filled (so a state not carried in the scratch, or a final state written before the
+    last chunk, would show) and race detection; forward and gradients against the recurrence."""
+    call_settings = KernelOptions.call_settings
+
+    def tpu_interpreter(options, grid):
+        return {
+            **call_settings(options, grid),
+            "interpret": pltpu.InterpretParams(uninitialized_memory="nan", detect_races=True),
+        }
+
+    monkeypatch.setattr(KernelOptions, "call_settings", tpu_interpreter)
+    inputs = make_inputs(3, 40, 2, 4, with_state=True)
+    o_weight, state_weight = weights(inputs, seed=1)
+    options = {"chunk_size": 16, "platform": "cpu", "layout": "grid"}
+    o, state = gated_delta_rule(**inputs, output_final_state=True, implementation="pallas", **options)
+    o_ref, state_ref = gdr(**inputs, output_final_state=True, implementation="recurrent")
+    grads = loss_grads(inputs, o_weight, state_weight, implementation="pallas", **options)
+    grads_ref = loss_grads(inputs, o_weight, state_weight, implementation="recurrent")
+    errors = {"o": rel_err(o, o_ref), "state": rel_err(state, state_ref)}
+    errors |= {f"d{name}": rel_err(grads[name], grads_ref[name]) for name in grads_ref}
+    print("grid layout, TPU interpreter:", errors)
     assert max(errors.values()) <= FP32_TOL, errors
 
 
@@ -161,8 +195,17 @@ def production_shapes(t: int) -> tuple[jax.ShapeDtypeStruct, ...]:
     )
 
 
-@pytest.mark.parametrize("platform, marker", [("tpu", "tpu_custom_call"), ("gpu", "xla.gpu.triton")])
-def test_cross_lowering_at_production_shapes(platform, marker):
+# TPU lowers the chunk-grid kernels (on-chip memory independent of T, hence T = 8192 too), GPU the
+# loop kernels; the kernel names in the lowered text tell which.
+@pytest.mark.parametrize(
+    "platform, marker, layout, t",
+    [
+        ("tpu", "tpu_custom_call", "grid", 1000),
+        ("tpu", "tpu_custom_call", "grid", 8192),
+        ("gpu", "xla.gpu.triton", "loop", 1000),
+    ],
+)
+def test_cross_lowering_at_production_shapes(platform, marker, layout, t):
     def forward(q, k, v, g, beta, state):
         return gated_delta_rule(
             q, k, v, g, beta, initial_state=state, output_final_state=True, implementation="pallas", platform=platform
@@ -178,13 +221,17 @@ def test_cross_lowering_at_production_shapes(platform, marker):
         return gated_delta_rule_step(*args, platform=platform)
 
     lowering_platform = {"tpu": "tpu", "gpu": "cuda"}[platform]
-    for fn, args, kernels in (
-        (forward, production_shapes(1000), 1),
-        (jax.value_and_grad(loss, argnums=range(6)), production_shapes(1000), 3),  # forward, recompute, backward
-        (decode, production_shapes(0), 1),
+    other = {"grid": "loop", "loop": "grid"}[layout]
+    for fn, args, kernels, names in (
+        (forward, production_shapes(t), 1, ("_forward",)),
+        # forward, recompute, backward
+        (jax.value_and_grad(loss, argnums=range(6)), production_shapes(t), 3, ("_forward", "_backward")),
+        (decode, production_shapes(0), 1, ()),
     ):
         text = jax.jit(fn).trace(*args).lower(lowering_platforms=(lowering_platform,)).as_text()
         assert text.count(marker) >= kernels, (fn, text.count(marker))
+        assert all(f"{name}_{layout}_kernel" in text for name in names), (fn, names)
+        assert f"_{other}_kernel" not in text, fn
 
 
 def test_model_logits_with_pallas_equal_chunked(tmp_path):
@@ -197,8 +244,19 @@ def test_model_logits_with_pallas_equal_chunked(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "options, message", [({"chunk_size": 48}, "power of two"), ({"platform": "metal"}, "platform must be")]
+    "options, message",
+    [
+        ({"chunk_size": 48}, "power of two"),
+        ({"platform": "metal"}, "platform must be"),
+        ({"layout": "tiles"}, "layout must be"),
+    ],
 )
 def test_bad_kernel_options_raise(options, message):
     with pytest.raises(ValueError, match=message):
         KernelOptions(**options)
+
+
+def test_grid_layout_refused_on_gpu():
+    """GPU grid programs run in parallel: a state carried along a chunk grid axis would be wrong."""
+    with pytest.raises(ValueError, match="sequential grid steps"):
+        KernelOptions(platform="gpu", layout="grid").resolved()

@@ -1,8 +1,17 @@
 """Pallas kernels of the gated delta rule: chunked (WY) forward, its backward, one-token decode step.
 
-One program per (batch, value head); it walks the chunks in order with `lax.fori_loop`, carrying
-the [Dk, Dv] state in float32 (the backward walks them in reverse, carrying dState). Value head h
-reads key head h // (Hv / Hk) straight from the un-repeated q / k through the BlockSpec index map.
+The forward walks the chunks of each (batch, value head) in order, carrying the [Dk, Dv] state in
+float32; the backward walks them in reverse, carrying dState. One per-chunk step function holds the
+math of each (`_forward_chunk`, `_backward_chunk`); two layouts drive it (`KernelOptions.layout`):
+  "grid" (TPU, and the interpreter on CPU): grid (B, Hv, N), chunk axis "arbitrary"; each step
+    gets one chunk's [C, D] blocks and carries the state in a [Dk, Dv] float32 VMEM scratch, set
+    from the initial state at chunk 0 and written out at the last (the backward's index maps take
+    chunk N - 1 - i at step i). On-chip memory does not grow with T.
+  "loop" (GPU, Triton): grid (B, Hv), whole-sequence [Tp, D] blocks (global memory on GPU),
+    chunks walked with `lax.fori_loop` inside the program. GPU grid programs run in parallel, so
+    the state cannot be carried along a grid axis there.
+Value head h reads key head h // (Hv / Hk) straight from the un-repeated q / k through the
+BlockSpec index map.
 The optional q / k L2 norm and the scale are fused (forward and backward). All arithmetic is
 float32; bfloat16 inputs are upcast when loaded and the output is written in v's dtype.
 
@@ -22,10 +31,19 @@ unchanged (checked by cross-lowering to "cuda"), though it is deprecated from JA
 Every ref is sliced, never a value (Triton cannot slice values), and every array is 2-D with
 power-of-two sizes when Dk, Dv and C are powers of two.
 
-Layouts the kernels see: q, k [B, Tp, Hk * Dk] and v / o [B, Tp, Hv * Dv] (free reshapes, so a
-program's block is [Tp, Dk] with Dk = 128 lane-aligned on TPU), gates [B, Hv, N, C], states
-[B, Hv, Dk, Dv]. Tp = N * C. A program holds its whole [Tp, D] blocks on chip, which bounds T on
-TPU by VMEM (at a 16 MiB scoped limit, bfloat16: forward ~6k tokens, backward ~2k).
+Arrays the kernels see: q, k [B, Tp, Hk * Dk] and v / o [B, Tp, Hv * Dv] (free reshapes, so a
+block is [C or Tp, Dk] with Dk = 128 lane-aligned on TPU), gates [B, Hv, N, C] ("loop") or
+[B, Hv, N, 1, C] ("grid": a [1, C] block spans the last two dims, which TPU requires for C < 128),
+states [B, Hv, Dk, Dv], chunk states [B, Hv, N, Dk, Dv]. Tp = N * C.
+
+TPU VMEM per "grid" step (C = 64, Dk = Dv = 128, bfloat16 q / k / v / o, estimated from the block
+sizes, every block double-buffered, plus the 64 KiB scratch): forward ~0.6 MiB (q, k, v, o 16 KiB
+each, gates 4 KiB each as one padded (8, 128) tile, initial / final / chunk state 64 KiB each),
+backward ~0.8 MiB (q, k, v, dO 16 KiB, float32 dq, dk, dv 32 KiB, chunk state, dState in / out
+64 KiB), plus the step's float32 temporaries ([C, C] 16 KiB, [C, D] 32 KiB, [D, D] 64 KiB each;
+about 1 MiB): a few MiB at any T, under the 16 MiB default scoped limit. The "loop" layout on TPU
+would need ~8 MiB (forward) / ~28 MiB (backward) at T = 4096. Checked by interpret-mode tests
+(also under `pltpu.InterpretParams`) and by lowering to TPU at T = 1000 and 8192, not on hardware.
 """
 
 from __future__ import annotations
@@ -42,6 +60,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 PLATFORMS = ("cpu", "tpu", "gpu")
+LAYOUTS = ("grid", "loop")
 _L2_EPS = 1e-6  # FLA / HF: x * rsqrt(sum(x^2) + eps)
 
 
@@ -52,10 +71,15 @@ class KernelOptions:
     chunk_size: positions per chunk, a power of two (>= 16 on GPU, where Triton dots need it).
     platform: "tpu" (Mosaic) or "gpu" (Triton) compiles for that backend, "cpu" runs the Pallas
       interpreter; None means the default backend.
+    layout: "grid" (grid (B, Hv, N), one chunk per step, the state carried in a VMEM scratch: on-chip
+      memory independent of T; TPU and the interpreter) or "loop" (grid (B, Hv), whole-sequence
+      blocks, chunks walked inside the kernel: needed on GPU, whose grid programs run in parallel);
+      None means "loop" on GPU, else "grid".
     """
 
     chunk_size: int = 64
     platform: str | None = None
+    layout: str | None = None
 
     def __post_init__(self):
         c = self.chunk_size
@@ -63,15 +87,26 @@ class KernelOptions:
             raise ValueError(f"chunk_size must be a power of two >= 2, got {c}")
         if self.platform is not None and self.platform not in PLATFORMS:
             raise ValueError(f"platform must be one of {PLATFORMS} or None, got {self.platform!r}")
+        if self.layout is not None and self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS} or None, got {self.layout!r}")
 
-    def resolved(self) -> tuple[bool, object]:
-        """(interpret, compiler params) for this platform."""
+    def resolved(self) -> tuple[str, str]:
+        """(platform, layout), defaults filled in."""
         platform = self.platform or jax.default_backend()
+        layout = self.layout or ("loop" if platform == "gpu" else "grid")
+        if platform == "gpu" and layout == "grid":
+            raise ValueError("layout 'grid' needs sequential grid steps (TPU or the interpreter), not GPU")
+        return platform, layout
+
+    def call_settings(self, grid: tuple[int, ...]) -> dict:
+        """`pallas_call` arguments for this platform: (batch, head) axes parallel, a chunk axis sequential."""
+        platform, _ = self.resolved()
         if platform == "cpu":
-            return True, None
+            return {"grid": grid, "interpret": True}
         if platform == "tpu":
-            return False, pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
-        return False, pltriton.CompilerParams(num_warps=4, num_stages=1)
+            semantics = ("parallel", "parallel", "arbitrary")[: len(grid)]
+            return {"grid": grid, "compiler_params": pltpu.CompilerParams(dimension_semantics=semantics)}
+        return {"grid": grid, "compiler_params": pltriton.CompilerParams(num_warps=4, num_stages=1)}
 
 
 # ---------------------------------------------------------------- math on 2-D values (kernel side)
@@ -156,9 +191,14 @@ class _Chunk(NamedTuple):
     k_norm: jax.Array | None  # [C, 1]
 
 
+def _rows(i, chunk_size: int) -> pl.Slice:
+    """Rows of chunk i in a [Tp, D] ref (or of the only chunk, i = 0, in a [C, D] block)."""
+    return pl.ds(pl.multiple_of(i * chunk_size, chunk_size), chunk_size)
+
+
 def _load_chunk(q_ref, k_ref, v_ref, g_ref, beta_ref, i, *, chunk_size: int, scale: float, use_qk_l2norm: bool):
-    """Read chunk i of one program's refs (q/k/v [Tp, D], gates [N, C]) into a `_Chunk`."""
-    rows = pl.ds(pl.multiple_of(i * chunk_size, chunk_size), chunk_size)
+    """Read chunk i of q/k/v [Tp, D] and gates [N, C] refs (or i = 0 of [C, D], [1, C] blocks) into a `_Chunk`."""
+    rows = _rows(i, chunk_size)
     q, q_norm = _l2_normalize(q_ref[rows, :].astype(jnp.float32), 1, use_qk_l2norm)
     k, k_norm = _l2_normalize(k_ref[rows, :].astype(jnp.float32), 1, use_qk_l2norm)
     g_row = g_ref[pl.ds(i, 1), :]  # [1, C]
@@ -214,29 +254,27 @@ def _new_values(chunk: _Chunk, intra: _Intra, state: jax.Array) -> jax.Array:
     return _dot(intra.inverse, chunk.v * chunk.beta - _dot(intra.k_beta_decayed, state))
 
 
-# ---------------------------------------------------------------- kernels
+# ---------------------------------------------------------------- per-chunk steps (shared by both layouts)
 
 
-def _forward_kernel(
-    q_ref, k_ref, v_ref, g_ref, beta_ref, h0_ref, o_ref, ht_ref, *states_ref, chunk_size, scale, use_qk_l2norm
+def _forward_chunk(
+    q_ref, k_ref, v_ref, g_ref, beta_ref, o_ref, states_ref, i, state, *, chunk_size, scale, use_qk_l2norm
 ):
-    """One (batch, value head): o [Tp, V], final state [K, V] and, if asked, each chunk's input state."""
-    load = functools.partial(_load_chunk, chunk_size=chunk_size, scale=scale, use_qk_l2norm=use_qk_l2norm)
-
-    def step(i, state):  # state [K, V] float32, the state before chunk i
-        chunk = load(q_ref, k_ref, v_ref, g_ref, beta_ref, i)
-        intra = _intra_chunk(chunk)
-        if states_ref:
-            states_ref[0][i] = state
-        v_new = _new_values(chunk, intra, state)  # [C, V]
-        o = _dot(chunk.q * intra.decay, state) + _dot(intra.attn, v_new)  # [C, V]
-        o_ref[pl.ds(pl.multiple_of(i * chunk_size, chunk_size), chunk_size), :] = o.astype(o_ref.dtype)
-        return state * intra.chunk_decay + _dot(chunk.k * intra.decay_to_end, v_new, transpose_a=True)
-
-    ht_ref[...] = lax.fori_loop(0, g_ref.shape[0], step, h0_ref[...].astype(jnp.float32))
+    """Chunk i: write its output rows of o_ref (and, if states_ref, its input state at states_ref[i]);
+    return the state after it. state [K, V] float32 is the state before chunk i."""
+    chunk = _load_chunk(
+        q_ref, k_ref, v_ref, g_ref, beta_ref, i, chunk_size=chunk_size, scale=scale, use_qk_l2norm=use_qk_l2norm
+    )
+    intra = _intra_chunk(chunk)
+    if states_ref is not None:
+        states_ref[i] = state
+    v_new = _new_values(chunk, intra, state)  # [C, V]
+    o = _dot(chunk.q * intra.decay, state) + _dot(intra.attn, v_new)  # [C, V]
+    o_ref[_rows(i, chunk_size), :] = o.astype(o_ref.dtype)
+    return state * intra.chunk_decay + _dot(chunk.k * intra.decay_to_end, v_new, transpose_a=True)
 
 
-def _backward_kernel(
+def _backward_chunk(
     q_ref,
     k_ref,
     v_ref,
@@ -244,90 +282,151 @@ def _backward_kernel(
     beta_ref,
     states_ref,
     do_ref,
-    dht_ref,
     dq_ref,
     dk_ref,
     dv_ref,
     dg_ref,
     dbeta_ref,
-    dh0_ref,
+    i,
+    d_state,
     *,
     chunk_size,
     scale,
     use_qk_l2norm,
 ):
+    """Chunk i: write its rows of dq, dk [., K], dv [., V], dG, dbeta [., C]; return the cotangent of
+    the state before it. d_state [K, V] is that of the state after chunk i. Chunk quantities are
+    recomputed from the inputs and the chunk's input state states_ref[i] (saved by a forward pass)."""
+    chunk = _load_chunk(
+        q_ref, k_ref, v_ref, g_ref, beta_ref, i, chunk_size=chunk_size, scale=scale, use_qk_l2norm=use_qk_l2norm
+    )
+    intra = _intra_chunk(chunk)
+    rows, cols = _iota(chunk_size)
+    state = states_ref[i]  # [K, V] state before chunk i
+    t_rows = _rows(i, chunk_size)
+    d_o = do_ref[t_rows, :].astype(jnp.float32)  # [C, V]
+    v_new = _new_values(chunk, intra, state)  # [C, V]
+    k_to_end = chunk.k * intra.decay_to_end  # [C, K]
+
+    # Through o = (exp(G) q) S + attn v_new and S' = exp(G_C) S + (exp(G_C - G) k)^T v_new.
+    d_v_new = _dot(intra.attn, d_o, transpose_a=True) + _dot(k_to_end, d_state)  # [C, V]
+    d_q_decayed = _dot(d_o, state, transpose_b=True)  # [C, K]
+    d_k_to_end = _dot(v_new, d_state, transpose_b=True)  # [C, K]
+    d_attn = jnp.where(cols <= rows, _dot(d_o, v_new, transpose_b=True), 0.0)  # [C, C]
+    # Through v_new = A^-1 x, x = beta v - (beta exp(G) k) S: dx = A^-T dv_new, dA = -dx v_new^T.
+    d_x = _dot(intra.inverse, d_v_new, transpose_a=True)  # [C, V]
+    d_lower = jnp.where(cols < rows, -_dot(d_x, v_new, transpose_b=True), 0.0)  # [C, C]
+    d_k_beta_decayed = -_dot(d_x, state, transpose_b=True)  # [C, K]
+    d_state_in = (
+        d_state * intra.chunk_decay
+        + _dot(chunk.q * intra.decay, d_o, transpose_a=True)
+        - _dot(intra.k_beta_decayed, d_x, transpose_a=True)
+    )  # [K, V]
+
+    # Back to q, k, v, beta and G.
+    d_attn_gamma = d_attn * intra.gamma  # cotangent of q k^T
+    d_lower_gamma = d_lower * intra.gamma  # cotangent of (beta k) k^T
+    d_k_beta = _dot(d_lower_gamma, chunk.k) + d_k_beta_decayed * intra.decay  # [C, K]
+    d_q = d_q_decayed * intra.decay + _dot(d_attn_gamma, chunk.k)  # [C, K]
+    d_k = (
+        _dot(d_attn_gamma, chunk.q, transpose_a=True)
+        + _dot(d_lower_gamma, intra.k_beta, transpose_a=True)
+        + d_k_beta * chunk.beta
+        + d_k_to_end * intra.decay_to_end
+    )  # [C, K]
+    d_beta = jnp.sum(d_x * chunk.v, axis=1, keepdims=True) + jnp.sum(d_k_beta * chunk.k, axis=1, keepdims=True)
+    d_gamma = d_attn * _dot(chunk.q, chunk.k, transpose_b=True) + d_lower * _dot(
+        intra.k_beta, chunk.k, transpose_b=True
+    )
+    d_log_gamma = d_gamma * intra.gamma  # [C, C], d/d(G_i - G_j)
+    d_g_to_end = jnp.sum(d_k_to_end * k_to_end, axis=1, keepdims=True)  # [C, 1]
+    d_g_column = (
+        jnp.sum(d_q_decayed * chunk.q * intra.decay, axis=1, keepdims=True)
+        + jnp.sum(d_k_beta_decayed * intra.k_beta_decayed, axis=1, keepdims=True)
+        - d_g_to_end
+        + jnp.sum(d_log_gamma, axis=1, keepdims=True)
+    )  # [C, 1]
+    d_g_last = jnp.sum(d_g_to_end, axis=0, keepdims=True) + intra.chunk_decay * jnp.sum(
+        jnp.sum(state * d_state, axis=1, keepdims=True), axis=0, keepdims=True
+    )  # [1, 1]
+    d_g_row = (
+        _column_to_row(d_g_column)
+        - jnp.sum(d_log_gamma, axis=0, keepdims=True)
+        + jnp.where(_is_last(chunk_size), d_g_last, 0.0)
+    )  # [1, C]
+
+    dq_ref[t_rows, :] = _l2_normalize_backward(d_q * scale, chunk.q_unit, chunk.q_norm, 1)
+    dk_ref[t_rows, :] = _l2_normalize_backward(d_k, chunk.k, chunk.k_norm, 1)
+    dv_ref[t_rows, :] = d_x * chunk.beta
+    dg_ref[pl.ds(i, 1), :] = d_g_row
+    dbeta_ref[pl.ds(i, 1), :] = _column_to_row(d_beta)
+    return d_state_in
+
+
+# ---------------------------------------------------------------- kernels
+# "loop": grid (B, Hv), whole-sequence blocks, chunks walked by lax.fori_loop.
+# "grid": grid (B, Hv, N), one chunk's blocks per step, the carried state in a VMEM scratch.
+
+
+def _forward_loop_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, h0_ref, o_ref, ht_ref, *states_ref, **settings):
+    """One (batch, value head): o [Tp, V], final state [K, V] and, if asked, each chunk's input
+    state [N, K, V]; gates [N, C]."""
+    step = functools.partial(
+        _forward_chunk, q_ref, k_ref, v_ref, g_ref, beta_ref, o_ref, states_ref[0] if states_ref else None, **settings
+    )
+    ht_ref[...] = lax.fori_loop(0, g_ref.shape[0], step, h0_ref[...].astype(jnp.float32))
+
+
+def _forward_grid_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, h0_ref, o_ref, ht_ref, *refs, **settings):
+    """One (batch, value head, chunk): q, k [C, K], v, o [C, V], gates [1, C], if asked the chunk's
+    input state [1, K, V]; the state [K, V] lives in the scratch across the chunk axis."""
+    *states_ref, state_ref = refs
+
+    @pl.when(pl.program_id(2) == 0)
+    def _init():
+        state_ref[...] = h0_ref[...].astype(jnp.float32)
+
+    states = states_ref[0] if states_ref else None
+    state_ref[...] = _forward_chunk(q_ref, k_ref, v_ref, g_ref, beta_ref, o_ref, states, 0, state_ref[...], **settings)
+
+    @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
+    def _final():
+        ht_ref[...] = state_ref[...]
+
+
+def _backward_loop_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, states_ref, do_ref, dht_ref, *grads_ref, **settings):
     """One (batch, value head), chunks in reverse: per-value-head dq, dk [Tp, K], dv [Tp, V],
-    dG, dbeta [N, C] and d initial state [K, V]. Chunk quantities are recomputed from the inputs
-    and the chunk's input state (saved by a forward pass)."""
-    load = functools.partial(_load_chunk, chunk_size=chunk_size, scale=scale, use_qk_l2norm=use_qk_l2norm)
-    n, c = g_ref.shape
-    rows, cols = _iota(c)
+    dG, dbeta [N, C] and d initial state [K, V]."""
+    *chunk_grads_ref, dh0_ref = grads_ref
+    step = functools.partial(
+        _backward_chunk, q_ref, k_ref, v_ref, g_ref, beta_ref, states_ref, do_ref, *chunk_grads_ref, **settings
+    )
+    n = g_ref.shape[0]
+    dh0_ref[...] = lax.fori_loop(0, n, lambda j, d_state: step(n - 1 - j, d_state), dht_ref[...])
 
-    def step(j, d_state):  # d_state [K, V]: cotangent of the state after chunk i
-        i = n - 1 - j
-        chunk = load(q_ref, k_ref, v_ref, g_ref, beta_ref, i)
-        intra = _intra_chunk(chunk)
-        state = states_ref[i]  # [K, V] state before chunk i
-        t_rows = pl.ds(pl.multiple_of(i * chunk_size, chunk_size), chunk_size)
-        d_o = do_ref[t_rows, :].astype(jnp.float32)  # [C, V]
-        v_new = _new_values(chunk, intra, state)  # [C, V]
-        k_to_end = chunk.k * intra.decay_to_end  # [C, K]
 
-        # Through o = (exp(G) q) S + attn v_new and S' = exp(G_C) S + (exp(G_C - G) k)^T v_new.
-        d_v_new = _dot(intra.attn, d_o, transpose_a=True) + _dot(k_to_end, d_state)  # [C, V]
-        d_q_decayed = _dot(d_o, state, transpose_b=True)  # [C, K]
-        d_k_to_end = _dot(v_new, d_state, transpose_b=True)  # [C, K]
-        d_attn = jnp.where(cols <= rows, _dot(d_o, v_new, transpose_b=True), 0.0)  # [C, C]
-        # Through v_new = A^-1 x, x = beta v - (beta exp(G) k) S: dx = A^-T dv_new, dA = -dx v_new^T.
-        d_x = _dot(intra.inverse, d_v_new, transpose_a=True)  # [C, V]
-        d_lower = jnp.where(cols < rows, -_dot(d_x, v_new, transpose_b=True), 0.0)  # [C, C]
-        d_k_beta_decayed = -_dot(d_x, state, transpose_b=True)  # [C, K]
-        d_state_in = (
-            d_state * intra.chunk_decay
-            + _dot(chunk.q * intra.decay, d_o, transpose_a=True)
-            - _dot(intra.k_beta_decayed, d_x, transpose_a=True)
-        )  # [K, V]
+def _backward_grid_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, states_ref, do_ref, dht_ref, *refs, **settings):
+    """One (batch, value head, chunk), the chunk axis walked in reverse by the index maps: blocks as
+    in the forward grid kernel, dState [K, V] carried in the scratch."""
+    *chunk_grads_ref, dh0_ref, d_state_ref = refs
 
-        # Back to q, k, v, beta and G.
-        d_attn_gamma = d_attn * intra.gamma  # cotangent of q k^T
-        d_lower_gamma = d_lower * intra.gamma  # cotangent of (beta k) k^T
-        d_k_beta = _dot(d_lower_gamma, chunk.k) + d_k_beta_decayed * intra.decay  # [C, K]
-        d_q = d_q_decayed * intra.decay + _dot(d_attn_gamma, chunk.k)  # [C, K]
-        d_k = (
-            _dot(d_attn_gamma, chunk.q, transpose_a=True)
-            + _dot(d_lower_gamma, intra.k_beta, transpose_a=True)
-            + d_k_beta * chunk.beta
-            + d_k_to_end * intra.decay_to_end
-        )  # [C, K]
-        d_beta = jnp.sum(d_x * chunk.v, axis=1, keepdims=True) + jnp.sum(d_k_beta * chunk.k, axis=1, keepdims=True)
-        d_gamma = d_attn * _dot(chunk.q, chunk.k, transpose_b=True) + d_lower * _dot(
-            intra.k_beta, chunk.k, transpose_b=True
-        )
-        d_log_gamma = d_gamma * intra.gamma  # [C, C], d/d(G_i - G_j)
-        d_g_to_end = jnp.sum(d_k_to_end * k_to_end, axis=1, keepdims=True)  # [C, 1]
-        d_g_column = (
-            jnp.sum(d_q_decayed * chunk.q * intra.decay, axis=1, keepdims=True)
-            + jnp.sum(d_k_beta_decayed * intra.k_beta_decayed, axis=1, keepdims=True)
-            - d_g_to_end
-            + jnp.sum(d_log_gamma, axis=1, keepdims=True)
-        )  # [C, 1]
-        d_g_last = jnp.sum(d_g_to_end, axis=0, keepdims=True) + intra.chunk_decay * jnp.sum(
-            jnp.sum(state * d_state, axis=1, keepdims=True), axis=0, keepdims=True
-        )  # [1, 1]
-        d_g_row = (
-            _column_to_row(d_g_column)
-            - jnp.sum(d_log_gamma, axis=0, keepdims=True)
-            + jnp.where(_is_last(c), d_g_last, 0.0)
-        )  # [1, C]
+    @pl.when(pl.program_id(2) == 0)
+    def _init():
+        d_state_ref[...] = dht_ref[...]
 
-        dq_ref[t_rows, :] = _l2_normalize_backward(d_q * scale, chunk.q_unit, chunk.q_norm, 1)
-        dk_ref[t_rows, :] = _l2_normalize_backward(d_k, chunk.k, chunk.k_norm, 1)
-        dv_ref[t_rows, :] = d_x * chunk.beta
-        dg_ref[pl.ds(i, 1), :] = d_g_row
-        dbeta_ref[pl.ds(i, 1), :] = _column_to_row(d_beta)
-        return d_state_in
+    d_state_ref[...] = _backward_chunk(
+        q_ref, k_ref, v_ref, g_ref, beta_ref, states_ref, do_ref, *chunk_grads_ref, 0, d_state_ref[...], **settings
+    )
 
-    dh0_ref[...] = lax.fori_loop(0, n, step, dht_ref[...])
+    @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
+    def _final():
+        dh0_ref[...] = d_state_ref[...]
+
+
+_KERNELS = {
+    "forward": {"loop": _forward_loop_kernel, "grid": _forward_grid_kernel},
+    "backward": {"loop": _backward_loop_kernel, "grid": _backward_grid_kernel},
+}
 
 
 def _decode_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, state_ref, o_ref, new_state_ref, *, scale, use_qk_l2norm):
@@ -344,44 +443,72 @@ def _decode_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, state_ref, o_ref, new_s
 # ---------------------------------------------------------------- wrappers (layouts and pallas_calls)
 
 
-def _gate_layout(x: jax.Array, chunk_size: int) -> jax.Array:
-    """[B, Tp, Hv] -> [B, Hv, N, C] float32."""
+def _gate_shape(b: int, hv: int, n: int, c: int, layout: str) -> tuple[int, ...]:
+    """Gates as the kernels see them: [B, Hv, N, C] ("loop") or [B, Hv, N, 1, C] ("grid", whose
+    [1, C] blocks then span the last two dims, as TPU needs for C < 128)."""
+    return (b, hv, n, c) if layout == "loop" else (b, hv, n, 1, c)
+
+
+def _gate_layout(x: jax.Array, chunk_size: int, layout: str) -> jax.Array:
+    """[B, Tp, Hv] -> `_gate_shape` float32."""
     b, tp, hv = x.shape
-    return jnp.moveaxis(x.astype(jnp.float32), 2, 1).reshape(b, hv, tp // chunk_size, chunk_size)
+    return jnp.moveaxis(x.astype(jnp.float32), 2, 1).reshape(_gate_shape(b, hv, tp // chunk_size, chunk_size, layout))
 
 
 def _gate_from_layout(x: jax.Array) -> jax.Array:
-    """[B, Hv, N, C] -> [B, Tp, Hv]."""
-    b, hv, n, c = x.shape
-    return jnp.moveaxis(x.reshape(b, hv, n * c), 1, 2)
+    """`_gate_shape` -> [B, Tp, Hv]."""
+    b, hv = x.shape[:2]
+    return jnp.moveaxis(x.reshape(b, hv, -1), 1, 2)
 
 
-def _sequence_layout(q, k, v, g_cum, beta, chunk_size: int) -> tuple[jax.Array, ...]:
-    """The kernels' view of a sequence: q, k [B, Tp, Hk * K], v [B, Tp, Hv * V], gates [B, Hv, N, C]."""
+def _sequence_layout(q, k, v, g_cum, beta, chunk_size: int, layout: str) -> tuple[jax.Array, ...]:
+    """The kernels' view of a sequence: q, k [B, Tp, Hk * K], v [B, Tp, Hv * V], gates `_gate_shape`."""
     b, tp = q.shape[:2]
-    flat = lambda x: x.reshape(b, tp, -1)  # noqa: E731
-    return flat(q), flat(k), flat(v), _gate_layout(g_cum, chunk_size), _gate_layout(beta, chunk_size)
+    flat = lambda x: x.reshape(b, tp, -1)
+    gates = (_gate_layout(g_cum, chunk_size, layout), _gate_layout(beta, chunk_size, layout))
+    return flat(q), flat(k), flat(v), *gates
 
 
 class _Specs(NamedTuple):
     qk: pl.BlockSpec  # [B, Tp, Hk * K], value head h reads key head h // group
     qk_per_value_head: pl.BlockSpec  # [B, Tp, Hv * K]
     v: pl.BlockSpec  # [B, Tp, Hv * V]
-    gate: pl.BlockSpec  # [B, Hv, N, C]
+    gate: pl.BlockSpec  # `_gate_shape`
     state: pl.BlockSpec  # [B, Hv, K, V]
     chunk_states: pl.BlockSpec  # [B, Hv, N, K, V]
 
 
-def _block_specs(tp: int, n: int, c: int, dk: int, dv: int, group: int) -> _Specs:
+def _block_specs(layout: str, n: int, c: int, dk: int, dv: int, group: int, *, reverse: bool = False) -> _Specs:
+    """Block specs of a layout. "loop": grid (B, Hv), whole-sequence blocks. "grid": grid (B, Hv, N),
+    one chunk's blocks, chunk n - 1 - i at step i when `reverse`; state blocks stay put along N."""
     # lax.div, not //: floor division lowers through `sign`, which Mosaic resolves per TPU chip.
+    if layout == "loop":
+        return _Specs(
+            qk=pl.BlockSpec((None, n * c, dk), lambda b, h: (b, 0, lax.div(h, group))),
+            qk_per_value_head=pl.BlockSpec((None, n * c, dk), lambda b, h: (b, 0, h)),
+            v=pl.BlockSpec((None, n * c, dv), lambda b, h: (b, 0, h)),
+            gate=pl.BlockSpec((None, None, n, c), lambda b, h: (b, h, 0, 0)),
+            state=pl.BlockSpec((None, None, dk, dv), lambda b, h: (b, h, 0, 0)),
+            chunk_states=pl.BlockSpec((None, None, n, dk, dv), lambda b, h: (b, h, 0, 0, 0)),
+        )
+    chunk = (lambda i: n - 1 - i) if reverse else (lambda i: i)
     return _Specs(
-        qk=pl.BlockSpec((None, tp, dk), lambda b, h: (b, 0, lax.div(h, group))),
-        qk_per_value_head=pl.BlockSpec((None, tp, dk), lambda b, h: (b, 0, h)),
-        v=pl.BlockSpec((None, tp, dv), lambda b, h: (b, 0, h)),
-        gate=pl.BlockSpec((None, None, n, c), lambda b, h: (b, h, 0, 0)),
-        state=pl.BlockSpec((None, None, dk, dv), lambda b, h: (b, h, 0, 0)),
-        chunk_states=pl.BlockSpec((None, None, n, dk, dv), lambda b, h: (b, h, 0, 0, 0)),
+        qk=pl.BlockSpec((None, c, dk), lambda b, h, i: (b, chunk(i), lax.div(h, group))),
+        qk_per_value_head=pl.BlockSpec((None, c, dk), lambda b, h, i: (b, chunk(i), h)),
+        v=pl.BlockSpec((None, c, dv), lambda b, h, i: (b, chunk(i), h)),
+        gate=pl.BlockSpec((None, None, None, 1, c), lambda b, h, i: (b, h, chunk(i), 0, 0)),
+        state=pl.BlockSpec((None, None, dk, dv), lambda b, h, i: (b, h, 0, 0)),
+        chunk_states=pl.BlockSpec((None, None, 1, dk, dv), lambda b, h, i: (b, h, chunk(i), 0, 0)),
     )
+
+
+def _sequence_call(kernel, layout: str, options: KernelOptions, grid: tuple[int, int, int], dk: int, dv: int, **kw):
+    """`pallas_call` of a sequence kernel: grid (B, Hv, N) with the [K, V] float32 scratch that carries
+    the state along the chunk axis ("grid"), or grid (B, Hv) ("loop")."""
+    if layout == "loop":
+        return pl.pallas_call(kernel, **options.call_settings(grid[:2]), **kw)
+    scratch = [pltpu.VMEM((dk, dv), jnp.float32)]
+    return pl.pallas_call(kernel, **options.call_settings(grid), scratch_shapes=scratch, **kw)
 
 
 def chunk_forward(
@@ -411,8 +538,8 @@ def chunk_forward(
     hv, dv = v.shape[2:]
     c = options.chunk_size
     n = tp // c
-    specs = _block_specs(tp, n, c, dk, dv, hv // hk)
-    interpret, compiler_params = options.resolved()
+    _, layout = options.resolved()
+    specs = _block_specs(layout, n, c, dk, dv, hv // hk)
     out_shape = [
         jax.ShapeDtypeStruct((b, tp, hv * dv), v.dtype),
         jax.ShapeDtypeStruct((b, hv, dk, dv), jnp.float32),
@@ -421,16 +548,18 @@ def chunk_forward(
     if output_chunk_states:
         out_shape.append(jax.ShapeDtypeStruct((b, hv, n, dk, dv), jnp.float32))
         out_specs.append(specs.chunk_states)
-    kernel = functools.partial(_forward_kernel, chunk_size=c, scale=scale, use_qk_l2norm=use_qk_l2norm)
-    outputs = pl.pallas_call(
+    kernel = functools.partial(_KERNELS["forward"][layout], chunk_size=c, scale=scale, use_qk_l2norm=use_qk_l2norm)
+    outputs = _sequence_call(
         kernel,
-        grid=(b, hv),
+        layout,
+        options,
+        (b, hv, n),
+        dk,
+        dv,
         in_specs=[specs.qk, specs.qk, specs.v, specs.gate, specs.gate, specs.state],
         out_specs=out_specs,
         out_shape=out_shape,
-        interpret=interpret,
-        compiler_params=compiler_params,
-    )(*_sequence_layout(q, k, v, g_cum, beta, c), initial_state.astype(jnp.float32))
+    )(*_sequence_layout(q, k, v, g_cum, beta, c, layout), initial_state.astype(jnp.float32))
     return (outputs[0].reshape(b, tp, hv, dv), *outputs[1:])
 
 
@@ -459,12 +588,17 @@ def chunk_backward(
     c = options.chunk_size
     n = tp // c
     group = hv // hk
-    specs = _block_specs(tp, n, c, dk, dv, group)
-    interpret, compiler_params = options.resolved()
-    kernel = functools.partial(_backward_kernel, chunk_size=c, scale=scale, use_qk_l2norm=use_qk_l2norm)
-    dq, dk_, dv_, dg, dbeta, dh0 = pl.pallas_call(
+    _, layout = options.resolved()
+    specs = _block_specs(layout, n, c, dk, dv, group, reverse=True)
+    kernel = functools.partial(_KERNELS["backward"][layout], chunk_size=c, scale=scale, use_qk_l2norm=use_qk_l2norm)
+    gate_shape = jax.ShapeDtypeStruct(_gate_shape(b, hv, n, c, layout), jnp.float32)
+    dq, dk_, dv_, dg, dbeta, dh0 = _sequence_call(
         kernel,
-        grid=(b, hv),
+        layout,
+        options,
+        (b, hv, n),
+        dk,
+        dv,
         in_specs=[
             specs.qk,
             specs.qk,
@@ -480,14 +614,12 @@ def chunk_backward(
             jax.ShapeDtypeStruct((b, tp, hv * dk), jnp.float32),
             jax.ShapeDtypeStruct((b, tp, hv * dk), jnp.float32),
             jax.ShapeDtypeStruct((b, tp, hv * dv), jnp.float32),
-            jax.ShapeDtypeStruct((b, hv, n, c), jnp.float32),
-            jax.ShapeDtypeStruct((b, hv, n, c), jnp.float32),
+            gate_shape,
+            gate_shape,
             jax.ShapeDtypeStruct((b, hv, dk, dv), jnp.float32),
         ],
-        interpret=interpret,
-        compiler_params=compiler_params,
     )(
-        *_sequence_layout(q, k, v, g_cum, beta, c),
+        *_sequence_layout(q, k, v, g_cum, beta, c, layout),
         chunk_states,
         d_o.reshape(b, tp, hv * dv),
         d_final_state.astype(jnp.float32),
@@ -526,7 +658,6 @@ def decode_step(
     b, hk, dk = q.shape
     hv, dv = v.shape[1:]
     group = hv // hk
-    interpret, compiler_params = options.resolved()
     column = pl.BlockSpec((None, None, dk, 1), lambda b, h: (b, lax.div(h, group), 0, 0))  # [B, Hk, K, 1]
     row = pl.BlockSpec((None, None, 1, dv), lambda b, h: (b, h, 0, 0))  # [B, Hv, 1, V]
     scalar = pl.BlockSpec((None, None, 1, 1), lambda b, h: (b, h, 0, 0))  # [B, Hv, 1, 1]
@@ -534,7 +665,7 @@ def decode_step(
     kernel = functools.partial(_decode_kernel, scale=scale, use_qk_l2norm=use_qk_l2norm)
     o, new_state = pl.pallas_call(
         kernel,
-        grid=(b, hv),
+        **options.call_settings((b, hv)),
         in_specs=[column, column, row, scalar, scalar, state_spec],
         out_specs=[row, state_spec],
         out_shape=[
@@ -542,8 +673,6 @@ def decode_step(
             jax.ShapeDtypeStruct((b, hv, dk, dv), jnp.float32),
         ],
         input_output_aliases={5: 1},
-        interpret=interpret,
-        compiler_params=compiler_params,
     )(
         q[..., None],
         k[..., None],

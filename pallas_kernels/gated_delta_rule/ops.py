@@ -112,6 +112,7 @@ def gated_delta_rule(
     implementation: str = "chunked",
     chunk_size: int = 64,
     platform: str | None = None,
+    layout: str | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Gated delta rule over a whole sequence (see `reference.py` for the recurrence).
 
@@ -128,6 +129,8 @@ def gated_delta_rule(
       chunk_size: chunk length of "chunked" and "pallas", a power of two for "pallas".
       platform: "pallas" only: "tpu" or "gpu" compiles for that backend, "cpu" interprets;
         None means the default backend.
+      layout: "pallas" only: "grid" (a chunk grid axis, on-chip memory independent of T; TPU and
+        the interpreter) or "loop" (chunks looped inside the kernel; GPU); None picks by platform.
 
     Returns:
       (o [B, T, Hv, Dv] in v's dtype, final state or None).
@@ -136,7 +139,7 @@ def gated_delta_rule(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if implementation == "pallas":
-        options = KernelOptions(chunk_size=chunk_size, platform=platform)
+        options = KernelOptions(chunk_size=chunk_size, platform=platform, layout=layout)
         o, final_state = _pallas_gated_delta_rule(
             q, k, v, g, beta, scale=scale, initial_state=initial_state, use_qk_l2norm=use_qk_l2norm, options=options
         )
