@@ -148,8 +148,14 @@ def _check_tensors(state: nnx.State, tensors: _SafetensorsDir, cfg: Qwen3NextCon
                 misshapen.append(f"{name}: checkpoint {tensors.shape(name)}, model expects {expected} (for {path})")
     unused = sorted(set(tensors.weight_map) - used - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
     if missing or misshapen or unused:
-        sections = [("parameters left unfilled", missing), ("wrong shapes", misshapen), ("HF tensors left unused", unused)]
-        report = "\n".join(f"{title} ({len(items)}):\n    " + "\n    ".join(items) for title, items in sections if items)
+        sections = [
+            ("parameters left unfilled", missing),
+            ("wrong shapes", misshapen),
+            ("HF tensors left unused", unused),
+        ]
+        report = "\n".join(
+            f"{title} ({len(items)}):\n    " + "\n    ".join(items) for title, items in sections if items
+        )
         raise CheckpointMismatchError(f"checkpoint {tensors.directory} does not match its config:\n{report}")
 
 
@@ -164,7 +170,9 @@ def load_config(path: str | os.PathLike, **runtime) -> Qwen3NextConfig:
     return Qwen3NextConfig.from_hf_dict(hf, **runtime)
 
 
-def load_model(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None, **runtime) -> Qwen3NextForCausalLM:
+def load_model(
+    path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None, **runtime
+) -> Qwen3NextForCausalLM:
     """Load an HF Qwen3-Next checkpoint directory (single or sharded safetensors, `mtp.*` included).
 
     Args:
@@ -218,8 +226,13 @@ def _plan_shards(sizes: list[int], max_shard_bytes: int) -> list[int]:
     return plan
 
 
-def save_model(model: Qwen3NextForCausalLM, path: str | os.PathLike, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-               overwrite: bool = False) -> Path:
+def save_model(
+    model: Qwen3NextForCausalLM,
+    path: str | os.PathLike,
+    *,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+) -> Path:
     """Write `model` as an HF checkpoint directory that `transformers` loads (`mtp.*` included).
 
     Tensors go to `model.safetensors`, or to numbered shards with `model.safetensors.index.json` when
@@ -235,7 +248,11 @@ def save_model(model: Qwen3NextForCausalLM, path: str | os.PathLike, *, max_shar
     itemsize = np.dtype(_NUMPY_DTYPES[cfg.param_dtype]).itemsize
     plan = _plan_shards([itemsize * int(np.prod(shape)) for _, shape, _ in tensors], max_shard_bytes)
     num_shards = plan[-1] + 1
-    filenames = [SINGLE_FILE] if num_shards == 1 else [f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors" for i in range(num_shards)]
+    filenames = (
+        [SINGLE_FILE]
+        if num_shards == 1
+        else [f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors" for i in range(num_shards)]
+    )
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -258,4 +275,3 @@ def save_model(model: Qwen3NextForCausalLM, path: str | os.PathLike, *, max_shar
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
-

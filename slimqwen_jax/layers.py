@@ -192,7 +192,12 @@ class GatedDeltaNet(nnx.Module):
 
     def __init__(self, cfg: Qwen3NextConfig, *, rngs):
         d = cfg.hidden_size
-        hk, hv, dk, dv = cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        hk, hv, dk, dv = (
+            cfg.linear_num_key_heads,
+            cfg.linear_num_value_heads,
+            cfg.linear_key_head_dim,
+            cfg.linear_value_head_dim,
+        )
         self.in_proj_qkvz = Linear(d, 2 * hk * dk + 2 * hv * dv, ("embed", "linear_heads"), cfg, rngs=rngs)
         self.in_proj_ba = Linear(d, 2 * hv, ("embed", "linear_heads"), cfg, rngs=rngs)
         self.conv1d = DepthwiseCausalConv(2 * hk * dk + hv * dv, cfg.linear_conv_kernel_dim, cfg, rngs=rngs)

@@ -57,7 +57,10 @@ class Qwen3NextModel(nnx.Module):
     def __init__(self, cfg: Qwen3NextConfig, *, rngs):
         self.embed_tokens = Embedding(cfg, rngs=rngs)
         self.layers = nnx.List(
-            [DecoderLayer(cfg, cfg.layer_types[i], cfg.is_moe_layer(i), rngs=rngs) for i in range(cfg.num_hidden_layers)]
+            [
+                DecoderLayer(cfg, cfg.layer_types[i], cfg.is_moe_layer(i), rngs=rngs)
+                for i in range(cfg.num_hidden_layers)
+            ]
         )
         self.norm = RMSNorm(cfg.hidden_size, "embed", cfg)
 
@@ -124,7 +127,11 @@ class Qwen3NextForCausalLM(nnx.Module):
     def __init__(self, cfg: Qwen3NextConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         self.model = Qwen3NextModel(cfg, rngs=rngs)
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), cfg, rngs=rngs)
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), cfg, rngs=rngs)
+        )
         self.mtp = MultiTokenPredictor(cfg, rngs=rngs) if cfg.num_mtp_layers > 0 else None
 
     def logits(self, hidden: jax.Array) -> jax.Array:
@@ -133,7 +140,9 @@ class Qwen3NextForCausalLM(nnx.Module):
             return self.model.embed_tokens.attend(hidden)
         return self.lm_head(hidden)
 
-    def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None, *, with_mtp: bool = True) -> CausalLMOutput:
+    def __call__(
+        self, input_ids: jax.Array, positions: jax.Array | None = None, *, with_mtp: bool = True
+    ) -> CausalLMOutput:
         """input_ids [B, T] (positions [B, T], default arange) -> CausalLMOutput."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
@@ -142,7 +151,9 @@ class Qwen3NextForCausalLM(nnx.Module):
         if with_mtp and self.mtp is not None:
             mtp_logits = jnp.stack(self._mtp_logits(input_ids, hidden, positions))
         aux_loss = (
-            load_balancing_loss(router_logits, self.config.num_experts_per_tok) if router_logits else jnp.zeros((), jnp.float32)
+            load_balancing_loss(router_logits, self.config.num_experts_per_tok)
+            if router_logits
+            else jnp.zeros((), jnp.float32)
         )
         return CausalLMOutput(self.logits(hidden), hidden, mtp_logits, aux_loss, tuple(router_logits))
 

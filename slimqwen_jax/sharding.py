@@ -40,7 +40,9 @@ def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
             raise MeshError(f"{len(devices)} devices cannot be split into a mesh with fixed axes of product {known}")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise MeshError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, but {len(devices)} are available")
+        raise MeshError(
+            f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, but {len(devices)} are available"
+        )
     return jax.sharding.Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
@@ -52,7 +54,9 @@ def logical_to_spec(logical_axes, shape, mesh: jax.sharding.Mesh, name: str = ""
         if mesh_axes is not None:
             parts = math.prod(mesh.shape[a] for a in ((mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes))
             if size % parts:
-                raise MeshError(f"{name or 'array'}: axis '{axis_name}' of size {size} is not divisible by mesh {mesh_axes} ({parts})")
+                raise MeshError(
+                    f"{name or 'array'}: axis '{axis_name}' of size {size} is not divisible by mesh {mesh_axes} ({parts})"
+                )
         spec.append(mesh_axes)
     return PartitionSpec(*spec)
 

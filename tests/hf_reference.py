@@ -106,7 +106,10 @@ def add_mtp_tensors(directory: Path, num_layers: int = 1, seed: int = 0) -> dict
         "mtp.norm.weight": 0.2 * rng.standard_normal(d),
     }
     for key, value in tensors.items():
-        for source, keep in ((attention_layer, lambda rest: not rest.startswith("mlp.")), (moe_layer, lambda rest: rest.startswith("mlp."))):
+        for source, keep in (
+            (attention_layer, lambda rest: not rest.startswith("mlp.")),
+            (moe_layer, lambda rest: rest.startswith("mlp.")),
+        ):
             prefix = f"model.layers.{source}."
             if key.startswith(prefix) and keep(key[len(prefix) :]):
                 for depth in range(num_layers):

@@ -39,7 +39,12 @@ def test_v4_rope_fields_are_read():
 def test_presets_follow_the_paper():
     teacher, student = preset("qwen3_next_80b_a3b"), preset("slimqwen_23a2b")
     assert teacher.layer_types.count("full_attention") == 12 and teacher.layer_types[3] == "full_attention"
-    assert (student.num_hidden_layers, student.hidden_size, student.num_experts, student.num_experts_per_tok) == (36, 1536, 256, 8)
+    assert (student.num_hidden_layers, student.hidden_size, student.num_experts, student.num_experts_per_tok) == (
+        36,
+        1536,
+        256,
+        8,
+    )
     assert student.layer_types.count("full_attention") == 9
     assert all(teacher.is_moe_layer(i) for i in range(48))
 

@@ -56,7 +56,10 @@ def positions():
 
 def test_zero_centred_rms_norm(models, hidden):
     hf_model, model = models
-    error = max_relative_error(model.model.layers[0].input_layernorm(jnp.asarray(hidden)), run_hf(hf_model.model.layers[0].input_layernorm, hidden))
+    error = max_relative_error(
+        model.model.layers[0].input_layernorm(jnp.asarray(hidden)),
+        run_hf(hf_model.model.layers[0].input_layernorm, hidden),
+    )
     assert error <= TOL
 
 
@@ -69,7 +72,12 @@ def test_gated_rms_norm(models):
 
 def test_full_attention(models, hidden):
     hf_model, model = models
-    expected = run_hf(hf_model.model.layers[3].self_attn, hidden, position_embeddings=hf_rope(hf_model, hidden), attention_mask=causal_mask(B, T))
+    expected = run_hf(
+        hf_model.model.layers[3].self_attn,
+        hidden,
+        position_embeddings=hf_rope(hf_model, hidden),
+        attention_mask=causal_mask(B, T),
+    )
     ours = jax.jit(lambda x: model.model.layers[3].self_attn(x, positions()))(hidden)
     assert max_relative_error(ours, expected) <= TOL
 
@@ -94,7 +102,10 @@ def test_sparse_moe_block(checkpoint, hidden, backend):
 
 def test_dense_mlp_layer(models, hidden):
     hf_model, model = models
-    assert max_relative_error(model.model.layers[1].mlp(jnp.asarray(hidden)), run_hf(hf_model.model.layers[1].mlp, hidden)) <= TOL
+    assert (
+        max_relative_error(model.model.layers[1].mlp(jnp.asarray(hidden)), run_hf(hf_model.model.layers[1].mlp, hidden))
+        <= TOL
+    )
 
 
 @pytest.mark.parametrize("layer_idx", [0, 3])
@@ -102,7 +113,9 @@ def test_decoder_layer(models, hidden, layer_idx):
     hf_model, model = models
     # HF's linear-attention layers take the 2-D padding mask, attention layers the 4-D causal one.
     mask = causal_mask(B, T) if layer_idx == 3 else None
-    expected = run_hf(hf_model.model.layers[layer_idx], hidden, position_embeddings=hf_rope(hf_model, hidden), attention_mask=mask)
+    expected = run_hf(
+        hf_model.model.layers[layer_idx], hidden, position_embeddings=hf_rope(hf_model, hidden), attention_mask=mask
+    )
     ours, _ = jax.jit(lambda x: model.model.layers[layer_idx](x, positions()))(hidden)
     assert max_relative_error(ours, expected) <= TOL
 

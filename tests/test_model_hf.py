@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from hf_reference import HF_CONFIGS, add_mtp_tensors, affine_sequences, make_hf_model, max_relative_error, train_hf_model
+from hf_reference import (
+    HF_CONFIGS,
+    add_mtp_tensors,
+    affine_sequences,
+    make_hf_model,
+    max_relative_error,
+    train_hf_model,
+)
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from transformers import Qwen3NextForCausalLM as HFModel
@@ -80,7 +87,9 @@ def test_aux_loss_matches_hf_load_balancing_loss(hf_checkpoint):
     out = forward(model, jnp.asarray(ids))
     with torch.no_grad():
         hf_out = hf_model(torch.tensor(ids), output_router_logits=True)
-    expected = load_balancing_loss_func(hf_out.router_logits, hf_model.config.num_experts, hf_model.config.num_experts_per_tok)
+    expected = load_balancing_loss_func(
+        hf_out.router_logits, hf_model.config.num_experts, hf_model.config.num_experts_per_tok
+    )
     assert len(out.router_logits) == len(hf_out.router_logits)
     np.testing.assert_allclose(float(out.aux_loss), float(expected), rtol=1e-5)
 
@@ -144,7 +153,10 @@ def test_mtp_matches_formula_built_from_hf_modules(tmp_path):
     next_ids = torch.cat([ids_t[:, 1:], torch.zeros_like(ids_t[:, :1])], dim=1)
     with torch.no_grad():
         hidden = hf_model.model(ids_t).last_hidden_state  # after model.norm
-        fused = torch.cat([norm("pre_fc_norm_embedding")(hf_model.model.embed_tokens(next_ids)), norm("pre_fc_norm_hidden")(hidden)], -1)
+        fused = torch.cat(
+            [norm("pre_fc_norm_embedding")(hf_model.model.embed_tokens(next_ids)), norm("pre_fc_norm_hidden")(hidden)],
+            -1,
+        )
         z = fused @ torch.tensor(mtp["mtp.fc.weight"]).T
         positions = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
         rope = hf_model.model.rotary_emb(z, positions)
@@ -160,9 +172,13 @@ def test_mtp_matches_formula_built_from_hf_modules(tmp_path):
 
 def hf_fused_layer_state(tensors, prefix, num_experts):
     """A decoder layer's state dict from on-disk tensors, experts fused the way HF v5 holds them."""
-    state = {k[len(prefix) :]: torch.tensor(v) for k, v in tensors.items() if k.startswith(prefix) and ".experts." not in k}
+    state = {
+        k[len(prefix) :]: torch.tensor(v) for k, v in tensors.items() if k.startswith(prefix) and ".experts." not in k
+    }
     expert = lambda e, proj: torch.tensor(tensors[f"{prefix}mlp.experts.{e}.{proj}.weight"])  # noqa: E731
-    state["mlp.experts.gate_up_proj"] = torch.stack([torch.cat([expert(e, "gate_proj"), expert(e, "up_proj")]) for e in range(num_experts)])
+    state["mlp.experts.gate_up_proj"] = torch.stack(
+        [torch.cat([expert(e, "gate_proj"), expert(e, "up_proj")]) for e in range(num_experts)]
+    )
     state["mlp.experts.down_proj"] = torch.stack([expert(e, "down_proj") for e in range(num_experts)])
     return state
 

@@ -154,7 +154,9 @@ def test_gradient_accumulation_equals_one_big_batch():
     graphdef, params = nnx.split(Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(0)))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 257, (4, 17)), jnp.int32)
     tx = optax.sgd(1.0)
-    replicated = jax.sharding.NamedSharding(jax.sharding.Mesh(jax.devices()[:1], ("batch",)), jax.sharding.PartitionSpec())
+    replicated = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(jax.devices()[:1], ("batch",)), jax.sharding.PartitionSpec()
+    )
     results = []
     for accumulation in (1, 2):
         step = jax.jit(train.make_train_step(graphdef, tx, losses.language_model_loss(0.3), accumulation, replicated))
@@ -179,7 +181,9 @@ def test_mtp_targets_and_mask_match_a_naive_loop():
                     row = logits[depth, b, i]
                     terms.append(np.log(np.exp(row).sum()) - row[tokens[b, i + 2 + depth]])
         expected.append(np.mean(terms))
-    np.testing.assert_allclose(losses.mtp_cross_entropies(jnp.asarray(logits), jnp.asarray(tokens)), expected, rtol=1e-5)
+    np.testing.assert_allclose(
+        losses.mtp_cross_entropies(jnp.asarray(logits), jnp.asarray(tokens)), expected, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])

@@ -89,7 +89,7 @@ class HFTokenizer:
 
 
 def make_tokenizer(name_or_path: str, eos_token: str | None = None) -> ByteTokenizer | HFTokenizer:
-    """"byte", or a HF `tokenizer.json` (or a directory holding one)."""
+    """ "byte", or a HF `tokenizer.json` (or a directory holding one)."""
     if name_or_path == "byte":
         return ByteTokenizer()
     path = pathlib.Path(name_or_path).expanduser()
