@@ -1,30 +1,23 @@
 """The prune entry point: a tiny run end to end, refusals, bad flags, and the 80B dry run."""
 
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 from test_pruning_transforms import hand_count
+from tool_runs import REPO, run_tool
 
 from slimqwen_jax import prune as prune_cli
 from slimqwen_jax.checkpoint import load_checkpoint
 from slimqwen_jax.config import FULL_ATTENTION, preset
 from slimqwen_jax.pruning import CalibrationStats, count_parameters, format_count
 
-REPO = Path(__file__).resolve().parents[1]
 SMALL_CALIBRATION = [
     "--config.calibration.num_samples=8", "--config.calibration.seq_len=64", "--config.calibration.batch_size=4",
 ]  # fmt: skip
 
 
 def run_prune(*args: str) -> tuple[int, str]:
-    command = [sys.executable, "-m", "slimqwen_jax.prune", "--config", str(REPO / "configs" / "prune_tiny.py"), *args]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run(command, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    return done.returncode, done.stdout + done.stderr
+    return run_tool("prune", "prune_tiny.py", *args)
 
 
 def load_config(name: str):

@@ -2,11 +2,8 @@
 
 import importlib.util
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,13 +13,13 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from tool_runs import REPO, run_tool, start_tool
 
 from slimqwen_jax import losses, train
 from slimqwen_jax.checkpoint import load_checkpoint, save_checkpoint
 from slimqwen_jax.config import tiny
 from slimqwen_jax.model import Qwen3NextForCausalLM
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.py"))
 
 # A tiny run on top of the quickstart config: every layer kind, MoE and MTP, a few seconds a step.
@@ -36,17 +33,13 @@ TINY_RUN = [
 
 
 def run_train(workdir: Path, *overrides: str, steps: int = 6, checkpoint_every: int = 3, wait: bool = True):
-    command = [
-        sys.executable, "-m", "slimqwen_jax.train", "--config", str(REPO / "configs" / "quickstart.py"),
+    args = [
         f"--config.workdir={workdir}", f"--config.train.steps={steps}", f"--config.train.eval_every={steps}",
         f"--config.train.checkpoint_every={checkpoint_every}", *TINY_RUN, *overrides,
     ]  # fmt: skip
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if not wait:
-        return process
-    output, _ = process.communicate(timeout=600)
-    return process.returncode, output
+        return start_tool("train", "quickstart.py", *args)
+    return run_tool("train", "quickstart.py", *args)
 
 
 def final_params(workdir: Path, step: int) -> list[np.ndarray]:
