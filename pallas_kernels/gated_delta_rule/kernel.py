@@ -2,7 +2,8 @@
 
 The forward walks the chunks of each (batch, value head) in order, carrying the [Dk, Dv] state in
 float32; the backward walks them in reverse, carrying dState. One per-chunk step function holds the
-math of each (`_forward_chunk`, `_backward_chunk`); two layouts drive it (`KernelOptions.layout`):
+math of each (`chunk_math.forward_chunk`, `backward_chunk`; the formulas are in chunk_math.py); two
+layouts drive it (`KernelOptions.layout`):
   "grid" (TPU, and the interpreter on CPU): grid (B, Hv, N), chunk axis "arbitrary"; each step
     gets one chunk's [C, D] blocks and carries the state in a [Dk, Dv] float32 VMEM scratch, set
     from the initial state at chunk 0 and written out at the last (the backward's index maps take
@@ -14,13 +15,6 @@ Value head h reads key head h // (Hv / Hk) straight from the un-repeated q / k t
 BlockSpec index map.
 The optional q / k L2 norm and the scale are fused (forward and backward). All arithmetic is
 float32; bfloat16 inputs are upcast when loaded and the output is written in v's dtype.
-
-Inside a chunk (C positions, G the chunk-local cumulative log decay, supplied by the caller):
-  Gam[i, j] = exp(G_i - G_j) for i >= j else 0,  L = strictly_lower((beta k) k^T * Gam),
-  u - w S = (I + L)^-1 (beta v - (beta exp(G) k) S)  = v_new,
-  o = (exp(G) q) S + (q k^T * Gam) v_new,  S' = exp(G_C) S + (exp(G_C - G) k)^T v_new.
-(I + L)^-1 is built by block doubling with matmuls (no triangular solve, no dynamic row writes),
-G's row and column forms by masked reductions (no cumsum: Mosaic TPU cannot lower it).
 
 Backends: Mosaic TPU, and Triton on GPU (`pltriton.CompilerParams`). Mosaic GPU, the default
 for "cuda" in jax 0.10.2, was tried and rejected: lowering this kernel to it fails (the whole-T
@@ -59,9 +53,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.gated_delta_rule import chunk_math
+
 PLATFORMS = ("cpu", "tpu", "gpu")
 LAYOUTS = ("grid", "loop")
-_L2_EPS = 1e-6  # FLA / HF: x * rsqrt(sum(x^2) + eps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,318 +104,71 @@ class KernelOptions:
         return {"grid": grid, "compiler_params": pltriton.CompilerParams(num_warps=4, num_stages=1)}
 
 
-# ---------------------------------------------------------------- math on 2-D values (kernel side)
-
-
-def _dot(a: jax.Array, b: jax.Array, *, transpose_a: bool = False, transpose_b: bool = False) -> jax.Array:
-    """a @ b in exact float32, either operand optionally transposed (no transpose materialised)."""
-    dims = (((0 if transpose_a else 1,), (1 if transpose_b else 0,)), ((), ()))
-    return lax.dot_general(a, b, dims, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-
-
-def _iota(c: int) -> tuple[jax.Array, jax.Array]:
-    """Row and column indices of a [C, C] matrix."""
-    return lax.broadcasted_iota(jnp.int32, (c, c), 0), lax.broadcasted_iota(jnp.int32, (c, c), 1)
-
-
-def _is_last(c: int) -> jax.Array:
-    """[1, C] mask of the last position (built, not sliced: Triton cannot slice values)."""
-    return lax.broadcasted_iota(jnp.int32, (1, c), 1) == c - 1
-
-
-def _row_to_column(x: jax.Array) -> jax.Array:
-    """[1, C] -> [C, 1] by a masked lane reduction (exact: one nonzero term per row)."""
-    rows, cols = _iota(x.shape[1])
-    return jnp.sum(jnp.where(rows == cols, x, 0.0), axis=1, keepdims=True)
-
-
-def _column_to_row(x: jax.Array) -> jax.Array:
-    """[C, 1] -> [1, C] by a masked sublane reduction."""
-    rows, cols = _iota(x.shape[0])
-    return jnp.sum(jnp.where(rows == cols, x, 0.0), axis=0, keepdims=True)
-
-
-def _l2_normalize(x: jax.Array, axis: int, enabled: bool) -> tuple[jax.Array, jax.Array | None]:
-    """(x * r, r) with r = rsqrt(sum(x^2) + 1e-6) along `axis`; (x, None) when not enabled."""
-    if not enabled:
-        return x, None
-    r = lax.rsqrt(jnp.sum(x * x, axis=axis, keepdims=True) + _L2_EPS)
-    return x * r, r
-
-
-def _l2_normalize_backward(dy: jax.Array, y: jax.Array, r: jax.Array | None, axis: int) -> jax.Array:
-    """Cotangent of x from that of y = x * r: r (dy - y sum(y dy)); identity when r is None."""
-    if r is None:
-        return dy
-    return r * (dy - y * jnp.sum(y * dy, axis=axis, keepdims=True))
-
-
-def _unit_lower_inverse(lower: jax.Array) -> jax.Array:
-    """(I + lower)^-1 for strictly lower-triangular `lower` [C, C], C a power of two.
-
-    Block doubling: if X inverts the block diagonal of I + L with blocks of size b, and E holds
-    the lower-left b x b blocks inside each diagonal 2b x 2b block, then (D + E)^-1 = X - X E X
-    exactly (E X E = 0). log2(C) levels of two matmuls; every intermediate is an entry of the
-    true inverse, so nothing grows beyond it (unlike a Neumann series).
-    """
-    c = lower.shape[0]
-    rows, cols = _iota(c)
-    inverse = jnp.where(rows == cols, 1.0, 0.0).astype(jnp.float32)  # [C, C]
-    shift = 0
-    while (1 << shift) < c:
-        same_block = (rows >> shift) == (cols >> shift)
-        same_double = (rows >> (shift + 1)) == (cols >> (shift + 1))
-        off_diagonal = jnp.where(same_double & ~same_block, lower, 0.0)  # E [C, C]
-        inverse = inverse - _dot(_dot(inverse, off_diagonal), inverse)
-        shift += 1
-    return inverse
-
-
-class _Chunk(NamedTuple):
-    """One chunk's inputs in float32, q / k normalised (norm factors kept for the backward)."""
-
-    q_unit: jax.Array  # [C, K] normalised q
-    q: jax.Array  # [C, K] normalised q times scale
-    k: jax.Array  # [C, K] normalised k
-    v: jax.Array  # [C, V]
-    beta: jax.Array  # [C, 1]
-    g_column: jax.Array  # [C, 1] chunk-local cumulative log decay G
-    g_row: jax.Array  # [1, C] the same as a row
-    g_last: jax.Array  # [1, 1] G at the chunk's last position
-    q_norm: jax.Array | None  # [C, 1] rsqrt factor of q, None without L2 norm
-    k_norm: jax.Array | None  # [C, 1]
-
-
-def _rows(i, chunk_size: int) -> pl.Slice:
-    """Rows of chunk i in a [Tp, D] ref (or of the only chunk, i = 0, in a [C, D] block)."""
-    return pl.ds(pl.multiple_of(i * chunk_size, chunk_size), chunk_size)
-
-
-def _load_chunk(q_ref, k_ref, v_ref, g_ref, beta_ref, i, *, chunk_size: int, scale: float, use_qk_l2norm: bool):
-    """Read chunk i of q/k/v [Tp, D] and gates [N, C] refs (or i = 0 of [C, D], [1, C] blocks) into a `_Chunk`."""
-    rows = _rows(i, chunk_size)
-    q, q_norm = _l2_normalize(q_ref[rows, :].astype(jnp.float32), 1, use_qk_l2norm)
-    k, k_norm = _l2_normalize(k_ref[rows, :].astype(jnp.float32), 1, use_qk_l2norm)
-    g_row = g_ref[pl.ds(i, 1), :]  # [1, C]
-    return _Chunk(
-        q_unit=q,
-        q=q * scale,
-        k=k,
-        v=v_ref[rows, :].astype(jnp.float32),
-        beta=_row_to_column(beta_ref[pl.ds(i, 1), :]),
-        g_column=_row_to_column(g_row),
-        g_row=g_row,
-        g_last=jnp.sum(jnp.where(_is_last(chunk_size), g_row, 0.0), axis=1, keepdims=True),
-        q_norm=q_norm,
-        k_norm=k_norm,
-    )
-
-
-class _Intra(NamedTuple):
-    """State-independent quantities of a chunk."""
-
-    gamma: jax.Array  # [C, C] exp(G_i - G_j) on and below the diagonal, 0 above
-    k_beta: jax.Array  # [C, K] beta k
-    k_beta_decayed: jax.Array  # [C, K] beta exp(G) k
-    inverse: jax.Array  # [C, C] (I + L)^-1
-    attn: jax.Array  # [C, C] q k^T * gamma
-    decay: jax.Array  # [C, 1] exp(G)
-    decay_to_end: jax.Array  # [C, 1] exp(G_last - G)
-    chunk_decay: jax.Array  # [1, 1] exp(G_last)
-
-
-def _intra_chunk(chunk: _Chunk) -> _Intra:
-    rows, cols = _iota(chunk.g_row.shape[1])
-    causal = cols <= rows
-    # Mask before exp: above the diagonal G_i - G_j > 0 could overflow.
-    gamma = jnp.where(causal, jnp.exp(jnp.where(causal, chunk.g_column - chunk.g_row, 0.0)), 0.0)
-    k_beta = chunk.k * chunk.beta
-    strictly_lower = jnp.where(cols < rows, _dot(k_beta, chunk.k, transpose_b=True) * gamma, 0.0)  # L
-    decay = jnp.exp(chunk.g_column)
-    return _Intra(
-        gamma=gamma,
-        k_beta=k_beta,
-        k_beta_decayed=k_beta * decay,
-        inverse=_unit_lower_inverse(strictly_lower),
-        attn=_dot(chunk.q, chunk.k, transpose_b=True) * gamma,
-        decay=decay,
-        decay_to_end=jnp.exp(chunk.g_last - chunk.g_column),
-        chunk_decay=jnp.exp(chunk.g_last),
-    )
-
-
-def _new_values(chunk: _Chunk, intra: _Intra, state: jax.Array) -> jax.Array:
-    """v_new = (I + L)^-1 (beta v - beta exp(G) k S) [C, V]: values minus what S already predicts."""
-    return _dot(intra.inverse, chunk.v * chunk.beta - _dot(intra.k_beta_decayed, state))
-
-
-# ---------------------------------------------------------------- per-chunk steps (shared by both layouts)
-
-
-def _forward_chunk(
-    q_ref, k_ref, v_ref, g_ref, beta_ref, o_ref, states_ref, i, state, *, chunk_size, scale, use_qk_l2norm
-):
-    """Chunk i: write its output rows of o_ref (and, if states_ref, its input state at states_ref[i]);
-    return the state after it. state [K, V] float32 is the state before chunk i."""
-    chunk = _load_chunk(
-        q_ref, k_ref, v_ref, g_ref, beta_ref, i, chunk_size=chunk_size, scale=scale, use_qk_l2norm=use_qk_l2norm
-    )
-    intra = _intra_chunk(chunk)
-    if states_ref is not None:
-        states_ref[i] = state
-    v_new = _new_values(chunk, intra, state)  # [C, V]
-    o = _dot(chunk.q * intra.decay, state) + _dot(intra.attn, v_new)  # [C, V]
-    o_ref[_rows(i, chunk_size), :] = o.astype(o_ref.dtype)
-    return state * intra.chunk_decay + _dot(chunk.k * intra.decay_to_end, v_new, transpose_a=True)
-
-
-def _backward_chunk(
-    q_ref,
-    k_ref,
-    v_ref,
-    g_ref,
-    beta_ref,
-    states_ref,
-    do_ref,
-    dq_ref,
-    dk_ref,
-    dv_ref,
-    dg_ref,
-    dbeta_ref,
-    i,
-    d_state,
-    *,
-    chunk_size,
-    scale,
-    use_qk_l2norm,
-):
-    """Chunk i: write its rows of dq, dk [., K], dv [., V], dG, dbeta [., C]; return the cotangent of
-    the state before it. d_state [K, V] is that of the state after chunk i. Chunk quantities are
-    recomputed from the inputs and the chunk's input state states_ref[i] (saved by a forward pass)."""
-    chunk = _load_chunk(
-        q_ref, k_ref, v_ref, g_ref, beta_ref, i, chunk_size=chunk_size, scale=scale, use_qk_l2norm=use_qk_l2norm
-    )
-    intra = _intra_chunk(chunk)
-    rows, cols = _iota(chunk_size)
-    state = states_ref[i]  # [K, V] state before chunk i
-    t_rows = _rows(i, chunk_size)
-    d_o = do_ref[t_rows, :].astype(jnp.float32)  # [C, V]
-    v_new = _new_values(chunk, intra, state)  # [C, V]
-    k_to_end = chunk.k * intra.decay_to_end  # [C, K]
-
-    # Through o = (exp(G) q) S + attn v_new and S' = exp(G_C) S + (exp(G_C - G) k)^T v_new.
-    d_v_new = _dot(intra.attn, d_o, transpose_a=True) + _dot(k_to_end, d_state)  # [C, V]
-    d_q_decayed = _dot(d_o, state, transpose_b=True)  # [C, K]
-    d_k_to_end = _dot(v_new, d_state, transpose_b=True)  # [C, K]
-    d_attn = jnp.where(cols <= rows, _dot(d_o, v_new, transpose_b=True), 0.0)  # [C, C]
-    # Through v_new = A^-1 x, x = beta v - (beta exp(G) k) S: dx = A^-T dv_new, dA = -dx v_new^T.
-    d_x = _dot(intra.inverse, d_v_new, transpose_a=True)  # [C, V]
-    d_lower = jnp.where(cols < rows, -_dot(d_x, v_new, transpose_b=True), 0.0)  # [C, C]
-    d_k_beta_decayed = -_dot(d_x, state, transpose_b=True)  # [C, K]
-    d_state_in = (
-        d_state * intra.chunk_decay
-        + _dot(chunk.q * intra.decay, d_o, transpose_a=True)
-        - _dot(intra.k_beta_decayed, d_x, transpose_a=True)
-    )  # [K, V]
-
-    # Back to q, k, v, beta and G.
-    d_attn_gamma = d_attn * intra.gamma  # cotangent of q k^T
-    d_lower_gamma = d_lower * intra.gamma  # cotangent of (beta k) k^T
-    d_k_beta = _dot(d_lower_gamma, chunk.k) + d_k_beta_decayed * intra.decay  # [C, K]
-    d_q = d_q_decayed * intra.decay + _dot(d_attn_gamma, chunk.k)  # [C, K]
-    d_k = (
-        _dot(d_attn_gamma, chunk.q, transpose_a=True)
-        + _dot(d_lower_gamma, intra.k_beta, transpose_a=True)
-        + d_k_beta * chunk.beta
-        + d_k_to_end * intra.decay_to_end
-    )  # [C, K]
-    d_beta = jnp.sum(d_x * chunk.v, axis=1, keepdims=True) + jnp.sum(d_k_beta * chunk.k, axis=1, keepdims=True)
-    d_gamma = d_attn * _dot(chunk.q, chunk.k, transpose_b=True) + d_lower * _dot(
-        intra.k_beta, chunk.k, transpose_b=True
-    )
-    d_log_gamma = d_gamma * intra.gamma  # [C, C], d/d(G_i - G_j)
-    d_g_to_end = jnp.sum(d_k_to_end * k_to_end, axis=1, keepdims=True)  # [C, 1]
-    d_g_column = (
-        jnp.sum(d_q_decayed * chunk.q * intra.decay, axis=1, keepdims=True)
-        + jnp.sum(d_k_beta_decayed * intra.k_beta_decayed, axis=1, keepdims=True)
-        - d_g_to_end
-        + jnp.sum(d_log_gamma, axis=1, keepdims=True)
-    )  # [C, 1]
-    d_g_last = jnp.sum(d_g_to_end, axis=0, keepdims=True) + intra.chunk_decay * jnp.sum(
-        jnp.sum(state * d_state, axis=1, keepdims=True), axis=0, keepdims=True
-    )  # [1, 1]
-    d_g_row = (
-        _column_to_row(d_g_column)
-        - jnp.sum(d_log_gamma, axis=0, keepdims=True)
-        + jnp.where(_is_last(chunk_size), d_g_last, 0.0)
-    )  # [1, C]
-
-    dq_ref[t_rows, :] = _l2_normalize_backward(d_q * scale, chunk.q_unit, chunk.q_norm, 1)
-    dk_ref[t_rows, :] = _l2_normalize_backward(d_k, chunk.k, chunk.k_norm, 1)
-    dv_ref[t_rows, :] = d_x * chunk.beta
-    dg_ref[pl.ds(i, 1), :] = d_g_row
-    dbeta_ref[pl.ds(i, 1), :] = _column_to_row(d_beta)
-    return d_state_in
-
-
 # ---------------------------------------------------------------- kernels
 # "loop": grid (B, Hv), whole-sequence blocks, chunks walked by lax.fori_loop.
 # "grid": grid (B, Hv, N), one chunk's blocks per step, the carried state in a VMEM scratch.
 
 
+def _carry_in_loop(step, num_chunks: int, initial_ref, final_ref, *, reverse: bool = False):
+    """ "loop": carry [K, V] from initial_ref through step(i, carry) over chunks 0..N-1 (N-1..0 if
+    `reverse`) with `lax.fori_loop`; the last carry goes to final_ref."""
+    chunk = (lambda j: num_chunks - 1 - j) if reverse else (lambda j: j)
+    initial = initial_ref[...].astype(jnp.float32)
+    final_ref[...] = lax.fori_loop(0, num_chunks, lambda j, carry: step(chunk(j), carry), initial)
+
+
+def _carry_along_grid(step, initial_ref, final_ref, carry_ref):
+    """ "grid": one step(0, carry) per step of the sequential grid axis 2 (the index maps choose the
+    chunk order); carry_ref (the scratch) is set from initial_ref at the first step and copied to
+    final_ref after the last."""
+
+    @pl.when(pl.program_id(2) == 0)
+    def _init():
+        carry_ref[...] = initial_ref[...].astype(jnp.float32)
+
+    carry_ref[...] = step(0, carry_ref[...])
+
+    @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
+    def _final():
+        final_ref[...] = carry_ref[...]
+
+
+def _forward_step(q_ref, k_ref, v_ref, g_ref, beta_ref, o_ref, states_ref, settings):
+    states = states_ref[0] if states_ref else None
+    return functools.partial(chunk_math.forward_chunk, q_ref, k_ref, v_ref, g_ref, beta_ref, o_ref, states, **settings)
+
+
 def _forward_loop_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, h0_ref, o_ref, ht_ref, *states_ref, **settings):
     """One (batch, value head): o [Tp, V], final state [K, V] and, if asked, each chunk's input
     state [N, K, V]; gates [N, C]."""
-    step = functools.partial(
-        _forward_chunk, q_ref, k_ref, v_ref, g_ref, beta_ref, o_ref, states_ref[0] if states_ref else None, **settings
-    )
-    ht_ref[...] = lax.fori_loop(0, g_ref.shape[0], step, h0_ref[...].astype(jnp.float32))
+    step = _forward_step(q_ref, k_ref, v_ref, g_ref, beta_ref, o_ref, states_ref, settings)
+    _carry_in_loop(step, g_ref.shape[0], h0_ref, ht_ref)
 
 
 def _forward_grid_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, h0_ref, o_ref, ht_ref, *refs, **settings):
     """One (batch, value head, chunk): q, k [C, K], v, o [C, V], gates [1, C], if asked the chunk's
     input state [1, K, V]; the state [K, V] lives in the scratch across the chunk axis."""
     *states_ref, state_ref = refs
-
-    @pl.when(pl.program_id(2) == 0)
-    def _init():
-        state_ref[...] = h0_ref[...].astype(jnp.float32)
-
-    states = states_ref[0] if states_ref else None
-    state_ref[...] = _forward_chunk(q_ref, k_ref, v_ref, g_ref, beta_ref, o_ref, states, 0, state_ref[...], **settings)
-
-    @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
-    def _final():
-        ht_ref[...] = state_ref[...]
+    step = _forward_step(q_ref, k_ref, v_ref, g_ref, beta_ref, o_ref, states_ref, settings)
+    _carry_along_grid(step, h0_ref, ht_ref, state_ref)
 
 
 def _backward_loop_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, states_ref, do_ref, dht_ref, *grads_ref, **settings):
     """One (batch, value head), chunks in reverse: per-value-head dq, dk [Tp, K], dv [Tp, V],
     dG, dbeta [N, C] and d initial state [K, V]."""
     *chunk_grads_ref, dh0_ref = grads_ref
-    step = functools.partial(
-        _backward_chunk, q_ref, k_ref, v_ref, g_ref, beta_ref, states_ref, do_ref, *chunk_grads_ref, **settings
-    )
-    n = g_ref.shape[0]
-    dh0_ref[...] = lax.fori_loop(0, n, lambda j, d_state: step(n - 1 - j, d_state), dht_ref[...])
+    inputs = (q_ref, k_ref, v_ref, g_ref, beta_ref, states_ref, do_ref)
+    step = functools.partial(chunk_math.backward_chunk, *inputs, *chunk_grads_ref, **settings)
+    _carry_in_loop(step, g_ref.shape[0], dht_ref, dh0_ref, reverse=True)
 
 
 def _backward_grid_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, states_ref, do_ref, dht_ref, *refs, **settings):
     """One (batch, value head, chunk), the chunk axis walked in reverse by the index maps: blocks as
     in the forward grid kernel, dState [K, V] carried in the scratch."""
     *chunk_grads_ref, dh0_ref, d_state_ref = refs
-
-    @pl.when(pl.program_id(2) == 0)
-    def _init():
-        d_state_ref[...] = dht_ref[...]
-
-    d_state_ref[...] = _backward_chunk(
-        q_ref, k_ref, v_ref, g_ref, beta_ref, states_ref, do_ref, *chunk_grads_ref, 0, d_state_ref[...], **settings
-    )
-
-    @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
-    def _final():
-        dh0_ref[...] = d_state_ref[...]
+    inputs = (q_ref, k_ref, v_ref, g_ref, beta_ref, states_ref, do_ref)
+    step = functools.partial(chunk_math.backward_chunk, *inputs, *chunk_grads_ref, **settings)
+    _carry_along_grid(step, dht_ref, dh0_ref, d_state_ref)
 
 
 _KERNELS = {
@@ -431,8 +179,8 @@ _KERNELS = {
 
 def _decode_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, state_ref, o_ref, new_state_ref, *, scale, use_qk_l2norm):
     """One token, one (batch, value head): q, k [K, 1] columns, v [1, V], g, beta [1, 1]."""
-    q, _ = _l2_normalize(q_ref[...].astype(jnp.float32), 0, use_qk_l2norm)
-    k, _ = _l2_normalize(k_ref[...].astype(jnp.float32), 0, use_qk_l2norm)
+    q, _ = chunk_math.l2_normalize(q_ref[...].astype(jnp.float32), 0, use_qk_l2norm)
+    k, _ = chunk_math.l2_normalize(k_ref[...].astype(jnp.float32), 0, use_qk_l2norm)
     state = state_ref[...] * jnp.exp(g_ref[...])  # [K, V], decay first, then read
     delta = beta_ref[...] * (v_ref[...].astype(jnp.float32) - jnp.sum(state * k, axis=0, keepdims=True))  # [1, V]
     state = state + k * delta
