@@ -130,8 +130,9 @@ def test_depth_last_equals_the_first_layers_then_norm_and_head(model_and_stats):
 
     logits, mtp_logits = forward(pruned, IDS)
     expected_logits, expected_mtp = truncated(model, IDS)
-    np.testing.assert_array_equal(np.asarray(logits), np.asarray(expected_logits))
-    np.testing.assert_array_equal(np.asarray(mtp_logits[0]), np.asarray(expected_mtp))
+    # Two different jitted programs: XLA may fuse and sum in another order, so float32 rounding only.
+    assert max_relative_error(logits, expected_logits) <= 1e-6
+    assert max_relative_error(mtp_logits[0], expected_mtp) <= 1e-6
 
 
 def test_depth_similarity_drops_the_least_influential_layers_and_keeps_the_moe_pattern():
