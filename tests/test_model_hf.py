@@ -8,14 +8,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from hf_reference import (
-    HF_CONFIGS,
-    add_mtp_tensors,
-    affine_sequences,
-    make_hf_model,
-    max_relative_error,
-    train_hf_model,
-)
+from hf_reference import HF_CONFIGS, add_mtp_tensors, affine_sequences, make_hf_model, train_hf_model
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from transformers import Qwen3NextForCausalLM as HFModel
@@ -28,11 +21,7 @@ from transformers.models.qwen3_next.modeling_qwen3_next import (
 from slimqwen_jax import hf
 from slimqwen_jax.config import ConfigError
 from slimqwen_jax.hf import CheckpointMismatchError
-
-
-@nnx.jit
-def forward(model, input_ids):
-    return model(input_ids)
+from slimqwen_jax.testing import forward, max_relative_error
 
 
 def token_ids(batch: int, length: int, vocab: int = 97, seed: int = 0) -> np.ndarray:
