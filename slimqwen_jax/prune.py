@@ -28,7 +28,7 @@ from slimqwen_jax.config import ConfigError, Qwen3NextConfig
 from slimqwen_jax.hf import CheckpointMismatchError
 from slimqwen_jax.model import Qwen3NextForCausalLM
 from slimqwen_jax.pruning import CalibrationStats, PruneSpec, PruningError, calibrate, count_parameters, prune
-from slimqwen_jax.pruning.param_count import format_count
+from slimqwen_jax.pruning.param_count import architecture_table, format_count
 from slimqwen_jax.pruning.state import abstract_params, build_model
 
 log = logging.getLogger("slimqwen_jax.prune")
@@ -59,31 +59,6 @@ def load_source(config: ml_collections.ConfigDict) -> Qwen3NextForCausalLM:
             )
         return Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(config.seed))
     return loading.load_model(config.source, role="source", dtype=config.dtype)
-
-
-# ---------------------------------------------------------------------------- report
-def _layer_summary(cfg: Qwen3NextConfig) -> str:
-    full = sum(t == "full_attention" for t in cfg.layer_types)
-    return f"{full} full + {cfg.num_hidden_layers - full} linear"
-
-
-def architecture_table(before: Qwen3NextConfig, after: Qwen3NextConfig, params_before, params_after) -> str:
-    """Every architecture field before and after (changed ones marked), then the parameter counts."""
-    a, b = before.architecture(), after.architecture()
-    a["layer_types"], b["layer_types"] = _layer_summary(before), _layer_summary(after)
-    rows = [(k, str(a[k]), str(b[k]), "*" if a[k] != b[k] else "") for k in a]
-    counts = [count_parameters(before, params_before), count_parameters(after, params_after)]
-    rows += [
-        ("parameters: total", *(format_count(c.total) for c in counts), ""),
-        ("parameters: active", *(format_count(c.active) for c in counts), ""),
-        ("  of which embeddings + lm_head", *(format_count(c.embeddings) for c in counts), ""),
-        ("MTP module (not in total): total", *(format_count(c.mtp_total) for c in counts), ""),
-        ("MTP module: active", *(format_count(c.mtp_active) for c in counts), ""),
-    ]
-    width = max(len(r[0]) for r in rows) + 2
-    lines = [f"{'field':<{width}}{'before':>22}  {'after':>22}"]
-    lines += [f"{name:<{width}}{x:>22}  {y:>22} {mark}".rstrip() for name, x, y, mark in rows]
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------- the run

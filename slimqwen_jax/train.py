@@ -16,8 +16,9 @@ import dataclasses
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -28,13 +29,14 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from slimqwen_jax import cli, data, loading, losses, sharding
+from slimqwen_jax import cli, data, loading, losses, pruning, sharding
+from slimqwen_jax import stages as stages_lib
 from slimqwen_jax.checkpoint import TrainingCheckpoints
 from slimqwen_jax.config import RUNTIME_FIELDS, ConfigError, Qwen3NextConfig
 from slimqwen_jax.hf import CheckpointMismatchError
 from slimqwen_jax.model import Qwen3NextForCausalLM, abstract_model
 from slimqwen_jax.moe import stack_routing_metrics
-from slimqwen_jax.progress import HELDOUT_METRICS, ProgressLogger, plot_loss_curves
+from slimqwen_jax.progress import HELDOUT_METRICS, ProgressLogger, plot_loss_curves, plot_runs
 
 log = logging.getLogger("slimqwen_jax.train")
 
@@ -92,11 +94,28 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> 
     return optax.join_schedules([warmup, after], [opt.warmup_steps])
 
 
+def with_rewarmups(schedule: optax.Schedule, rewarmups: Sequence[tuple[int, int]]) -> optax.Schedule:
+    """`schedule` times a linear ramp 1/n, 2/n, ..., 1 over each (start, n) window of global steps
+    (a stage that asks to re-warm its learning rate)."""
+    if not rewarmups:
+        return schedule
+
+    def rewarmed(count):
+        factor = jnp.ones((), jnp.float32)
+        for start, length in rewarmups:
+            ramp = (count - start + 1) / length
+            factor = jnp.where((count >= start) & (count < start + length), ramp, factor)
+        return schedule(count) * factor
+
+    return rewarmed
+
+
 def make_optimizer(
-    opt: ml_collections.ConfigDict, total_steps: int
+    opt: ml_collections.ConfigDict, total_steps: int, rewarmups: Sequence[tuple[int, int]] = ()
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with global-norm clipping; weight decay skips vectors (norms, gates' biases, decays)."""
-    schedule = learning_rate_schedule(opt, total_steps)
+    """AdamW with global-norm clipping; weight decay skips vectors (norms, gates' biases, decays).
+    The schedule runs on the global step; `rewarmups`: see `with_rewarmups`."""
+    schedule = with_rewarmups(learning_rate_schedule(opt, total_steps), rewarmups)
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
     tx = optax.chain(
         optax.clip_by_global_norm(opt.clip_norm),
@@ -206,29 +225,33 @@ def initial_params(cfg: Qwen3NextConfig, init_from: str, seed: int, param_shardi
     return jax.device_put(nnx.state(model, nnx.Param), param_shardings)
 
 
-def init_or_restore(
-    config: ml_collections.ConfigDict, cfg: Qwen3NextConfig, tx, checkpoints: TrainingCheckpoints, mesh
-) -> tuple[nnx.GraphDef, TrainState, tuple]:
-    """The run's starting state: the workdir's latest checkpoint, else `init_from`, else random init.
-
-    Returns (graphdef, state, (param_shardings, opt_shardings)).
-    """
-    graphdef, abstract_params, abstract_opt, param_shardings, opt_shardings = abstract_state(cfg, tx, mesh)
+def restore(checkpoints: TrainingCheckpoints, tx, mesh, run_cfg: Qwen3NextConfig, *, check_architecture: bool):
+    """(config, graphdef, state, shardings) of the latest checkpoint in `checkpoints`, with the run's
+    run-time fields (`run_cfg`: dtypes, kernels). With `check_architecture` the stored architecture
+    must be `run_cfg`'s (a workdir of another model is refused, never touched); otherwise it is
+    whatever the checkpoint holds (a stage after pruning)."""
     step = checkpoints.latest_step()
-    if step is not None:
-        problems = architecture_mismatch(cfg, checkpoints.model_config(step))
-        if problems:
-            raise TrainError(
-                f"{checkpoints.directory.parent} holds a checkpoint of a different architecture (step {step}); "
-                "refusing to touch it. Use another workdir or the matching config:\n  " + "\n  ".join(problems)
-            )
-        params, opt_state, saved = checkpoints.restore(step, abstract_params, abstract_opt)
-        log.info("resumed from %s at step %d", checkpoints.step_directory(step), step)
-        return graphdef, TrainState(step, params, opt_state, saved["data"]), (param_shardings, opt_shardings)
+    stored = checkpoints.model_config(step)
+    problems = architecture_mismatch(run_cfg, stored) if check_architecture else []
+    if problems:
+        raise TrainError(
+            f"{checkpoints.directory.parent} holds a checkpoint of a different architecture (step {step}); "
+            "refusing to touch it. Use another workdir or the matching config:\n  " + "\n  ".join(problems)
+        )
+    cfg = stored.replace(**{k: getattr(run_cfg, k) for k in RUNTIME_FIELDS})
+    graphdef, abstract_params, abstract_opt, param_shardings, opt_shardings = abstract_state(cfg, tx, mesh)
+    params, opt_state, saved = checkpoints.restore(step, abstract_params, abstract_opt)
+    log.info("resumed from %s at step %d", checkpoints.step_directory(step), step)
+    return cfg, graphdef, TrainState(step, params, opt_state, saved["data"]), (param_shardings, opt_shardings)
+
+
+def initial_state(config: ml_collections.ConfigDict, cfg: Qwen3NextConfig, tx, mesh):
+    """(config, graphdef, state, shardings) at step 0: `init_from`, else a seeded random init."""
+    graphdef, _, _, param_shardings, opt_shardings = abstract_state(cfg, tx, mesh)
     params = initial_params(cfg, config.init_from, config.seed, param_shardings)
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     log.info("started from %s", config.init_from or f"random init (seed {config.seed})")
-    return graphdef, TrainState(0, params, opt_state), (param_shardings, opt_shardings)
+    return cfg, graphdef, TrainState(0, params, opt_state), (param_shardings, opt_shardings)
 
 
 # ---------------------------------------------------------------------------- steps
@@ -339,40 +362,118 @@ def check_run_config(config: ml_collections.ConfigDict) -> None:
 
 
 # ---------------------------------------------------------------------------- the run
-def run(config: ml_collections.ConfigDict) -> dict:
-    """Train (or distil, with `config.teacher`) as configured; returns the final metrics.
+@dataclasses.dataclass
+class Run:
+    """What every stage of a run shares: configs, mesh, data, teacher, optimizer and schedules."""
 
-    Raises TrainError / ConfigError / DataError / MeshError / FileNotFoundError, before writing
-    anything whenever the problem can be seen from the configs alone.
-    """
-    cfg = model_config(config)
-    check_run_config(config)
-    teacher_cfg = teacher_config(config, cfg)
-    tc = config.train
-    workdir = Path(config.workdir).absolute()
+    config: ml_collections.ConfigDict
+    model_cfg: Qwen3NextConfig
+    mesh: jax.sharding.Mesh
+    tokenizer: Any  # data.ByteTokenizer or data.HFTokenizer
+    train_batches: Any
+    heldout: list[np.ndarray]
+    teacher: Teacher | None
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    total_steps: int
 
-    # Mesh.
-    mesh = sharding.make_mesh(config.mesh)
+    @property
+    def token_sharding(self):
+        return sharding.batch_sharding(self.mesh, 2)
 
-    # Data.
-    tokenizer = data.make_tokenizer(config.data.tokenizer)
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is {cfg.vocab_size}")
-    train_batches = data.train_iterator(config.data, tokenizer, batch_size=tc.global_batch_size // jax.process_count())
-    heldout = data.heldout_batches(config.data, tokenizer, batch_size=tc.eval_batch_size, num_batches=tc.eval_batches)
-    token_sharding = sharding.batch_sharding(mesh, 2)
+    def to_global(self, batch: np.ndarray) -> jax.Array:
+        return jax.make_array_from_process_local_data(self.token_sharding, batch)
 
-    # Models: the teacher (frozen), the student's state from its checkpoint, init_from or random init.
-    teacher = load_teacher(config, teacher_cfg, mesh) if teacher_cfg is not None else None
-    tx, schedule = make_optimizer(config.optimizer, tc.steps)
-    checkpoints = TrainingCheckpoints(workdir, max_to_keep=tc.keep_checkpoints)
-    graphdef, state, (param_shardings, opt_shardings) = init_or_restore(config, cfg, tx, checkpoints, mesh)
+
+def stage_start(run: Run, stage: stages_lib.Stage, previous: stages_lib.Stage | None):
+    """(config, graphdef, state, shardings) where `stage` starts or resumes: its own latest
+    checkpoint; else the previous stage's last checkpoint (or, for the first stage, `init_from` or
+    random init), pruned by the stage's spec."""
+    checkpoints = TrainingCheckpoints(stage.directory)
+    first = previous is None
+    if checkpoints.latest_step() is not None:
+        return restore(
+            checkpoints,
+            run.tx,
+            run.mesh,
+            run.model_cfg,
+            check_architecture=first and stage.spec.is_identity(run.model_cfg),
+        )
+    if first:
+        start = initial_state(run.config, run.model_cfg, run.tx, run.mesh)
+    else:
+        start = restore(
+            TrainingCheckpoints(previous.directory), run.tx, run.mesh, run.model_cfg, check_architecture=False
+        )
+    if stage.spec.is_identity(start[0]):
+        return start
+    return prune_state(run, stage, *start)
+
+
+def stage_statistics(run: Run, stage: stages_lib.Stage, model: Qwen3NextForCausalLM) -> pruning.CalibrationStats:
+    """Calibration statistics of the current student, saved in the stage directory and reused."""
+    path = stage.directory / "calibration.npz"
+    if path.exists():
+        stats = pruning.CalibrationStats.load(path)
+        if Qwen3NextConfig.from_dict(stats.meta["config"]).architecture() == model.config.architecture():
+            log.info("%s: reusing calibration statistics %s", stage.name, path)
+            return stats
+        raise TrainError(f"{path} holds statistics of another architecture; move it away to recalibrate")
+    cal = run.config.calibration
+    samples = data.calibration_samples(
+        run.config.data, run.tokenizer, num_samples=cal.num_samples, seq_len=cal.seq_len, seed=cal.seed
+    )
+    log.info("%s: calibrating the student on %d sequences of %d tokens", stage.name, *samples.shape)
+    stats = pruning.calibrate(model, samples, batch_size=cal.batch_size, log_every=cal.log_every)
+    if jax.process_index() == 0:
+        stats.save(path)
+    return stats
+
+
+def prune_state(run: Run, stage: stages_lib.Stage, cfg, graphdef, state: TrainState, shardings):
+    """Calibrate the current student, prune its parameters and Adam moments with one decision, and
+    place them on the mesh for the pruned architecture. Writes the stage's pruning report."""
+    del shardings
+    stats = stage_statistics(run, stage, nnx.merge(graphdef, state.params))
+    decision = pruning.decide(cfg, state.params, stage.spec, stats)
+    params = pruning.apply_decision(decision, state.params)
+    opt_state = pruning.prune_optimizer_state(decision, state.opt_state, run.tx)
+    new_cfg = decision.target
+    new_graphdef, _, _, param_shardings, opt_shardings = abstract_state(new_cfg, run.tx, run.mesh)
+    params, opt_state = jax.device_put((params, opt_state), (param_shardings, opt_shardings))
+    report = pruning_report(cfg, new_cfg, state.params, params, decision)
+    for note in decision.notes:
+        log.info("%s: %s", stage.name, note)
+    log.info("%s: pruned at step %d\n%s", stage.name, state.step, report)
+    if jax.process_index() == 0:
+        stage.directory.mkdir(parents=True, exist_ok=True)
+        (stage.directory / "pruning.txt").write_text(report + "\n")
+        summary = {"step": state.step, "spec": dataclasses.asdict(stage.spec), "before": cfg.to_dict(),
+                   "after": new_cfg.to_dict(), "decision": decision.summary()}  # fmt: skip
+        (stage.directory / "pruning.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
+    pruned = TrainState(state.step, params, opt_state, state.data_state)
+    return new_cfg, new_graphdef, pruned, (param_shardings, opt_shardings)
+
+
+def pruning_report(before: Qwen3NextConfig, after: Qwen3NextConfig, params_before, params_after, decision) -> str:
+    """The architecture table (every field before / after, parameter counts) and the notes."""
+    lines = [pruning.architecture_table(before, after, params_before, params_after)]
+    lines += [f"kept layers: {list(decision.kept_layers)}"]
+    lines += [f"note: {note}" for note in decision.notes]
+    return "\n".join(lines)
+
+
+def train_stage(run: Run, stage: stages_lib.Stage, cfg: Qwen3NextConfig, graphdef, state: TrainState, shardings):
+    """Train the student from `state` to the end of `stage`, checkpointing into its directory."""
+    config, tc, teacher = run.config, run.config.train, run.teacher
+    param_shardings, opt_shardings = shardings
     if state.data_state is not None:
-        train_batches.set_state(state.data_state)
+        run.train_batches.set_state(state.data_state)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
-    log.info("model: %s parameters, %d layers, %d experts", f"{num_params:,}", cfg.num_hidden_layers, cfg.num_experts)
+    log.info("%s: %s parameters, %d layers, hidden %d, %d experts top-%d, steps %d-%d", stage.name,
+             f"{num_params:,}", cfg.num_hidden_layers, cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok,
+             stage.start_step + 1, stage.end_step)  # fmt: skip
 
-    # Step functions.
     loss_fn = make_loss_fn(
         graphdef,
         make_objective(config, cfg),
@@ -380,36 +481,37 @@ def run(config: ml_collections.ConfigDict) -> dict:
         teacher_graphdef=teacher.graphdef if teacher else None,
         teacher_mtp=teacher is not None and teacher_mtp_available(config, cfg, teacher.config),
     )
-    loss_weights = loss_weights_fn(config.loss, tc.steps)
+    loss_weights = loss_weights_fn(config.loss, run.total_steps)
     teacher_params = teacher.params if teacher else None
     teacher_shardings = jax.tree.map(lambda x: x.sharding, teacher_params)
-    micro_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.LOGICAL_RULES["batch"]))
+    micro_sharding = jax.sharding.NamedSharding(
+        run.mesh, jax.sharding.PartitionSpec(None, sharding.LOGICAL_RULES["batch"])
+    )
     train_step = jax.jit(
-        make_train_step(loss_fn, tx, loss_weights, tc.grad_accum_steps, micro_sharding),
-        in_shardings=(param_shardings, opt_shardings, teacher_shardings, token_sharding, None),
+        make_train_step(loss_fn, run.tx, loss_weights, tc.grad_accum_steps, micro_sharding),
+        in_shardings=(param_shardings, opt_shardings, teacher_shardings, run.token_sharding, None),
         out_shardings=(param_shardings, opt_shardings, None),
         donate_argnums=(0, 1),
     )
     eval_step = jax.jit(
-        make_eval_step(loss_fn, loss_weights), in_shardings=(param_shardings, teacher_shardings, token_sharding, None)
+        make_eval_step(loss_fn, loss_weights),
+        in_shardings=(param_shardings, teacher_shardings, run.token_sharding, None),
     )
 
-    def to_global(batch: np.ndarray) -> jax.Array:
-        return jax.make_array_from_process_local_data(token_sharding, batch)
-
     def evaluate(step: int) -> dict[str, float]:
-        results = [eval_step(state.params, teacher_params, to_global(b), step - 1) for b in heldout]
+        results = [eval_step(state.params, teacher_params, run.to_global(b), step - 1) for b in run.heldout]
         return {k: float(np.mean([r[k] for r in results])) for k in HELDOUT_METRICS if k in results[0]}
 
-    # Loop.
+    checkpoints = TrainingCheckpoints(stage.directory, max_to_keep=tc.keep_checkpoints)
     tokens_per_step = tc.global_batch_size * config.data.seq_len
-    progress = ProgressLogger(workdir, total_steps=tc.steps, start_step=state.step, tokens_per_step=tokens_per_step,
-                              log_every=tc.log_every, is_main=jax.process_index() == 0)  # fmt: skip
+    progress = ProgressLogger(stage.directory, total_steps=run.total_steps, start_step=state.step,
+                              tokens_per_step=tokens_per_step, log_every=tc.log_every,
+                              is_main=jax.process_index() == 0)  # fmt: skip
     last_saved = state.step
-    with jax.set_mesh(mesh):  # the context mesh of the expert-parallel MoE's shard_map
+    with jax.set_mesh(run.mesh):  # the context mesh of the expert-parallel MoE's shard_map
         try:
-            for step in range(state.step + 1, tc.steps + 1):
-                batch = to_global(next(train_batches))
+            for step in range(state.step + 1, stage.end_step + 1):
+                batch = run.to_global(next(run.train_batches))
                 state.params, state.opt_state, metrics = train_step(
                     state.params, state.opt_state, teacher_params, batch, step - 1
                 )
@@ -421,20 +523,15 @@ def run(config: ml_collections.ConfigDict) -> dict:
                         f"non-finite loss ({loss}) at step {step}; stopped without saving. "
                         f"The last good checkpoint is {last_good}"
                     )
-                progress.train(step, metrics, float(schedule(step - 1)))
-                if step % tc.eval_every == 0 or step == tc.steps:
+                progress.train(step, metrics, float(run.schedule(step - 1)))
+                if step % tc.eval_every == 0 or step == stage.end_step:
                     progress.heldout(step, evaluate(step))
-                if step % tc.checkpoint_every == 0 or step == tc.steps:
-                    state.data_state = train_batches.get_state()
+                if step % tc.checkpoint_every == 0 or step == stage.end_step:
+                    state.data_state = run.train_batches.get_state()
                     train_state = {"step": step, "seed": config.seed, "data": state.data_state,
                                    "config": config.to_json()}  # fmt: skip
-                    checkpoints.save(
-                        step,
-                        state.params,
-                        state.opt_state,
-                        cfg,
-                        json.loads(json.dumps(train_state, default=_json_default)),
-                    )
+                    train_state = json.loads(json.dumps(train_state, default=_json_default))
+                    checkpoints.save(step, state.params, state.opt_state, cfg, train_state)
                     last_saved = step
         finally:
             checkpoints.wait_until_finished()
@@ -442,12 +539,86 @@ def run(config: ml_collections.ConfigDict) -> dict:
             progress.close()
     summary = progress.summary()
     if jax.process_index() == 0 and summary:
-        entropy = data.unigram_entropy(data.token_stream(config.data, "heldout", tokenizer))
-        summary["heldout_unigram_entropy"] = entropy
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        plot_loss_curves(progress.history_file, workdir / "loss_curve.png", {"held-out unigram entropy": entropy})
-        log.info("done: %s", json.dumps(summary))
+        entropy = data.unigram_entropy(data.token_stream(config.data, "heldout", run.tokenizer))
+        summary.update(heldout_unigram_entropy=entropy, parameters=num_params, architecture=cfg.architecture())
+        (stage.directory / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        plot_loss_curves(
+            progress.history_file, stage.directory / "loss_curve.png", {"held-out unigram entropy": entropy}
+        )
+        log.info("%s done: %s", stage.name, json.dumps({k: v for k, v in summary.items() if k != "architecture"}))
     return summary
+
+
+def prepare_run(config: ml_collections.ConfigDict) -> tuple[Run, list[stages_lib.Stage]]:
+    """Every check, then the shared parts of the run (mesh, data, teacher, optimizer) and its
+    stages. Nothing is written."""
+    config = stages_lib.apply_baseline(config, model_config(config))
+    cfg = model_config(config)
+    check_run_config(config)
+    teacher_cfg = teacher_config(config, cfg)
+    stages = stages_lib.plan_stages(config, cfg, Path(config.workdir).absolute())
+    tc = config.train
+    mesh = sharding.make_mesh(config.mesh)
+
+    tokenizer = data.make_tokenizer(config.data.tokenizer)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is {cfg.vocab_size}")
+    train_batches = data.train_iterator(config.data, tokenizer, batch_size=tc.global_batch_size // jax.process_count())
+    heldout = data.heldout_batches(config.data, tokenizer, batch_size=tc.eval_batch_size, num_batches=tc.eval_batches)
+
+    teacher = load_teacher(config, teacher_cfg, mesh) if teacher_cfg is not None else None
+    total_steps = stages[-1].end_step
+    rewarmups = [(stage.start_step, stage.warmup_steps) for stage in stages if stage.warmup_steps]
+    tx, schedule = make_optimizer(config.optimizer, total_steps, rewarmups)
+    return Run(config, cfg, mesh, tokenizer, train_batches, heldout, teacher, tx, schedule, total_steps), stages
+
+
+def run(config: ml_collections.ConfigDict) -> dict:
+    """Train (or distil, with `config.teacher`) as configured, in one stage or in the prune ->
+    train stages of `config.stages`; returns the last stage's final metrics. With
+    `config.dry_run`, prints the stages' plan from shapes alone instead.
+
+    Raises one of RUN_ERRORS, before writing anything whenever the problem can be seen from the
+    configs alone.
+    """
+    if config.get("dry_run", False):
+        return {"stages": dry_run(config)}
+    run, stages = prepare_run(config)
+    summaries, previous = [], None
+    for stage in stages:
+        summary = {}
+        if TrainingCheckpoints(stage.directory).latest_step() != stage.end_step:
+            summary = train_stage(run, stage, *stage_start(run, stage, previous))
+        summaries.append(summary)
+        previous = stage
+    if len(stages) > 1 and jax.process_index() == 0:
+        write_run_report(Path(run.config.workdir).absolute(), stages, summaries)
+    return summaries[-1]
+
+
+def dry_run(config: ml_collections.ConfigDict) -> list[dict]:
+    """The plan of a run (`stages.dry_run`) without weights. Without the teacher's files at hand,
+    the teacher is taken to be the source (the student starts as the teacher)."""
+    config = stages_lib.apply_baseline(config, model_config(config))
+    cfg = model_config(config)
+    check_run_config(config)
+    teacher = loading.load_model_config(config.teacher) if config.teacher and Path(config.teacher).exists() else cfg
+    dtype = config.loss.teacher_dtype
+    return stages_lib.dry_run(config, cfg, teacher.replace(dtype=dtype, param_dtype=dtype))
+
+
+def write_run_report(workdir: Path, stages: Sequence[stages_lib.Stage], summaries: Sequence[dict]) -> None:
+    """workdir/summary.json (each stage's final metrics) and loss_curve.png (held-out CE across stages)."""
+    report = {stage.name: summary or json.loads((stage.directory / "summary.json").read_text())
+              for stage, summary in zip(stages, summaries)}  # fmt: skip
+    (workdir / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
+    histories = {stage.name: stage.directory / "metrics.jsonl" for stage in stages}
+    plot_runs(histories, workdir / "loss_curve.png", "heldout/ce", "held-out CE across the stages")
+    log.info("done: %d stages; %s", len(stages), workdir / "summary.json")
+
+
+# What a run refuses with one line and exit code 1 (anything else is a bug: a traceback).
+RUN_ERRORS = (TrainError, ConfigError, data.DataError, CheckpointMismatchError, sharding.MeshError, FileNotFoundError)
 
 
 def _json_default(value):
@@ -471,14 +642,7 @@ def main(argv: list[str]) -> None:
         jax.distributed.initialize()
     try:
         run(flags.FLAGS.config)
-    except (
-        TrainError,
-        ConfigError,
-        data.DataError,
-        CheckpointMismatchError,
-        sharding.MeshError,
-        FileNotFoundError,
-    ) as error:
+    except RUN_ERRORS as error:
         log.error("error: %s", error)
         sys.exit(1)
 

@@ -16,7 +16,7 @@ and active counts of any config.
 from slimqwen_jax.pruning.calibration import CalibrationStats, calibrate, residual_norms
 from slimqwen_jax.pruning.depth import block_influence, layers_to_keep, prune_depth
 from slimqwen_jax.pruning.experts import ExpertPlan, expert_importance, plan_experts, prune_experts
-from slimqwen_jax.pruning.param_count import ParameterCount, count_parameters, format_count
+from slimqwen_jax.pruning.param_count import ParameterCount, architecture_table, count_parameters, format_count
 from slimqwen_jax.pruning.pipeline import PruningDecision, apply_decision, decide, prune, prune_optimizer_state
 from slimqwen_jax.pruning.spec import DepthSpec, ExpertSpec, PruneSpec, PruningError, WidthSpec, validate
 from slimqwen_jax.pruning.state import abstract_params, build_model
@@ -33,6 +33,7 @@ __all__ = [
     "PruningError",
     "WidthSpec",
     "abstract_params",
+    "architecture_table",
     "apply_decision",
     "block_influence",
     "build_model",

@@ -16,7 +16,7 @@ from flax import nnx
 from slimqwen_jax.config import FULL_ATTENTION, Qwen3NextConfig
 from slimqwen_jax.pruning.calibration import RESIDUAL_COS, CalibrationStats
 from slimqwen_jax.pruning.spec import DepthSpec, PruningError, depth_problems, require_full_attention
-from slimqwen_jax.pruning.state import flat_params, with_values
+from slimqwen_jax.pruning.state import flat_params, require_abstract, with_values
 
 _LAYER_PATH = re.compile(r"model\.layers\.(?P<index>\d+)\.(?P<rest>.*)")
 
@@ -43,9 +43,9 @@ def layers_to_keep(
         kept = list(range(layers - n))
         require_full_attention(cfg, kept)
         return kept, []
-    if stats is None:
-        raise PruningError("depth.method 'similarity' needs calibration statistics (block influence)")
-    influence = block_influence(cfg, stats)
+    # Without statistics (planning on abstract parameters only: `decide` and `prune_depth` refuse
+    # real ones) a placeholder ranking, lower index first, with the same validity rule.
+    influence = block_influence(cfg, stats) if stats is not None else np.zeros(layers)
     full = {i for i, kind in enumerate(cfg.layer_types) if kind == FULL_ATTENTION}
     removed, passed_over = [], []
     for i in np.argsort(influence, kind="stable"):  # least influential first; ties: lower index
@@ -103,5 +103,7 @@ def prune_depth(
     cfg: Qwen3NextConfig, params: nnx.State, stats: CalibrationStats | None, spec: DepthSpec
 ) -> tuple[Qwen3NextConfig, nnx.State]:
     """Remove `spec.num_layers_to_remove` decoder layers (see module docstring). Pure: the inputs are
-    not modified; works on abstract parameters (`stats` may be None for `last`)."""
+    not modified; works on abstract parameters (`stats` may then be None: a placeholder choice)."""
+    if stats is None and spec.needs_stats():
+        require_abstract(params, "depth.method 'similarity'")
     return select_layers(cfg, params, layers_to_keep(cfg, spec, stats)[0])

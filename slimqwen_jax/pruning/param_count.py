@@ -1,4 +1,5 @@
-"""Total and active parameter counts of a config or a parameter state.
+"""Total and active parameter counts of a config or a parameter state, and the before / after
+architecture table of a pruning step.
 
 Convention (the one behind "80B total / 3.8B active" for Qwen3-Next-80B-A3B): `total` counts every
 backbone parameter, the input embedding and the untied lm_head included; `active` counts what one
@@ -50,3 +51,27 @@ def count_parameters(cfg: Qwen3NextConfig, params: nnx.State | None = None) -> P
         if path in ("model.embed_tokens.embedding", "lm_head.kernel"):
             counts["embeddings"] += size
     return ParameterCount(**counts)
+
+
+def _layer_summary(cfg: Qwen3NextConfig) -> str:
+    full = sum(t == "full_attention" for t in cfg.layer_types)
+    return f"{full} full + {cfg.num_hidden_layers - full} linear"
+
+
+def architecture_table(before: Qwen3NextConfig, after: Qwen3NextConfig, params_before, params_after) -> str:
+    """Every architecture field before and after (changed ones marked), then the parameter counts."""
+    a, b = before.architecture(), after.architecture()
+    a["layer_types"], b["layer_types"] = _layer_summary(before), _layer_summary(after)
+    rows = [(k, str(a[k]), str(b[k]), "*" if a[k] != b[k] else "") for k in a]
+    counts = [count_parameters(before, params_before), count_parameters(after, params_after)]
+    rows += [
+        ("parameters: total", *(format_count(c.total) for c in counts), ""),
+        ("parameters: active", *(format_count(c.active) for c in counts), ""),
+        ("  of which embeddings + lm_head", *(format_count(c.embeddings) for c in counts), ""),
+        ("MTP module (not in total): total", *(format_count(c.mtp_total) for c in counts), ""),
+        ("MTP module: active", *(format_count(c.mtp_active) for c in counts), ""),
+    ]
+    width = max(len(r[0]) for r in rows) + 2
+    lines = [f"{'field':<{width}}{'before':>22}  {'after':>22}"]
+    lines += [f"{name:<{width}}{x:>22}  {y:>22} {mark}".rstrip() for name, x, y, mark in rows]
+    return "\n".join(lines)

@@ -33,7 +33,7 @@ from slimqwen_jax.pruning.state import abstract_params, check_fits, is_abstract
 from slimqwen_jax.pruning.width import channels_to_keep, select_channels
 
 PLACEHOLDER_NOTE = (
-    "no calibration statistics (abstract parameters): the kept channels and experts are a placeholder "
+    "no calibration statistics (abstract parameters): the kept layers, experts and channels are a placeholder "
     "choice (lowest indices first); shapes and parameter counts are exact"
 )
 TREE_KINDS = ("params", "first_moment", "second_moment")
@@ -80,14 +80,14 @@ def decide(
 ) -> PruningDecision:
     """The decision of `spec` on the model (`cfg`, `params`), from calibration statistics.
 
-    `params` may be abstract (`jax.ShapeDtypeStruct` leaves): then `stats` may be None except for
-    depth `similarity`, and a note says the choice is a placeholder. Raises PruningError for a spec
+    `params` may be abstract (`jax.ShapeDtypeStruct` leaves): then `stats` may be None, and a note
+    says the choice of layers, experts and channels is a placeholder (the shapes are exact). Raises PruningError for a spec
     that does not fit the model, naming every problem.
     """
     validate(cfg, spec)
     notes = []
     if stats is None and spec.needs_stats(cfg):
-        if not is_abstract(params) or spec.depth.needs_stats():
+        if not is_abstract(params):
             raise PruningError("this spec needs calibration statistics: run calibration on the source model first")
         notes.append(PLACEHOLDER_NOTE)
     kept = list(range(cfg.num_hidden_layers))

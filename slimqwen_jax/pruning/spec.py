@@ -102,6 +102,10 @@ class PruneSpec:
             experts=ExpertSpec(**dict(config["experts"])),
         )
 
+    def is_identity(self, cfg: Qwen3NextConfig) -> bool:
+        """Whether the spec keeps the model `cfg` as it is."""
+        return self.depth.is_identity() and self.width.is_identity(cfg) and self.experts.is_identity(cfg)
+
     def needs_stats(self, cfg: Qwen3NextConfig) -> bool:
         """Whether any axis needs calibration statistics (real parameters) to choose what to keep."""
         return self.depth.needs_stats() or self.width.needs_stats(cfg) or self.experts.needs_stats(cfg)

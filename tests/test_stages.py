@@ -1,0 +1,266 @@
+"""Progressive prune -> distill stages: presets, planning and refusals, schedules across stages, the
+stage transition against the prune CLI, exact resume after SIGKILL, the 23A2B dry run."""
+
+import json
+import math
+import re
+import signal
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from test_train import final_params
+from tool_runs import DATA_CACHE_DIR, REPO, run_tool, start_tool
+
+from slimqwen_jax import data, losses, pruning, stages, train
+from slimqwen_jax.checkpoint import load_checkpoint, save_checkpoint
+from slimqwen_jax.config import ConfigError, qwen3_next_80b_a3b, slimqwen_23a2b, tiny
+from slimqwen_jax.model import Qwen3NextForCausalLM
+from slimqwen_jax.testing import load_config_file
+
+# The tiny pipeline's student config, shrunk: a 6-layer source (3 linear + 1 full + 2 linear),
+# stage 1 removes the last layer and compresses 4 -> 2 experts, stage 2 removes one more layer
+# (3 linear + 1 full left) and cuts the width 32 -> 16.
+SOURCE = tiny(hidden_size=32, head_dim=8, linear_key_head_dim=8, linear_value_head_dim=8, num_hidden_layers=6,
+              num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=16)  # fmt: skip
+STAGED_RUN = [
+    *(f"--config.model.{k}={getattr(SOURCE, k)}" for k in ("hidden_size", "head_dim", "linear_key_head_dim",
+      "linear_value_head_dim", "num_hidden_layers", "num_experts", "moe_intermediate_size",
+      "shared_expert_intermediate_size", "num_attention_heads", "linear_num_key_heads", "linear_num_value_heads")),
+    "--config.stages[0].steps=4", "--config.stages[0].depth.num_layers_to_remove=1",
+    "--config.stages[0].experts.num_experts=2", "--config.stages[0].experts.num_experts_per_tok=2",
+    "--config.stages[0].width.hidden_size=0",
+    "--config.stages[1].steps=16", "--config.stages[1].depth.num_layers_to_remove=1",
+    "--config.stages[1].width.hidden_size=16", "--config.stages[1].width.multiple_of=16",
+    "--config.stages[1].experts.num_experts=0", "--config.stages[1].experts.num_experts_per_tok=0",
+    "--config.data.seq_len=32", "--config.train.global_batch_size=4", "--config.train.eval_batches=2",
+    "--config.train.eval_batch_size=4", "--config.train.log_every=1", "--config.train.eval_every=100",
+    "--config.train.checkpoint_every=4", "--config.calibration.num_samples=8", "--config.calibration.seq_len=32",
+    "--config.optimizer.warmup_steps=3", "--config.loss.chunk_size=64",
+]  # fmt: skip
+STAGE_STEPS = (4, 16)
+
+
+def staged_overrides(workdir: Path, teacher: Path) -> list[str]:
+    return [f"--config.workdir={workdir}", f"--config.teacher={teacher}", f"--config.init_from={teacher}", *STAGED_RUN]
+
+
+def run_staged(workdir: Path, teacher: Path, *extra: str, wait: bool = True):
+    args = [*staged_overrides(workdir, teacher), *extra]
+    return run_tool("train", "slimqwen_tiny.py", *args) if wait else start_tool("train", "slimqwen_tiny.py", *args)
+
+
+def staged_config(workdir: Path, teacher: Path):
+    """The same run's config, in process (the overrides applied by hand)."""
+    config = load_config_file(REPO / "configs" / "slimqwen_tiny.py").get_config()
+    for override in staged_overrides(workdir, teacher):
+        path, value = override.removeprefix("--config.").split("=", 1)
+        *parents, leaf = re.split(r"\.(?![^\[]*\])", path)
+        node = config
+        for part in parents:
+            name, index = re.fullmatch(r"(\w+)(?:\[(\d+)\])?", part).groups()
+            node = node[name] if index is None else node[name][int(index)]
+        name, index = re.fullmatch(r"(\w+)(?:\[(\d+)\])?", leaf).groups()
+        current = node[name]
+        node[name] = type(current)(value) if not isinstance(current, str) else value
+    config.data.cache_dir = DATA_CACHE_DIR
+    return config
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    return save_checkpoint(Qwen3NextForCausalLM(SOURCE, rngs=nnx.Rngs(3)), tmp_path_factory.mktemp("t") / "teacher")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, teacher) -> tuple[Path, str]:
+    """An uninterrupted staged run: (workdir, output)."""
+    workdir = tmp_path_factory.mktemp("straight") / "run"
+    code, output = run_staged(workdir, teacher)
+    assert code == 0, output
+    return workdir, output
+
+
+# ---------------------------------------------------------------------------- presets and planning
+TARGET = slimqwen_23a2b()
+
+
+@pytest.mark.parametrize("preset", sorted(stages.PRESETS))
+def test_presets_reach_the_target_by_their_route(preset):
+    source = qwen3_next_80b_a3b()
+    planned = plan(stages.PRESETS[preset](source, TARGET, 1000, multiple_of=128), source)
+    last = planned[-1].architecture
+    assert (last.num_hidden_layers, last.hidden_size, last.num_experts, last.num_experts_per_tok) == (36, 1536, 256, 8)
+    first = planned[0].architecture
+    expected_first = {
+        "one_stage": (36, 1536),
+        "depth_first": (42, 2048),
+        "width_first": (48, 1792),
+        "joint": (42, 1792),
+    }
+    assert (first.num_hidden_layers, first.hidden_size) == expected_first[preset]
+    assert first.num_experts == 256  # experts go in stage 1
+    assert [s.steps for s in planned] == ([1000] if preset == "one_stage" else [100, 900])
+
+
+def plan(stage_list, source):
+    config = load_config_file(REPO / "configs" / "slimqwen_23a2b.py").get_config()
+    config.stages = stage_list
+    return stages.plan_stages(config, source, Path("/nonexistent"))
+
+
+def test_n_stage_splits_budget_and_cuts_evenly():
+    source = qwen3_next_80b_a3b()
+    planned = plan(stages.n_stage(source, TARGET, 999, [1, 1, 1], expert_stage=2, multiple_of=128), source)
+    assert [s.steps for s in planned] == [333, 333, 333]
+    assert [s.architecture.num_hidden_layers for s in planned] == [44, 40, 36]
+    assert [s.architecture.hidden_size for s in planned] == [1920, 1792, 1536]
+    assert [s.architecture.num_experts for s in planned] == [512, 256, 256]
+    assert [(s.start_step, s.end_step) for s in planned] == [(0, 333), (333, 666), (666, 999)]
+
+
+def test_bad_stages_are_refused_before_any_work_naming_every_problem(tmp_path, teacher):
+    code, output = run_staged(
+        tmp_path / "run", teacher,
+        "--config.stages[0].steps=0",  # zero budget
+        "--config.stages[1].depth.num_layers_to_remove=9",  # more layers than stage 2 meets
+        "--config.stages[1].experts.num_experts=3",  # more experts than stage 1 left
+    )  # fmt: skip
+    assert code == 1 and "Traceback" not in output, output
+    assert "stages[0]: the budget is zero" in output
+    assert "stages[1] does not fit the model it prunes (5 layers, hidden 32, 2 experts top-2)" in output
+    assert "num_layers_to_remove is 9" in output and "num_experts is 3" in output
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------- the staged run
+def history(workdir: Path, name: str) -> dict[int, dict]:
+    lines = (workdir / name / "metrics.jsonl").read_text().splitlines()
+    return {entry["step"]: entry for entry in map(json.loads, lines) if "train/loss" in entry}
+
+
+def test_stages_prune_between_them_and_schedules_run_on_the_global_step(straight, teacher):
+    workdir, output = straight
+    assert "stage_2: pruned at step 4" in output
+    report = json.loads((workdir / "stage_2" / "pruning.json").read_text())
+    assert report["before"]["num_hidden_layers"] == 5 and report["after"]["num_hidden_layers"] == 4
+    assert (report["before"]["hidden_size"], report["after"]["hidden_size"]) == (32, 16)
+    assert (workdir / "stage_2" / "calibration.npz").exists() and (workdir / "stage_1" / "pruning.txt").exists()
+    assert load_checkpoint(workdir / "stage_2" / "checkpoints" / "20").config.hidden_size == 16
+    assert set(json.loads((workdir / "summary.json").read_text())) == {"stage_1", "stage_2"}
+
+    config = staged_config(workdir, teacher)
+    total = sum(STAGE_STEPS)
+    lr = train.learning_rate_schedule(config.optimizer, total)
+    lam = losses.weight_schedule(config.loss.lam, total)
+    beta = losses.weight_schedule(config.loss.beta, total)
+    steps = {**history(workdir, "stage_1"), **history(workdir, "stage_2")}
+    assert sorted(steps) == list(range(1, total + 1))
+    for step in (4, 5, 6):  # the last step of stage 1 and the first two of stage 2
+        entry = steps[step]
+        assert entry["train/learning_rate"] == pytest.approx(float(lr(step - 1)), rel=1e-6)
+        assert entry["train/lam"] == pytest.approx(float(lam(step - 1)), rel=1e-6)
+        assert entry["train/beta"] == pytest.approx(float(beta(step - 1)), rel=1e-6)
+    assert steps[5]["train/learning_rate"] > 0.5 * float(lr(3))  # no re-warmup from zero
+
+
+def test_stage_transition_equals_the_prune_cli_on_the_same_statistics(straight, teacher, tmp_path):
+    """The second stage's statistics are the calibration of the first stage's last checkpoint, and
+    its pruned parameters equal the prune CLI's output for the same spec and statistics."""
+    workdir, _ = straight
+    config = staged_config(workdir, teacher)
+    source = workdir / "stage_1" / "checkpoints" / str(STAGE_STEPS[0])
+    ours = pruning.CalibrationStats.load(workdir / "stage_2" / "calibration.npz")
+    cal = config.calibration
+    samples = data.calibration_samples(config.data, data.make_tokenizer(config.data.tokenizer),
+                                       num_samples=cal.num_samples, seq_len=cal.seq_len, seed=cal.seed)  # fmt: skip
+    theirs = pruning.calibrate(load_checkpoint(source), samples, batch_size=cal.batch_size)
+    assert ours.sums.keys() == theirs.sums.keys() and ours.num_tokens == theirs.num_tokens
+    for key, value in ours.sums.items():
+        np.testing.assert_allclose(value, theirs.sums[key], rtol=1e-5, err_msg=key)
+
+    spec = ["--config.depth.num_layers_to_remove=1", "--config.width.hidden_size=16", "--config.width.multiple_of=16",
+            "--config.experts.num_experts=0"]  # fmt: skip
+    code, output = run_tool("prune", "prune_tiny.py", f"--config.source={source}", f"--config.output={tmp_path / 'cli'}",
+                            f"--config.stats={workdir / 'stage_2' / 'calibration.npz'}", *spec)  # fmt: skip
+    assert code == 0 and "reusing calibration statistics" in output, output
+
+    # The transition itself, in process, on a copy of the run without stage 2's checkpoints.
+    run, planned = train.prepare_run(config)
+    second = planned[1]
+    moved = second.directory / "checkpoints"
+    moved.rename(tmp_path / "stage_2_checkpoints")
+    try:
+        cfg, _, state, _ = train.stage_start(run, second, planned[0])
+    finally:
+        (tmp_path / "stage_2_checkpoints").rename(moved)
+    cli = load_checkpoint(tmp_path / "cli")
+    assert cfg.architecture() == cli.config.architecture()
+    for (path, a), (_, b) in zip(nnx.to_flat_state(state.params), nnx.to_flat_state(nnx.state(cli, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path))
+    assert int(jax.tree.leaves(state.opt_state)[0]) == STAGE_STEPS[0]  # the Adam step count carries on
+
+
+@pytest.mark.slow
+def test_sigkill_around_a_stage_transition_resumes_bitwise(straight, teacher, tmp_path):
+    """Killed after stage 2's pruning and before its first checkpoint, then killed again mid-stage,
+    then rerun to the end: parameters bitwise equal to the uninterrupted run."""
+    workdir = tmp_path / "run"
+    stage_2 = workdir / "stage_2"
+
+    def kill_when(ready):
+        process = run_staged(workdir, teacher, wait=False)
+        deadline = time.time() + 300
+        while not ready() and time.time() < deadline and process.poll() is None:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        output, _ = process.communicate()
+        assert process.returncode == -signal.SIGKILL, f"the run finished before it could be killed:\n{output}"
+
+    kill_when(lambda: (stage_2 / "pruning.json").exists())
+    assert not (stage_2 / "checkpoints").exists()
+    kill_when(lambda: (stage_2 / "checkpoints" / "8").exists())
+    assert not (stage_2 / "checkpoints" / "20").exists()
+    code, output = run_staged(workdir, teacher)
+    assert code == 0 and "resumed" in output and "reusing calibration statistics" in output, output
+    for a, b in zip(final_params(straight[0] / "stage_2", 20), final_params(stage_2, 20), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------- baselines and dry run
+def test_from_scratch_baseline_is_the_final_architecture_on_the_whole_budget(teacher, tmp_path):
+    config = staged_config(tmp_path / "run", teacher)
+    config.baseline = "from_scratch"
+    baseline = stages.apply_baseline(config, train.model_config(config))
+    planned = stages.plan_stages(baseline, train.model_config(baseline), tmp_path)
+    assert len(planned) == 1 and planned[0].steps == sum(STAGE_STEPS) and baseline.init_from == ""
+    assert (baseline.model.num_hidden_layers, baseline.model.hidden_size, baseline.model.num_experts) == (4, 16, 2)
+    config.baseline = "pruned_lm_only"
+    assert losses.is_always_zero(stages.apply_baseline(config, train.model_config(config)).loss.lam)
+    config.baseline = "scratch"
+    with pytest.raises(ConfigError, match="baseline must be one of"):
+        stages.apply_baseline(config, train.model_config(config))
+
+
+def test_the_23a2b_dry_run_matches_the_paper_and_the_docs(capsys):
+    start = time.perf_counter()
+    config = load_config_file(REPO / "configs" / "slimqwen_23a2b.py").get_config()
+    config.dry_run = True
+    rows = train.run(config)["stages"]
+    printed = capsys.readouterr().out
+    assert time.perf_counter() - start < 60
+    assert [r["architecture"] for r in rows] == [
+        "42 layers, hidden 2048, 256 experts top-8",
+        "36 layers, hidden 1536, 256 experts top-8",
+    ]
+    assert math.isclose(rows[-1]["total"], 23.2e9, rel_tol=0.01) and math.isclose(
+        rows[-1]["active"], 2.1e9, rel_tol=0.03
+    )
+    assert [r["tokens"] // 10**9 for r in rows] == [40, 360]
+    documented = (REPO / "docs" / "stages.md").read_text()
+    for line in printed.splitlines():
+        if line.startswith("stage_"):
+            assert line in documented, line
