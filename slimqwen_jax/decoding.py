@@ -484,6 +484,29 @@ class Decoder:
         return Generation(out.tokens, time.perf_counter() - start, prefill_seconds, steps, accepted)
 
 
+def uncached_generate(model: Qwen3NextForCausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> Generation:
+    """Greedy generation without caches, the baseline of the cached decoder: one full forward over
+    the whole right-padded sequence [B, prompt + max_new_tokens] per new token (one compile, not
+    counted in `Generation.seconds`)."""
+    tokens, valid = pad_prompts(prompts, "right")
+    buffer = np.pad(tokens, ((0, 0), (0, max_new_tokens)))  # [B, T + N]
+    lengths = valid.sum(axis=1)  # [B]
+    graphdef, params = nnx.split(model)
+
+    def next_tokens(params, buffer, lengths):
+        logits = nnx.merge(graphdef, params)(buffer, with_mtp=False).logits  # [B, T + N, V]
+        return jnp.argmax(_take(logits, lengths - 1), axis=-1)  # causal: the padding after it is not seen
+
+    next_tokens = jax.jit(next_tokens).lower(params, buffer, lengths).compile()  # not timed
+    start = time.perf_counter()
+    rows = np.arange(len(prompts))
+    for _ in range(max_new_tokens):
+        buffer[rows, lengths] = np.asarray(next_tokens(params, buffer, lengths))
+        lengths = lengths + 1
+    generated = [buffer[b, len(p) : len(p) + max_new_tokens].tolist() for b, p in enumerate(prompts)]
+    return Generation(generated, time.perf_counter() - start, 0.0, max_new_tokens)
+
+
 class _Output:
     """Per-row generated tokens, each row closed by a stop token or at max_new_tokens."""
 
