@@ -64,7 +64,11 @@ class SlimQwenLM(TemplateLM):
         seed: int = 0,
         device: str | None = None,  # lm-eval passes it; JAX places arrays itself
         max_batch_size: int | None = None,  # lm-eval passes it; batches here have one fixed size
+        **unknown,
     ):
+        if unknown:
+            known = sorted(set(inspect.signature(SlimQwenLM.__init__).parameters) - {"self", "unknown"})
+            raise RequestError(f"slimqwen_jax: unknown model_args {sorted(unknown)}; known: {known}")
         super().__init__()
         del device, max_batch_size
         self.model = load_model(path, dtype)
@@ -77,17 +81,6 @@ class SlimQwenLM(TemplateLM):
         )
         self._decoder = Decoder(self.model, max_len=self.max_length)
 
-    @classmethod
-    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
-        """From `--model_args key=value,...`; an unknown key is an error naming the known ones."""
-        args = lm_eval_utils.simple_parse_args_string(arg_string)
-        known = set(inspect.signature(cls.__init__).parameters) - {"self"}
-        unknown = sorted(set(args) - known)
-        if unknown:
-            raise RequestError(f"slimqwen_jax: unknown model_args {unknown}; known: {sorted(known)}")
-        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k in known}
-        return cls(**args, **extra)
-
     # ------------------------------------------------------------------ tokens
     @property
     def eot_token_id(self) -> int:
@@ -97,7 +90,9 @@ class SlimQwenLM(TemplateLM):
         return self.tokenizer.encode(string).tolist()
 
     def tok_decode(self, tokens) -> str:
-        return self.tokenizer.decode(tokens)
+        """Text of the tokens without EOS and without ids past the tokenizer's vocabulary (a model's
+        embedding table may be padded beyond it)."""
+        return self.tokenizer.decode([t for t in tokens if t != self.eot_token_id and t < self.tokenizer.vocab_size])
 
     # ------------------------------------------------------------------ scoring
     def _score_windows(self, windows: list[tuple[list[int], int]]) -> list[tuple[float, bool]]:
@@ -180,7 +175,7 @@ class SlimQwenLM(TemplateLM):
                     stop_tokens=[self.eot_token_id], prompt_len=min(bucket(max(map(len, prompts))), room),
                 )  # fmt: skip
                 for i, tokens in zip(batch, generation.tokens):
-                    text = self.tok_decode([t for t in tokens if t != self.eot_token_id])
+                    text = self.tok_decode(tokens)
                     for stop in until:
                         text = text.split(stop)[0]
                     outputs[i] = text
