@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from hf_reference import add_mtp_tensors, affine_sequences, make_hf_model, max_relative_error, train_hf_model
+from hf_reference import add_mtp_tensors, make_hf_model, max_relative_error
 
 from slimqwen_jax import hf
 from slimqwen_jax.config import tiny
@@ -20,8 +20,8 @@ MAX_LEN = 96
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """(HF model trained on affine sequences, its directory with random `mtp.*` tensors added)."""
-    model = train_hf_model(make_hf_model("gqa2_ratio2"), steps=40)
+    """(random HF model, its directory with random `mtp.*` tensors added)."""
+    model = make_hf_model("gqa2_ratio2")
     directory = tmp_path_factory.mktemp("decoding")
     model.save_pretrained(directory)
     add_mtp_tensors(directory)
@@ -63,11 +63,10 @@ def test_cached_logits_equal_full_forward_at_every_step(model, decoder, padding)
 
 def test_greedy_generation_equals_transformers_generate(checkpoint, decoder):
     hf_model, _ = checkpoint
-    ids = affine_sequences(np.random.default_rng(3), 2, 12, 97)
-    ids[:, 6:] = np.random.default_rng(4).integers(0, 97, (2, 6))  # off the learnt pattern too
+    ids = np.random.default_rng(3).integers(0, 97, (2, 12))
     with torch.no_grad():
-        expected = hf_model.generate(torch.tensor(ids), max_new_tokens=16, do_sample=False, min_new_tokens=16)
-    ours = decoder.generate(ids.tolist(), 16)
+        expected = hf_model.generate(torch.tensor(ids), max_new_tokens=10, do_sample=False, min_new_tokens=10)
+    ours = decoder.generate(ids.tolist(), 10)
     assert ours.tokens == expected[:, 12:].tolist()
 
 
