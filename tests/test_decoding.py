@@ -11,7 +11,7 @@ from hf_reference import add_mtp_tensors, make_hf_model, max_relative_error
 
 from slimqwen_jax import hf
 from slimqwen_jax.config import tiny
-from slimqwen_jax.decoding import Decoder, DecodingError, pad_prompts, sample_tokens
+from slimqwen_jax.decoding import Decoder, DecodingError, _decode_step, pad_prompts, sample_tokens
 from slimqwen_jax.evaluation import acceptance_rates
 from slimqwen_jax.model import Qwen3NextForCausalLM
 
@@ -70,7 +70,7 @@ def test_greedy_generation_equals_transformers_generate(checkpoint, decoder):
     assert ours.tokens == expected[:, 12:].tolist()
 
 
-def test_stop_tokens_end_each_row(decoder):
+def test_stop_tokens_end_each_row_and_decoding_compiles_once(decoder):
     rows = prompts([9, 14], seed=1)
     full = decoder.generate(rows, 12).tokens
     stop = full[0][4]
@@ -78,6 +78,8 @@ def test_stop_tokens_end_each_row(decoder):
     for free, cut in zip(full, stopped):
         end = free.index(stop) + 1 if stop in free else len(free)
         assert cut == free[:end]
+    decoder.generate(prompts([3, 5], seed=2), 7, padding="right", prompt_len=14)
+    assert decoder._step_fn(_decode_step, 0.0, 1.0, donate=(1,))._cache_size() == 1  # not once per token
 
 
 def test_sampling_is_seeded_and_top_p_keeps_the_nucleus():
