@@ -129,6 +129,25 @@ def test_speculative_greedy_equals_plain_greedy(model, num_drafts):
     assert sum(accepted + 1) >= speculative.num_generated - len(rows)
 
 
+def test_speculative_mtp_cache_equals_one_by_one_decoding(model):
+    """The first draft of every round equals the MTP head of a full forward over the final sequence
+    (which sees the true backbone hidden state and next token at every earlier position): the MTP
+    cache holds exactly those entries after provisional draft steps and rejected drafts."""
+    two_channel = two_channel_model(model)
+    prompt = prompts([9], seed=7)[0]
+    speculative = Decoder(two_channel, max_len=MAX_LEN).speculative_generate([prompt], 24, num_drafts=3)
+    sequence = prompt + speculative.tokens[0]
+    out = two_channel(jnp.asarray([sequence]))
+    first_drafts = np.asarray(out.mtp_logits[0, 0]).argmax(-1)  # [T]: guess of token i + 2 at position i
+    pending, checked = len(prompt), 0  # the index of the token generated but not yet fed to the backbone
+    for accepted in speculative.accepted:
+        if pending + 1 < len(sequence):
+            assert (accepted >= 1) == (first_drafts[pending - 1] == sequence[pending + 1])
+            checked += 1
+        pending += accepted + 1
+    assert checked >= 5 and 0 < np.mean(speculative.accepted >= 1) < 1
+
+
 def test_speculative_with_every_draft_rejected(model):
     decoder = Decoder(rejecting_model(model), max_len=MAX_LEN)
     rows = prompts([8, 13], seed=5)
