@@ -95,6 +95,12 @@ def test_sampling_is_seeded_and_top_p_keeps_the_nucleus():
     np.testing.assert_array_equal(sample_tokens(logits[:2], keys, temperature=0.0, top_p=0.5), [0, 0])
 
 
+def test_sampled_generation_is_seeded(decoder):
+    rows = prompts([6, 10], seed=3)
+    first, again, other = (decoder.generate(rows, 8, temperature=1.0, top_p=0.9, seed=s).tokens for s in (0, 0, 1))
+    assert first == again and first != other
+
+
 def two_channel_model(model):
     """The model with its final and MTP norms reduced to two channels: the backbone's and the drafts'
     greedy tokens then come from the same few tokens, so drafts are accepted at some positions and
