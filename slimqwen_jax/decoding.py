@@ -335,7 +335,7 @@ class Generation:
 
     tokens: list[list[int]]
     seconds: float  # wall time of the decoding loop (after prefill)
-    prefill_seconds: float
+    prefill_seconds: float  # backbone (and MTP) prefill; 0 for `uncached_generate`
     steps: int  # model calls after prefill (decode steps or speculative rounds)
     accepted: np.ndarray | None = None  # speculative: accepted drafts of each active (round, row) [N]
 

@@ -95,11 +95,12 @@ def heldout_metrics(model, reference, batches: list[np.ndarray], byte_lengths: n
 # ---------------------------------------------------------------------------- decoding
 def _timed(label: str, generate, prompts: list[list[int]], batch_size: int) -> dict:
     """`generate(rows)` over the prompts `batch_size` rows at a time; tokens/s over the decode loops."""
-    tokens, seconds, steps, accepted = [], 0.0, 0, []
+    tokens, seconds, prefill_seconds, steps, accepted = [], 0.0, 0.0, 0, []
     for start in range(0, len(prompts), batch_size):
         result = generate(prompts[start : start + batch_size])
         tokens += result.tokens
         seconds += result.seconds
+        prefill_seconds += result.prefill_seconds
         steps += result.steps
         if result.accepted is not None:
             accepted.append(result.accepted)
@@ -108,7 +109,8 @@ def _timed(label: str, generate, prompts: list[list[int]], batch_size: int) -> d
             f"{sum(map(len, tokens)) / seconds:,.0f}",
             format_duration(seconds / len(tokens) * (len(prompts) - len(tokens))),
         )  # fmt: skip
-    out = {"tokens": tokens, "seconds": seconds, "steps": steps, "tokens_per_s": sum(map(len, tokens)) / seconds}
+    out = {"tokens": tokens, "seconds": seconds, "prefill_seconds": prefill_seconds, "steps": steps,
+           "tokens_per_s": sum(map(len, tokens)) / seconds}  # fmt: skip
     if accepted:
         out["accepted"] = np.concatenate(accepted)
     return out
@@ -131,7 +133,7 @@ def decoding_metrics(model: Qwen3NextForCausalLM, prompts: list[list[int]], dc: 
         if name != "uncached":
             generate.func(*generate.args, prompts[: dc.batch_size], **{**generate.keywords, "max_new_tokens": 2})
         runs[name] = _timed(name, generate, prompts, dc.batch_size)
-    report = {name: {k: run[k] for k in ("seconds", "tokens_per_s")} for name, run in runs.items()}
+    report = {name: {k: run[k] for k in ("seconds", "prefill_seconds", "tokens_per_s")} for name, run in runs.items()}
     for name in report.keys() - {"cached"}:
         report[name]["identical_to_cached"] = runs[name]["tokens"] == runs["cached"]["tokens"]
     if "speculative" in runs:
