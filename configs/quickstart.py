@@ -11,12 +11,15 @@ import ml_collections
 
 from slimqwen_jax.config import tiny
 from slimqwen_jax.data import default_data_config
+from slimqwen_jax.losses import loss_config
+from slimqwen_jax.train import optimizer_config
 
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.workdir = "runs/quickstart"
     config.init_from = ""  # an HF checkpoint directory or one of our checkpoints
+    config.teacher = ""  # distil from this model (HF directory or our checkpoint); empty: pretrain
     config.seed = 0
     config.model = tiny(
         vocab_size=260, hidden_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
@@ -32,7 +35,6 @@ def get_config() -> ml_collections.ConfigDict:
             steps=500,
             global_batch_size=8,
             grad_accum_steps=1,
-            mtp_loss_weight=0.3,
             log_every=20,
             eval_every=100,
             eval_batches=8,
@@ -41,19 +43,6 @@ def get_config() -> ml_collections.ConfigDict:
             keep_checkpoints=2,
         )
     )
-    config.optimizer = ml_collections.ConfigDict(
-        dict(
-            schedule="cosine",  # cosine | wsd | constant
-            init_lr=0.0,
-            peak_lr=3e-3,
-            end_lr=3e-4,
-            warmup_steps=40,
-            decay_fraction=0.2,  # wsd only: the share of post-warmup steps spent decaying
-            weight_decay=0.1,
-            b1=0.9,
-            b2=0.95,
-            eps=1e-8,
-            clip_norm=1.0,
-        )
-    )
+    config.loss = loss_config(distillation=False)  # CE + 0.3 x MTP CE (+ MoE aux loss)
+    config.optimizer = optimizer_config()
     return config

@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from slimqwen_jax.config import Qwen3NextConfig
-from slimqwen_jax.model import Qwen3NextForCausalLM
+from slimqwen_jax.model import Qwen3NextForCausalLM, abstract_model
 
 PARAMS_ITEM = "params"
 CONFIG_ITEM = "config"
@@ -59,14 +59,13 @@ def load_checkpoint(directory: str | os.PathLike, **runtime) -> Qwen3NextForCaus
     """Restore a model written by `save_checkpoint` (or a training checkpoint step directory)."""
     directory = Path(directory).absolute()
     cfg = load_checkpoint_config(directory, **runtime)
-    abstract = nnx.eval_shape(lambda: Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(0)))
-    graphdef, abstract_state = nnx.split(abstract)
-    target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.state(abstract, nnx.Param))
+    graphdef, params = abstract_model(cfg)
+    target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), params)
     restored = _checkpointer().restore(
         directory, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(target)})
     )
-    nnx.replace_by_pure_dict(abstract_state, restored[PARAMS_ITEM].to_pure_dict())
-    return nnx.merge(graphdef, abstract_state)
+    nnx.replace_by_pure_dict(params, restored[PARAMS_ITEM].to_pure_dict())
+    return nnx.merge(graphdef, params)
 
 
 class TrainingCheckpoints:

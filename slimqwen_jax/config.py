@@ -27,6 +27,15 @@ class ConfigError(ValueError):
     """A model configuration that cannot describe a working Qwen3-Next model."""
 
 
+def dtype_name(dtype: Any) -> str:
+    """The name in DTYPES of a dtype given as a name ("bfloat16"), a scalar type (jnp.bfloat16) or
+    a numpy / jax dtype; names that are no dtype at all come back unchanged (`validate` names them)."""
+    try:
+        return jnp.dtype(dtype).name
+    except TypeError:
+        return dtype
+
+
 @dataclasses.dataclass(frozen=True)
 class Qwen3NextConfig:
     """Architecture (HF field names) and run-time options of a Qwen3-Next model."""
@@ -70,6 +79,8 @@ class Qwen3NextConfig:
     moe_capacity_factor: float = 0.0
 
     def __post_init__(self):
+        object.__setattr__(self, "dtype", dtype_name(self.dtype))
+        object.__setattr__(self, "param_dtype", dtype_name(self.param_dtype))
         object.__setattr__(self, "mlp_only_layers", tuple(int(i) for i in self.mlp_only_layers))
         if self.layer_types is None:
             types = tuple(

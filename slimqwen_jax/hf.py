@@ -20,11 +20,12 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from jax.typing import DTypeLike
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from slimqwen_jax.config import Qwen3NextConfig
-from slimqwen_jax.model import Qwen3NextForCausalLM
+from slimqwen_jax.model import Qwen3NextForCausalLM, abstract_model
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -171,13 +172,13 @@ def load_config(path: str | os.PathLike, **runtime) -> Qwen3NextConfig:
 
 
 def load_model(
-    path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None, **runtime
+    path: str | os.PathLike, *, dtype: DTypeLike = "float32", param_dtype: DTypeLike | None = None, **runtime
 ) -> Qwen3NextForCausalLM:
     """Load an HF Qwen3-Next checkpoint directory (single or sharded safetensors, `mtp.*` included).
 
     Args:
       path: directory with config.json and model.safetensors or model.safetensors.index.json.
-      dtype: compute dtype ("float32" or "bfloat16").
+      dtype: compute dtype: "float32" or "bfloat16", or jnp.float32 / jnp.bfloat16.
       param_dtype: parameter dtype; defaults to `dtype`.
       **runtime: other run-time config fields (gated_delta_rule_impl, moe_backend).
     Raises:
@@ -186,9 +187,8 @@ def load_model(
     """
     cfg = load_config(path, dtype=dtype, param_dtype=param_dtype or dtype, **runtime)
     tensors = _SafetensorsDir(Path(path))
-    abstract = nnx.eval_shape(lambda: Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    _check_tensors(nnx.state(abstract, nnx.Param), tensors, cfg)
+    graphdef, state = abstract_model(cfg)
+    _check_tensors(state, tensors, cfg)
     np_dtype = _NUMPY_DTYPES[cfg.param_dtype]
     for path_str, variable in _param_paths(state):
         rule, _ = _rule_for(path_str)

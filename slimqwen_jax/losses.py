@@ -1,65 +1,314 @@
-"""Training objectives. A loss maps (model, tokens [B, L+1]) to (scalar, metrics dict).
+"""Training objectives: language modelling and knowledge distillation, chunked over tokens.
 
-Shape letters: B batch, L sequence length, V vocab, M MTP depth, E experts, L_moe MoE layers.
-`tokens` holds inputs and targets together: inputs = tokens[:, :-1], next-token targets =
-tokens[:, 1:]; MTP step d at position i predicts tokens[:, i + 2 + d].
+    L = (1 - lam) L_LM + lam L_KD + beta ((1 - lam) L_MTP_LM + lam L_MTP_KD) + aux_coef * L_aux
+
+(method.md section 4). An objective reads the models' hidden states before the LM head
+(`HeadInputs`) and applies the head itself, `chunk_size` tokens at a time inside a rematerialised
+scan: one [C, V] block of student and teacher logits lives at a time, in the forward pass and in
+the backward pass, whatever the batch and sequence length.
+
+Shape letters: B batch, L sequence length, N = B*L tokens, C tokens per chunk, D width, V vocab,
+M MTP depth. `tokens` [B, L+1] holds inputs and targets together: inputs = tokens[:, :-1],
+next-token targets = tokens[:, 1:]; MTP depth d at position i predicts tokens[:, i + 2 + d], so
+its last d + 1 positions (whose target lies past the window) are masked, in L_MTP_LM and L_MTP_KD.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import functools
+import math
+from typing import Callable, Protocol
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+import ml_collections
+from flax import struct
 
 from slimqwen_jax.model import CausalLMOutput, Qwen3NextForCausalLM
-from slimqwen_jax.moe import stack_routing_metrics
+
+WEIGHT_SCHEDULES = ("constant", "linear", "cosine")
+MTP_KD_TARGETS = ("teacher_mtp", "teacher_backbone")
 
 
-class LossFn(Protocol):
-    def __call__(self, model: Qwen3NextForCausalLM, tokens: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]: ...
+# ---------------------------------------------------------------------------- model outputs
+@struct.dataclass
+class HeadInputs:
+    """What an objective reads of one model's forward pass: the hidden states the LM head reads.
 
-
-def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy in float32 over positions where mask is true. logits [B, T, V]."""
-    logits = logits.astype(jnp.float32)
-    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [B, T]
-    losses = jax.nn.logsumexp(logits, axis=-1) - target_logits
-    return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1)
-
-
-def mtp_cross_entropies(mtp_logits: jax.Array, tokens: jax.Array) -> jax.Array:
-    """Cross-entropy of each MTP depth [M]; positions whose target lies past the window are masked."""
-    _, b, length, _ = mtp_logits.shape
-    losses = []
-    for depth in range(mtp_logits.shape[0]):
-        shift = depth + 2
-        targets = jnp.pad(tokens[:, shift:], ((0, 0), (0, shift - 1)))  # [B, L]
-        mask = jnp.broadcast_to(jnp.arange(length) < length + 1 - shift, (b, length))
-        losses.append(cross_entropy(mtp_logits[depth], targets, mask))
-    return jnp.stack(losses)
-
-
-def language_model_loss(mtp_weight: float) -> LossFn:
-    """L = CE + router_aux_loss_coef * aux + mtp_weight * mean over depths of the MTP CE.
-
-    Metrics: the loss terms, and per MoE layer the routing metrics of `moe.stack_routing_metrics`
-    (expert_load [L_moe, E]; max_load, layer_aux_loss and dropped_fraction [L_moe]).
+    hidden [B, L, D] (after the final norm); mtp_hidden [M, B, L, D] or None; head [D, V] (the LM
+    head's kernel, or the transposed embedding when tied); aux_loss: the unscaled MoE aux loss.
     """
 
-    def loss_fn(model: Qwen3NextForCausalLM, tokens: jax.Array):
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        out: CausalLMOutput
-        out, intermediates = nnx.capture(model, nnx.Intermediate)(inputs, with_mtp=mtp_weight > 0)
-        ce = cross_entropy(out.logits, targets, jnp.ones(targets.shape, bool))
-        loss = ce + model.config.router_aux_loss_coef * out.aux_loss
-        metrics = {"ce": ce, "aux_loss": out.aux_loss, **stack_routing_metrics(intermediates)}
-        if out.mtp_logits is not None:
-            mtp_ce = mtp_cross_entropies(out.mtp_logits, tokens)
-            loss = loss + mtp_weight * jnp.mean(mtp_ce)
-            metrics["mtp_ce"] = jnp.mean(mtp_ce)
+    hidden: jax.Array
+    mtp_hidden: jax.Array | None
+    head: jax.Array
+    aux_loss: jax.Array
+
+
+def head_weight(model: Qwen3NextForCausalLM) -> jax.Array:
+    """The LM head as a [D, V] matrix: `model.logits(h) == h @ head_weight(model)`."""
+    if model.lm_head is None:
+        return model.model.embed_tokens.embedding[...].T
+    return model.lm_head.kernel[...]
+
+
+def head_inputs(model: Qwen3NextForCausalLM, out: CausalLMOutput) -> HeadInputs:
+    """What the objective needs of `out = model(input_ids, with_logits=False)`."""
+    return HeadInputs(out.hidden_states, out.mtp_hidden_states, head_weight(model), out.aux_loss)
+
+
+def chunk_logits(hidden: jax.Array, head: jax.Array) -> jax.Array:
+    """hidden [C, D] @ head [D, V] -> logits [C, V] in float32 (inputs in the hidden states' dtype)."""
+    return jnp.einsum("cd,dv->cv", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+
+
+# ---------------------------------------------------------------------------- per-token terms
+def token_terms(student: jax.Array, teacher: jax.Array | None, targets: jax.Array, temperature: float) -> dict:
+    """Per-token loss terms [C] from float32 logits [C, V]: `ce` (student vs targets) and, with a
+    teacher, `kd` = tau^2 KL(softmax(teacher / tau) || softmax(student / tau)) and `agree` (1 where
+    the two argmaxes are equal)."""
+    target_logits = jnp.take_along_axis(student, targets[:, None], axis=-1)[:, 0]
+    terms = {"ce": jax.nn.logsumexp(student, axis=-1) - target_logits}
+    if teacher is not None:
+        log_p_teacher = jax.nn.log_softmax(teacher / temperature, axis=-1)
+        log_p_student = jax.nn.log_softmax(student / temperature, axis=-1)
+        kl = jnp.sum(jnp.exp(log_p_teacher) * (log_p_teacher - log_p_student), axis=-1)
+        terms["kd"] = temperature**2 * kl
+        terms["agree"] = (jnp.argmax(student, axis=-1) == jnp.argmax(teacher, axis=-1)).astype(jnp.float32)
+    return terms
+
+
+def _chunk_sums(student_hidden, student_head, teacher_hidden, teacher_head, targets, mask, temperature):
+    """Masked sums of `token_terms` over one chunk: hidden [C, D] (teacher [C, D'] or None)."""
+    student = chunk_logits(student_hidden, student_head)
+    teacher = None if teacher_hidden is None else chunk_logits(teacher_hidden, teacher_head)
+    weight = mask.astype(jnp.float32)
+    return {k: jnp.sum(v * weight) for k, v in token_terms(student, teacher, targets, temperature).items()}
+
+
+def _chunk_logits_cotangent(student, teacher, targets, weight, cotangent, temperature):
+    """d(sums)/d(student logits) [C, V], written out: d ce / ds = softmax(s) - onehot(target) and
+    d kd / ds = tau (softmax(s / tau) - softmax(t / tau)); `agree` has no gradient."""
+    grad = cotangent["ce"] * (jax.nn.softmax(student, axis=-1) - jax.nn.one_hot(targets, student.shape[-1]))
+    if teacher is not None:
+        softened = jax.nn.softmax(student / temperature, axis=-1) - jax.nn.softmax(teacher / temperature, axis=-1)
+        grad = grad + cotangent["kd"] * temperature * softened
+    return grad * weight[:, None]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def chunk_sums(student_hidden, student_head, teacher_hidden, teacher_head, targets, mask, temperature):
+    """`_chunk_sums` whose backward recomputes the chunk's logits from the hidden states (the only
+    residuals) and forms the logits' gradient in closed form: one chunk's [C, V] blocks at a time
+    and a handful of them, where autodiff would keep every intermediate softmax alive."""
+    return _chunk_sums(student_hidden, student_head, teacher_hidden, teacher_head, targets, mask, temperature)
+
+
+def _chunk_sums_fwd(student_hidden, student_head, teacher_hidden, teacher_head, targets, mask, temperature):
+    sums = _chunk_sums(student_hidden, student_head, teacher_hidden, teacher_head, targets, mask, temperature)
+    return sums, (student_hidden, student_head, teacher_hidden, teacher_head, targets, mask)
+
+
+def _chunk_sums_bwd(temperature, residuals, cotangent):
+    student_hidden, student_head, teacher_hidden, teacher_head, targets, mask = residuals
+    student = chunk_logits(student_hidden, student_head)
+    teacher = None if teacher_hidden is None else chunk_logits(teacher_hidden, teacher_head)
+    grad = _chunk_logits_cotangent(student, teacher, targets, mask.astype(jnp.float32), cotangent, temperature)
+    d_hidden = jnp.einsum("cv,dv->cd", grad, student_head.astype(jnp.float32)).astype(student_hidden.dtype)
+    d_head = jnp.einsum("cd,cv->dv", student_hidden.astype(jnp.float32), grad).astype(student_head.dtype)
+    return d_hidden, d_head, None, None, None, None  # the teacher is frozen; targets and mask are data
+
+
+chunk_sums.defvjp(_chunk_sums_fwd, _chunk_sums_bwd)
+
+
+def chunked_token_sums(
+    student_hidden: jax.Array,
+    student_head: jax.Array,
+    teacher_hidden: jax.Array | None,
+    teacher_head: jax.Array | None,
+    targets: jax.Array,
+    mask: jax.Array,
+    *,
+    chunk_size: int,
+    temperature: float = 1.0,
+) -> dict[str, jax.Array]:
+    """Sums over the masked tokens of `token_terms`, the LM heads applied chunk by chunk.
+
+    student_hidden [N, D], teacher_hidden [N, D'] (or None), heads [D, V] / [D', V], targets and
+    mask [N]. A scan over ceil(N / C) chunks (the last one padded and masked) of `chunk_sums`,
+    whose backward recomputes the chunk's logits instead of storing them: the [C, V] blocks of one
+    chunk live at a time, forward and backward. Returns scalars `ce`, and with a teacher `kd` and
+    `agree`; `count` is the number of masked-in tokens. The teacher gets no gradient.
+    """
+    n = targets.shape[0]
+    chunk_size = min(chunk_size, n)
+    num_chunks = -(-n // chunk_size)
+    pad = num_chunks * chunk_size - n
+
+    def chunks(x):  # [N, ...] -> [num_chunks, C, ...]
+        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+        return x.reshape(num_chunks, chunk_size, *x.shape[1:])
+
+    xs = {"student": chunks(student_hidden), "targets": chunks(targets), "mask": chunks(mask), "teacher": None}
+    if teacher_hidden is not None:
+        xs["teacher"] = chunks(jax.lax.stop_gradient(teacher_hidden))
+        teacher_head = jax.lax.stop_gradient(teacher_head)
+
+    def add_chunk(sums, chunk):
+        terms = chunk_sums(chunk["student"], student_head, chunk["teacher"], teacher_head,
+                           chunk["targets"], chunk["mask"], temperature)  # fmt: skip
+        return jax.tree.map(jnp.add, sums, terms), None
+
+    names = ("ce", "kd", "agree") if teacher_hidden is not None else ("ce",)
+    sums, _ = jax.lax.scan(add_chunk, {k: jnp.zeros((), jnp.float32) for k in names}, xs)
+    return {**sums, "count": jnp.sum(mask.astype(jnp.float32))}
+
+
+# ---------------------------------------------------------------------------- targets
+def mtp_targets(tokens: jax.Array, depth: int) -> tuple[jax.Array, jax.Array]:
+    """Targets and mask [B, L] of MTP depth d: position i predicts tokens[:, i + 2 + d]; the last
+    d + 1 positions have no target inside the window and are masked."""
+    b, length = tokens.shape[0], tokens.shape[1] - 1
+    shift = depth + 2
+    targets = jnp.pad(tokens[:, shift:], ((0, 0), (0, shift - 1)))
+    mask = jnp.broadcast_to(jnp.arange(length) < length + 1 - shift, (b, length))
+    return targets, mask
+
+
+def mtp_teacher_hidden(teacher: HeadInputs, depth: int, target: str) -> jax.Array:
+    """The teacher hidden states [B, L, D'] whose logits are the KD target of MTP depth d.
+
+    `teacher_mtp`: the teacher's own MTP module at depth d, same position. `teacher_backbone`: the
+    teacher backbone's prediction of the same token, t_{i+2+d}, made at position i + 1 + d.
+    """
+    if target == "teacher_mtp":
+        return teacher.mtp_hidden[depth]
+    shift = depth + 1
+    return jnp.pad(teacher.hidden[:, shift:], ((0, 0), (0, shift), (0, 0)))  # row i: teacher position i + 1 + d
+
+
+# ---------------------------------------------------------------------------- objectives
+class Objective(Protocol):
+    def __call__(
+        self, student: HeadInputs, teacher: HeadInputs | None, tokens: jax.Array, weights: dict[str, jax.Array]
+    ) -> tuple[jax.Array, dict[str, jax.Array]]: ...
+
+
+def _flat(x: jax.Array) -> jax.Array:  # [B, L, ...] -> [N, ...]
+    return x.reshape(-1, *x.shape[2:])
+
+
+def distillation_objective(
+    *, aux_coef: float, chunk_size: int, temperature: float = 1.0, mtp_kd_target: str = "teacher_mtp"
+) -> Objective:
+    """The four-term objective of method.md section 4 plus aux_coef x the student's MoE aux loss.
+
+    `weights` holds this step's `lam` and `beta`. Without a teacher only the LM terms exist (lam
+    must then be 0: `check_loss_config`). Without `student.mtp_hidden` the MTP terms are skipped.
+    Metrics: every term (ce, kd, mtp_ce, mtp_kd, aux_loss), lam, beta, loss and, with a teacher,
+    `top1_agreement` of the backbones.
+    """
+
+    def sums(student_hidden, teacher_hidden, targets, mask, student, teacher):
+        return chunked_token_sums(
+            _flat(student_hidden), student.head,
+            None if teacher is None else _flat(teacher_hidden), None if teacher is None else teacher.head,
+            _flat(targets), _flat(mask), chunk_size=chunk_size, temperature=temperature,
+        )  # fmt: skip
+
+    def objective(student, teacher, tokens, weights):
+        lam, beta = weights["lam"], weights["beta"]
+        targets = tokens[:, 1:]
+        main = sums(student.hidden, None if teacher is None else teacher.hidden,
+                    targets, jnp.ones(targets.shape, bool), student, teacher)  # fmt: skip
+        count = jnp.maximum(main["count"], 1.0)
+        metrics = {"ce": main["ce"] / count, "aux_loss": student.aux_loss, "lam": lam, "beta": beta}
+        lm, kd = metrics["ce"], 0.0
+        if teacher is not None:
+            metrics["kd"] = kd = main["kd"] / count
+            metrics["top1_agreement"] = main["agree"] / count
+        loss = (1.0 - lam) * lm + lam * kd + aux_coef * student.aux_loss
+        if student.mtp_hidden is not None:
+            per_depth = []
+            for depth in range(student.mtp_hidden.shape[0]):
+                mtp_target_ids, mask = mtp_targets(tokens, depth)
+                teacher_hidden = None if teacher is None else mtp_teacher_hidden(teacher, depth, mtp_kd_target)
+                per_depth.append(
+                    sums(student.mtp_hidden[depth], teacher_hidden, mtp_target_ids, mask, student, teacher)
+                )
+            mtp_lm = jnp.mean(jnp.stack([s["ce"] / jnp.maximum(s["count"], 1.0) for s in per_depth]))
+            metrics["mtp_ce"], mtp_kd = mtp_lm, 0.0
+            if teacher is not None:
+                mtp_kd = jnp.mean(jnp.stack([s["kd"] / jnp.maximum(s["count"], 1.0) for s in per_depth]))
+                metrics["mtp_kd"] = mtp_kd
+            loss = loss + beta * ((1.0 - lam) * mtp_lm + lam * mtp_kd)
         metrics["loss"] = loss
         return loss, metrics
 
-    return loss_fn
+    return objective
+
+
+# ---------------------------------------------------------------------------- lam and beta
+def weight_schedule(spec: ml_collections.ConfigDict, total_steps: int) -> Callable[[jax.Array], jax.Array]:
+    """A loss weight as a function of the 0-based global step: `constant` (start), `linear` or
+    `cosine` from `start` to `end` over `total_steps`, then `end`."""
+    start, end, kind = float(spec.start), float(spec.end), spec.schedule
+
+    def value(step):
+        progress = jnp.clip(jnp.asarray(step, jnp.float32) / max(total_steps, 1), 0.0, 1.0)
+        if kind == "linear":
+            return start + (end - start) * progress
+        if kind == "cosine":
+            return end + (start - end) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
+        return jnp.full((), start, jnp.float32)
+
+    return value
+
+
+def is_always_zero(spec: ml_collections.ConfigDict) -> bool:
+    """True when a weight schedule is 0 at every step (its term need not be computed at all)."""
+    return float(spec.start) == 0.0 and (spec.schedule == "constant" or float(spec.end) == 0.0)
+
+
+def loss_config(*, distillation: bool) -> ml_collections.ConfigDict:
+    """`config.loss` defaults: method.md's distillation schedules (lam linear 1.0 -> 0.75, beta
+    cosine 0.3 -> 0.1), or for pretraining lam = 0 and a constant MTP weight beta = 0.3."""
+    lam = (
+        dict(schedule="linear", start=1.0, end=0.75) if distillation else dict(schedule="constant", start=0.0, end=0.0)
+    )
+    beta = (
+        dict(schedule="cosine", start=0.3, end=0.1) if distillation else dict(schedule="constant", start=0.3, end=0.3)
+    )
+    return ml_collections.ConfigDict(
+        dict(
+            lam=lam,  # KD share: (1 - lam) L_LM + lam L_KD, same split for the MTP terms
+            beta=beta,  # weight of the MTP terms
+            temperature=1.0,  # KD temperature tau (the KD terms are scaled by tau^2)
+            mtp_kd_target="teacher_mtp",  # teacher_mtp | teacher_backbone
+            chunk_size=1024,  # tokens per [chunk, vocab] block of the LM head and the loss
+            teacher_dtype="bfloat16",  # the frozen teacher's parameter and compute dtype
+        )
+    )
+
+
+def check_loss_config(loss: ml_collections.ConfigDict, *, has_teacher: bool) -> list[str]:
+    """Every problem of `config.loss` (empty when it is usable)."""
+    problems = []
+    for name in ("lam", "beta"):
+        spec = loss[name]
+        if spec.schedule not in WEIGHT_SCHEDULES:
+            problems.append(f"loss.{name}.schedule must be one of {WEIGHT_SCHEDULES}, got {spec.schedule!r}")
+        for end in ("start", "end"):
+            low, high = (0.0, 1.0) if name == "lam" else (0.0, math.inf)
+            if not low <= float(spec[end]) <= high:
+                problems.append(f"loss.{name}.{end} must be in [{low}, {high}], got {spec[end]}")
+    if not has_teacher and not is_always_zero(loss.lam):
+        problems.append("loss.lam is not 0 but no teacher is set: set --config.teacher=<HF dir or checkpoint>")
+    if not loss.temperature > 0:
+        problems.append(f"loss.temperature must be > 0, got {loss.temperature}")
+    if loss.mtp_kd_target not in MTP_KD_TARGETS:
+        problems.append(f"loss.mtp_kd_target must be one of {MTP_KD_TARGETS}, got {loss.mtp_kd_target!r}")
+    if not loss.chunk_size > 0:
+        problems.append(f"loss.chunk_size must be > 0, got {loss.chunk_size}")
+    return problems

@@ -7,6 +7,8 @@ E experts. The module tree mirrors HF's checkpoint: `model.embed_tokens`, `model
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
@@ -109,15 +111,18 @@ class CausalLMOutput:
 
     logits [B, T, V]; hidden_states [B, T, D] (after the final norm); mtp_logits [M, B, T, V] or None,
     where mtp_logits[d, :, i] predicts token i + 2 + d (positions whose inputs run past T are padding);
+    mtp_hidden_states [M, B, T, D] or None: what the LM head turns into mtp_logits;
     aux_loss: HF's load-balancing loss over the backbone's MoE layers (unscaled; 0 without MoE);
-    router_logits: one [N, E] array per backbone MoE layer.
+    router_logits: one [N, E] array per backbone MoE layer. Called with `with_logits=False`, logits
+    and mtp_logits are None: the losses apply the head chunk by chunk (`losses.head_weight`).
     """
 
-    logits: jax.Array
+    logits: jax.Array | None
     hidden_states: jax.Array
     mtp_logits: jax.Array | None
     aux_loss: jax.Array
     router_logits: tuple[jax.Array, ...]
+    mtp_hidden_states: jax.Array | None = None
 
 
 def shift_left(ids: jax.Array, n: int) -> jax.Array:
@@ -145,26 +150,51 @@ class Qwen3NextForCausalLM(nnx.Module):
         return self.lm_head(hidden)
 
     def __call__(
-        self, input_ids: jax.Array, positions: jax.Array | None = None, *, with_mtp: bool = True
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        *,
+        with_mtp: bool = True,
+        with_logits: bool = True,
     ) -> CausalLMOutput:
-        """input_ids [B, T] (positions [B, T], default arange) -> CausalLMOutput."""
+        """input_ids [B, T] (positions [B, T], default arange) -> CausalLMOutput.
+
+        with_mtp: run the MTP module (when the model has one); with_logits: apply the LM head
+        (False leaves the [B, T, V] logits to the caller, e.g. a loss that works chunk by chunk).
+        """
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
         hidden, router_logits = self.model(input_ids, positions)
-        mtp_logits = None
+        mtp_hidden = None
         if with_mtp and self.mtp is not None:
-            mtp_logits = jnp.stack(self._mtp_logits(input_ids, hidden, positions))
+            mtp_hidden = jnp.stack(self._mtp_hidden_states(input_ids, hidden, positions))  # [M, B, T, D]
         aux_loss = (
             load_balancing_loss(router_logits, self.config.num_experts_per_tok)
             if router_logits
             else jnp.zeros((), jnp.float32)
         )
-        return CausalLMOutput(self.logits(hidden), hidden, mtp_logits, aux_loss, tuple(router_logits))
+        logits = self.logits(hidden) if with_logits else None
+        mtp_logits = self.logits(mtp_hidden) if with_logits and mtp_hidden is not None else None
+        return CausalLMOutput(logits, hidden, mtp_logits, aux_loss, tuple(router_logits), mtp_hidden)
 
-    def _mtp_logits(self, input_ids, hidden, positions) -> list[jax.Array]:
-        logits = []
+    def _mtp_hidden_states(self, input_ids, hidden, positions) -> list[jax.Array]:
+        """The MTP module's output hidden state [B, T, D] at each depth (before the LM head)."""
+        states = []
         for depth in range(len(self.mtp.layers)):
             next_embeds = self.model.embed_tokens(shift_left(input_ids, depth + 1))  # [B, T, D]
             hidden, _ = self.mtp.step(depth, hidden, next_embeds, positions)
-            logits.append(self.logits(hidden))
-        return logits
+            states.append(hidden)
+        return states
+
+
+@functools.lru_cache(maxsize=8)  # tracing the 80B model's init takes seconds
+def _abstract_split(cfg: Qwen3NextConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    return nnx.split(nnx.eval_shape(lambda: Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+
+
+def abstract_model(cfg: Qwen3NextConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """The graph definition and shapes-only parameters (`jax.ShapeDtypeStruct` values, logical-axes
+    metadata kept) of the model `cfg` describes, allocating nothing. The state is a fresh copy that
+    the caller may fill (`variable.set_value`) and `nnx.merge` with the graph definition."""
+    graphdef, params = _abstract_split(cfg)
+    return graphdef, nnx.from_flat_state([(path, v.replace(v.get_value())) for path, v in nnx.to_flat_state(params)])

@@ -12,6 +12,12 @@ import numpy as np
 
 log = logging.getLogger("slimqwen_jax")
 
+# The held-out metrics of a run (those its objective computes): LM and MTP cross-entropy, and with
+# a teacher the KD term and the top-1 agreement of the backbones.
+HELDOUT_METRICS = ("ce", "mtp_ce", "kd", "mtp_kd", "top1_agreement")
+# The loss parts in a train log line, and the loss weights.
+_LOGGED_TERMS = ("ce", "kd", "mtp_ce", "mtp_kd", "aux_loss", "top1_agreement")
+
 
 def format_duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
@@ -80,7 +86,9 @@ class ProgressLogger:
         scalars.update(routing_scalars(metrics))
         self._record(step, scalars)
         eta = (self.total_steps - step) * seconds / max(steps, 1)
-        parts = " ".join(f"{k} {float(metrics[k]):.4f}" for k in ("ce", "mtp_ce", "aux_loss") if k in metrics)
+        parts = " ".join(f"{k} {float(metrics[k]):.4f}" for k in _LOGGED_TERMS if k in metrics)
+        if "kd" in metrics:
+            parts += f" | lam {float(metrics['lam']):.3f} beta {float(metrics['beta']):.3f}"
         if np.any(np.asarray(metrics.get("dropped_fraction", 0.0))):
             parts += f" dropped {float(np.mean(metrics['dropped_fraction'])):.2%}"
         log.info(
@@ -89,9 +97,13 @@ class ProgressLogger:
             f"{tokens_per_sec:,.0f}", format_duration(eta),
         )  # fmt: skip
 
-    def heldout(self, step: int, loss: float) -> None:
-        self._record(step, {"heldout/ce": loss})
-        log.info("step %d/%d | held-out loss %.4f", step, self.total_steps, loss)
+    def heldout(self, step: int, metrics: dict[str, float]) -> None:
+        """Record held-out metrics (names of HELDOUT_METRICS) as `heldout/<name>`."""
+        self._record(step, {f"heldout/{k}": v for k, v in metrics.items()})
+        parts = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "ce")
+        log.info(
+            "step %d/%d | held-out loss %.4f%s", step, self.total_steps, metrics["ce"], f" ({parts})" * bool(parts)
+        )
 
     def summary(self) -> dict:
         """Last train/held-out values, steady-state tokens/s and wall time of this process's run."""
@@ -103,7 +115,7 @@ class ProgressLogger:
             "step": self._last_step,
             "train_loss": self._last.get("train/loss"),
             "train_ce": self._last.get("train/ce"),
-            "heldout_ce": self._last.get("heldout/ce"),
+            **{f"heldout_{k}": self._last[f"heldout/{k}"] for k in HELDOUT_METRICS if f"heldout/{k}" in self._last},
             "tokens_per_sec": tokens_per_sec,
             "wall_seconds": time.perf_counter() - self._start_time,
         }
@@ -114,13 +126,14 @@ class ProgressLogger:
 
 
 def plot_loss_curves(history_file: Path, output: Path, reference: dict[str, float] | None = None) -> None:
-    """Train and held-out cross-entropy against step from `metrics.jsonl` (later entries win)."""
+    """Train and held-out cross-entropy (and the KD term, when distilling) against step from
+    `metrics.jsonl` (later entries win)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series: dict[str, dict[int, float]] = {"train/ce": {}, "train/mtp_ce": {}, "heldout/ce": {}}
+    series: dict[str, dict[int, float]] = {name: {} for name in ("train/ce", "train/mtp_ce", "train/kd", "heldout/ce")}
     for line in history_file.read_text().splitlines():
         entry = json.loads(line)
         for name in series:
@@ -137,7 +150,7 @@ def plot_loss_curves(history_file: Path, output: Path, reference: dict[str, floa
         ax.axhline(value, ls="--", color="gray", lw=1)
         ax.annotate(label, (0, value), xytext=(4, 3), textcoords="offset points", fontsize=8, color="gray")
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

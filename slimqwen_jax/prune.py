@@ -22,8 +22,8 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from slimqwen_jax import cli, data, hf
-from slimqwen_jax.checkpoint import load_checkpoint, load_checkpoint_config, save_checkpoint
+from slimqwen_jax import cli, data, hf, loading
+from slimqwen_jax.checkpoint import save_checkpoint
 from slimqwen_jax.config import ConfigError, Qwen3NextConfig
 from slimqwen_jax.hf import CheckpointMismatchError
 from slimqwen_jax.model import Qwen3NextForCausalLM
@@ -43,10 +43,7 @@ def source_config(config: ml_collections.ConfigDict) -> Qwen3NextConfig:
     dtypes = {"dtype": config.dtype, "param_dtype": config.dtype}
     if not config.source:
         return Qwen3NextConfig.from_dict({**config.model.to_dict(), **dtypes})
-    path = Path(config.source)
-    if (path / "config.json").exists():
-        return hf.load_config(path, **dtypes)
-    return load_checkpoint_config(path, **dtypes)
+    return loading.load_model_config(config.source, role="source", **dtypes)
 
 
 def load_source(config: ml_collections.ConfigDict) -> Qwen3NextForCausalLM:
@@ -61,10 +58,7 @@ def load_source(config: ml_collections.ConfigDict) -> Qwen3NextForCausalLM:
                 "set --config.source to an HF or checkpoint directory, or plan with --config.dry_run=True"
             )
         return Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(config.seed))
-    path = Path(config.source)
-    if (path / "config.json").exists():
-        return hf.load_model(path, dtype=config.dtype)
-    return load_checkpoint(path, dtype=config.dtype, param_dtype=config.dtype)
+    return loading.load_model(config.source, role="source", dtype=config.dtype)
 
 
 # ---------------------------------------------------------------------------- report

@@ -1,19 +1,23 @@
-"""Language-model training entry point.
+"""Training entry point: pretraining, or distillation from a frozen teacher (`config.teacher`).
 
     python -m slimqwen_jax.train --config configs/<name>.py [--config.key=value ...]
 
-The run reads top to bottom: mesh -> data -> abstract model and optimizer -> sharded init or
-restore -> one jitted, donated train step -> loop (log, eval, checkpoint). Resume order: the
-workdir's own latest checkpoint, else `init_from` (an HF directory or one of our checkpoints),
-else random init. Rerunning the same command resumes exactly, data order included.
+The run reads top to bottom: checks (configs, teacher config) -> mesh -> data -> teacher ->
+`TrainState` (init or restore) -> one jitted, donated train step -> loop (log, eval, checkpoint).
+The objective (`losses.distillation_objective`) sees both models' hidden states and applies the LM
+heads chunk by chunk. Resume order: the workdir's own latest checkpoint, else `init_from` (an HF
+directory or one of our checkpoints), else random init. Rerunning the same command resumes
+exactly, data order included.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
 from pathlib import Path
+from typing import Callable, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -24,13 +28,13 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from slimqwen_jax import cli, data, hf, sharding
-from slimqwen_jax.checkpoint import TrainingCheckpoints, load_checkpoint, load_checkpoint_config
+from slimqwen_jax import cli, data, loading, losses, sharding
+from slimqwen_jax.checkpoint import TrainingCheckpoints
 from slimqwen_jax.config import RUNTIME_FIELDS, ConfigError, Qwen3NextConfig
 from slimqwen_jax.hf import CheckpointMismatchError
-from slimqwen_jax.losses import LossFn, language_model_loss
-from slimqwen_jax.model import Qwen3NextForCausalLM
-from slimqwen_jax.progress import ProgressLogger, plot_loss_curves
+from slimqwen_jax.model import Qwen3NextForCausalLM, abstract_model
+from slimqwen_jax.moe import stack_routing_metrics
+from slimqwen_jax.progress import HELDOUT_METRICS, ProgressLogger, plot_loss_curves
 
 log = logging.getLogger("slimqwen_jax.train")
 
@@ -52,6 +56,20 @@ def architecture_mismatch(expected: Qwen3NextConfig, found: Qwen3NextConfig) -> 
     """Human-readable differences between two configs' architectures."""
     a, b = expected.architecture(), found.architecture()
     return [f"{k}: expected {a[k]!r}, found {b[k]!r}" for k in a if k not in NON_ARCHITECTURE_FIELDS and a[k] != b[k]]
+
+
+def optimizer_config(**overrides) -> ml_collections.ConfigDict:
+    """`config.optimizer`: AdamW (decoupled weight decay on matrices only), global-norm clipping, a
+    linear warmup from init_lr to peak_lr, then `schedule` (cosine | wsd | constant) towards end_lr."""
+    defaults = dict(
+        schedule="cosine", init_lr=0.0, peak_lr=3e-3, end_lr=3e-4, warmup_steps=40,
+        decay_fraction=0.2,  # wsd only: the share of post-warmup steps spent decaying
+        weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0,
+    )  # fmt: skip
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise ConfigError(f"unknown optimizer fields: {unknown}")
+    return ml_collections.ConfigDict({**defaults, **overrides})
 
 
 def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -87,10 +105,73 @@ def make_optimizer(
     return tx, schedule
 
 
-# ---------------------------------------------------------------------------- model state
+# ---------------------------------------------------------------------------- the teacher
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    """The frozen teacher: graph definition and (sharded) parameters. It has no optimizer state and
+    gets no gradient; the train step takes its parameters as an argument, never as a constant."""
+
+    config: Qwen3NextConfig
+    graphdef: nnx.GraphDef
+    params: nnx.State
+
+
+def needs_teacher_mtp(config: ml_collections.ConfigDict, cfg: Qwen3NextConfig) -> bool:
+    """Whether the loss reads the teacher's MTP module: MTP-KD with the `teacher_mtp` target."""
+    loss = config.loss
+    return (
+        cfg.num_mtp_layers > 0
+        and not losses.is_always_zero(loss.beta)
+        and not losses.is_always_zero(loss.lam)
+        and loss.mtp_kd_target == "teacher_mtp"
+    )
+
+
+def teacher_config(config: ml_collections.ConfigDict, cfg: Qwen3NextConfig) -> Qwen3NextConfig | None:
+    """The teacher's config (read from disk, no tensors), checked against the student's; None without one."""
+    if not config.teacher:
+        return None
+    runtime = {k: getattr(cfg, k) for k in RUNTIME_FIELDS if k not in ("dtype", "param_dtype")}
+    dtype = config.loss.teacher_dtype
+    teacher = loading.load_model_config(config.teacher, role="teacher", dtype=dtype, param_dtype=dtype, **runtime)
+    problems = []
+    if teacher.vocab_size != cfg.vocab_size:
+        problems.append(f"its vocab_size is {teacher.vocab_size}, the student's is {cfg.vocab_size}: they must match")
+    if needs_teacher_mtp(config, cfg) and teacher.num_mtp_layers < cfg.num_mtp_layers:
+        problems.append(
+            f"loss.mtp_kd_target='teacher_mtp' needs a teacher MTP module of depth >= {cfg.num_mtp_layers}, "
+            f"but it has {teacher.num_mtp_layers}: use --config.loss.mtp_kd_target=teacher_backbone"
+        )
+    if problems:
+        raise TrainError(f"teacher {config.teacher} does not fit the student:\n  " + "\n  ".join(problems))
+    return teacher
+
+
+def load_teacher(config: ml_collections.ConfigDict, teacher_cfg: Qwen3NextConfig, mesh) -> Teacher:
+    """Load the teacher in its own dtype and shard it by the same logical-axis rules as the student."""
+    runtime = {k: getattr(teacher_cfg, k) for k in RUNTIME_FIELDS}
+    model = loading.load_model(config.teacher, role="teacher", **runtime)
+    graphdef, params = nnx.split(model, nnx.Param)
+    params = jax.device_put(params, sharding.state_shardings(params, mesh))
+    num_params = sum(x.size for x in jax.tree.leaves(params))
+    log.info("teacher %s: %s parameters in %s", config.teacher, f"{num_params:,}", teacher_cfg.param_dtype)
+    return Teacher(teacher_cfg, graphdef, params)
+
+
+# ---------------------------------------------------------------------------- train state
+@dataclasses.dataclass
+class TrainState:
+    """What a run resumes from: the global step, parameters, optimizer state, data iterator state."""
+
+    step: int
+    params: nnx.State
+    opt_state: optax.OptState
+    data_state: dict | None = None
+
+
 def abstract_state(cfg: Qwen3NextConfig, tx, mesh):
     """Graphdef, abstract (sharded ShapeDtypeStruct) params and opt state, and their shardings."""
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(0))))
+    graphdef, params = abstract_model(cfg)
     param_shardings = sharding.state_shardings(params, mesh)
     opt_state = jax.eval_shape(tx.init, params)
     # Optimizer moments take their parameter's sharding; everything else (counts) is replicated.
@@ -108,39 +189,100 @@ def abstract_state(cfg: Qwen3NextConfig, tx, mesh):
 def initial_params(cfg: Qwen3NextConfig, init_from: str, seed: int, param_shardings):
     """Parameters from `init_from` (HF directory or our checkpoint) or a seeded random init."""
     if not init_from:
-        init = lambda: nnx.state(Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(seed)))  # noqa: E731
+        init = lambda: nnx.state(Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(seed)), nnx.Param)  # noqa: E731
         return jax.jit(init, out_shardings=param_shardings)()
-    source = Path(init_from)
-    is_hf = (source / "config.json").exists()
-    problems = architecture_mismatch(cfg, (hf.load_config if is_hf else load_checkpoint_config)(source))
+    problems = architecture_mismatch(cfg, loading.load_model_config(init_from, role="init_from"))
     if problems:
-        raise TrainError(f"init_from {source} does not match config.model:\n  " + "\n  ".join(problems))
-    runtime = {k: getattr(cfg, k) for k in RUNTIME_FIELDS}
-    model = (hf.load_model if is_hf else load_checkpoint)(source, **runtime)
-    return jax.device_put(nnx.state(model), param_shardings)
+        raise TrainError(f"init_from {init_from} does not match config.model:\n  " + "\n  ".join(problems))
+    model = loading.load_model(init_from, role="init_from", **{k: getattr(cfg, k) for k in RUNTIME_FIELDS})
+    return jax.device_put(nnx.state(model, nnx.Param), param_shardings)
+
+
+def init_or_restore(
+    config: ml_collections.ConfigDict, cfg: Qwen3NextConfig, tx, checkpoints: TrainingCheckpoints, mesh
+) -> tuple[nnx.GraphDef, TrainState, tuple]:
+    """The run's starting state: the workdir's latest checkpoint, else `init_from`, else random init.
+
+    Returns (graphdef, state, (param_shardings, opt_shardings)).
+    """
+    graphdef, abstract_params, abstract_opt, param_shardings, opt_shardings = abstract_state(cfg, tx, mesh)
+    step = checkpoints.latest_step()
+    if step is not None:
+        problems = architecture_mismatch(cfg, checkpoints.model_config(step))
+        if problems:
+            raise TrainError(
+                f"{checkpoints.directory.parent} holds a checkpoint of a different architecture (step {step}); "
+                "refusing to touch it. Use another workdir or the matching config:\n  " + "\n  ".join(problems)
+            )
+        params, opt_state, saved = checkpoints.restore(step, abstract_params, abstract_opt)
+        log.info("resumed from %s at step %d", checkpoints.step_directory(step), step)
+        return graphdef, TrainState(step, params, opt_state, saved["data"]), (param_shardings, opt_shardings)
+    params = initial_params(cfg, config.init_from, config.seed, param_shardings)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    log.info("started from %s", config.init_from or f"random init (seed {config.seed})")
+    return graphdef, TrainState(0, params, opt_state), (param_shardings, opt_shardings)
 
 
 # ---------------------------------------------------------------------------- steps
-def make_train_step(graphdef, tx, loss_fn: LossFn, grad_accum_steps: int, token_sharding):
-    """One optimizer step over a global batch [B, L+1], accumulating gradients over micro-batches."""
+class LossFn(Protocol):
+    def __call__(
+        self, params: nnx.State, teacher_params: nnx.State | None, tokens: jax.Array, weights: dict[str, jax.Array]
+    ) -> tuple[jax.Array, dict[str, jax.Array]]: ...
 
-    def micro_loss(params, tokens):
-        return loss_fn(nnx.merge(graphdef, params), tokens)
 
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+def make_loss_fn(
+    graphdef: nnx.GraphDef,
+    objective: losses.Objective,
+    *,
+    with_mtp: bool,
+    teacher_graphdef: nnx.GraphDef | None = None,
+    teacher_mtp: bool = False,
+) -> LossFn:
+    """(params, teacher params, tokens [B, L+1], loss weights) -> (loss, metrics): both models run up
+    to their LM heads, the objective applies the heads chunk by chunk. The student's per-MoE-layer
+    routing metrics (`moe.stack_routing_metrics`) join the objective's metrics."""
 
-    def train_step(params, opt_state, tokens):
+    def loss_fn(params, teacher_params, tokens, weights):
+        inputs = tokens[:, :-1]
+        model = nnx.merge(graphdef, params)
+        out, intermediates = nnx.capture(model, nnx.Intermediate)(inputs, with_mtp=with_mtp, with_logits=False)
+        teacher = None
+        if teacher_graphdef is not None:
+            teacher_model = nnx.merge(teacher_graphdef, teacher_params)
+            teacher_out = teacher_model(inputs, with_mtp=teacher_mtp, with_logits=False)
+            teacher = jax.lax.stop_gradient(losses.head_inputs(teacher_model, teacher_out))
+        loss, metrics = objective(losses.head_inputs(model, out), teacher, tokens, weights)
+        return loss, {**metrics, **stack_routing_metrics(intermediates)}
+
+    return loss_fn
+
+
+WeightsFn = Callable[[jax.Array], dict[str, jax.Array]]
+
+
+def make_train_step(loss_fn: LossFn, tx, loss_weights: WeightsFn, grad_accum_steps: int, micro_sharding):
+    """One optimizer step over a global batch [B, L+1], accumulating gradients over micro-batches.
+
+    train_step(params, opt_state, teacher_params, tokens, step) -> (params, opt_state, metrics);
+    `step` is the 0-based global step that sets the loss weights (lam, beta).
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(params, opt_state, teacher_params, tokens, step):
+        weights = loss_weights(step)
         b = tokens.shape[0]
         # Micro-batch a takes rows a, a + A, a + 2A, ... so each stays spread over the batch axes.
         micro = tokens.reshape(b // grad_accum_steps, grad_accum_steps, -1).swapaxes(0, 1)  # [A, B/A, L+1]
-        micro = jax.lax.with_sharding_constraint(micro, token_sharding)
+        micro = jax.lax.with_sharding_constraint(micro, micro_sharding)
 
         def accumulate(carry, tokens_a):
-            (_, metrics), grads = grad_fn(params, tokens_a)
+            (_, metrics), grads = grad_fn(params, teacher_params, tokens_a, weights)
             return jax.tree.map(jnp.add, carry, (grads, metrics)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, micro[0]))
-        (grads, metrics), _ = jax.lax.scan(accumulate, (zeros[1], zeros[0][1]), micro)
+        (_, zero_metrics), zero_grads = jax.tree.map(
+            jnp.zeros_like, jax.eval_shape(grad_fn, params, teacher_params, micro[0], weights)
+        )
+        (grads, metrics), _ = jax.lax.scan(accumulate, (zero_grads, zero_metrics), micro)
         grads, metrics = jax.tree.map(lambda x: x / grad_accum_steps, (grads, metrics))
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
@@ -151,20 +293,54 @@ def make_train_step(graphdef, tx, loss_fn: LossFn, grad_accum_steps: int, token_
     return train_step
 
 
-def make_eval_step(graphdef, loss_fn: LossFn):
-    def eval_step(params, tokens):
-        return loss_fn(nnx.merge(graphdef, params), tokens)[1]
+def make_eval_step(loss_fn: LossFn, loss_weights: WeightsFn):
+    """eval_step(params, teacher_params, tokens, step) -> metrics (no gradient)."""
+
+    def eval_step(params, teacher_params, tokens, step):
+        return loss_fn(params, teacher_params, tokens, loss_weights(step))[1]
 
     return eval_step
 
 
-# ---------------------------------------------------------------------------- the run
-def run(config: ml_collections.ConfigDict, loss_fn: LossFn | None = None) -> dict:
-    """Train as configured; returns the final metrics. Raises TrainError / ConfigError / DataError."""
-    cfg = model_config(config)
+def loss_weights_fn(loss: ml_collections.ConfigDict, total_steps: int) -> WeightsFn:
+    """lam and beta at a 0-based global step, from their schedules over the whole run."""
+    lam = losses.weight_schedule(loss.lam, total_steps)
+    beta = losses.weight_schedule(loss.beta, total_steps)
+    return lambda step: {"lam": lam(step), "beta": beta(step)}
+
+
+def make_objective(config: ml_collections.ConfigDict, cfg: Qwen3NextConfig) -> losses.Objective:
+    loss = config.loss
+    return losses.distillation_objective(
+        aux_coef=cfg.router_aux_loss_coef,
+        chunk_size=loss.chunk_size,
+        temperature=loss.temperature,
+        mtp_kd_target=loss.mtp_kd_target,
+    )
+
+
+# ---------------------------------------------------------------------------- checks
+def check_run_config(config: ml_collections.ConfigDict) -> None:
+    """Refuse, before any work, a run config whose problems need no model or data to see."""
     tc = config.train
+    problems = losses.check_loss_config(config.loss, has_teacher=bool(config.teacher))
     if tc.global_batch_size % (tc.grad_accum_steps * jax.process_count()):
-        raise ConfigError("train.global_batch_size must be a multiple of train.grad_accum_steps x process count")
+        problems.append("train.global_batch_size must be a multiple of train.grad_accum_steps x process count")
+    if problems:
+        raise ConfigError("bad run config:\n  " + "\n  ".join(problems))
+
+
+# ---------------------------------------------------------------------------- the run
+def run(config: ml_collections.ConfigDict) -> dict:
+    """Train (or distil, with `config.teacher`) as configured; returns the final metrics.
+
+    Raises TrainError / ConfigError / DataError / MeshError / FileNotFoundError, before writing
+    anything whenever the problem can be seen from the configs alone.
+    """
+    cfg = model_config(config)
+    check_run_config(config)
+    teacher_cfg = teacher_config(config, cfg)
+    tc = config.train
     workdir = Path(config.workdir).absolute()
 
     # Mesh.
@@ -178,59 +354,58 @@ def run(config: ml_collections.ConfigDict, loss_fn: LossFn | None = None) -> dic
     heldout = data.heldout_batches(config.data, tokenizer, batch_size=tc.eval_batch_size, num_batches=tc.eval_batches)
     token_sharding = sharding.batch_sharding(mesh, 2)
 
-    # Abstract model and optimizer.
+    # Models: the teacher (frozen), the student's state from its checkpoint, init_from or random init.
+    teacher = load_teacher(config, teacher_cfg, mesh) if teacher_cfg is not None else None
     tx, schedule = make_optimizer(config.optimizer, tc.steps)
-    graphdef, abstract_params, abstract_opt, param_shardings, opt_shardings = abstract_state(cfg, tx, mesh)
-    loss_fn = loss_fn or language_model_loss(tc.mtp_loss_weight)
-
-    # Sharded init or restore: own checkpoint, else init_from, else random.
     checkpoints = TrainingCheckpoints(workdir, max_to_keep=tc.keep_checkpoints)
-    start_step = checkpoints.latest_step()
-    if start_step is not None:
-        problems = architecture_mismatch(cfg, checkpoints.model_config(start_step))
-        if problems:
-            raise TrainError(
-                f"{workdir} holds a checkpoint of a different architecture (step {start_step}); refusing to touch it. "
-                "Use another workdir or the matching config:\n  " + "\n  ".join(problems)
-            )
-        params, opt_state, train_state = checkpoints.restore(start_step, abstract_params, abstract_opt)
-        train_batches.set_state(train_state["data"])
-        log.info("resumed from %s at step %d", checkpoints.step_directory(start_step), start_step)
-    else:
-        start_step = 0
-        params = initial_params(cfg, config.init_from, config.seed, param_shardings)
-        opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-        log.info("started from %s", config.init_from or f"random init (seed {config.seed})")
-    num_params = sum(x.size for x in jax.tree.leaves(params))
+    graphdef, state, (param_shardings, opt_shardings) = init_or_restore(config, cfg, tx, checkpoints, mesh)
+    if state.data_state is not None:
+        train_batches.set_state(state.data_state)
+    num_params = sum(x.size for x in jax.tree.leaves(state.params))
     log.info("model: %s parameters, %d layers, %d experts", f"{num_params:,}", cfg.num_hidden_layers, cfg.num_experts)
 
     # Step functions.
+    loss_fn = make_loss_fn(
+        graphdef,
+        make_objective(config, cfg),
+        with_mtp=not losses.is_always_zero(config.loss.beta),
+        teacher_graphdef=teacher.graphdef if teacher else None,
+        teacher_mtp=needs_teacher_mtp(config, cfg),
+    )
+    loss_weights = loss_weights_fn(config.loss, tc.steps)
+    teacher_params = teacher.params if teacher else None
+    teacher_shardings = jax.tree.map(lambda x: x.sharding, teacher_params)
     micro_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.LOGICAL_RULES["batch"]))
     train_step = jax.jit(
-        make_train_step(graphdef, tx, loss_fn, tc.grad_accum_steps, micro_sharding),
-        in_shardings=(param_shardings, opt_shardings, token_sharding),
+        make_train_step(loss_fn, tx, loss_weights, tc.grad_accum_steps, micro_sharding),
+        in_shardings=(param_shardings, opt_shardings, teacher_shardings, token_sharding, None),
         out_shardings=(param_shardings, opt_shardings, None),
         donate_argnums=(0, 1),
     )
-    eval_step = jax.jit(make_eval_step(graphdef, loss_fn), in_shardings=(param_shardings, token_sharding))
+    eval_step = jax.jit(
+        make_eval_step(loss_fn, loss_weights), in_shardings=(param_shardings, teacher_shardings, token_sharding, None)
+    )
 
     def to_global(batch: np.ndarray) -> jax.Array:
         return jax.make_array_from_process_local_data(token_sharding, batch)
 
-    def evaluate() -> float:
-        losses = [float(eval_step(params, to_global(b))["ce"]) for b in heldout]
-        return float(np.mean(losses))
+    def evaluate(step: int) -> dict[str, float]:
+        results = [eval_step(state.params, teacher_params, to_global(b), step - 1) for b in heldout]
+        return {k: float(np.mean([r[k] for r in results])) for k in HELDOUT_METRICS if k in results[0]}
 
     # Loop.
     tokens_per_step = tc.global_batch_size * config.data.seq_len
-    progress = ProgressLogger(workdir, total_steps=tc.steps, start_step=start_step, tokens_per_step=tokens_per_step,
+    progress = ProgressLogger(workdir, total_steps=tc.steps, start_step=state.step, tokens_per_step=tokens_per_step,
                               log_every=tc.log_every, is_main=jax.process_index() == 0)  # fmt: skip
-    last_saved = start_step
-    metrics = {}
+    last_saved = state.step
     with jax.set_mesh(mesh):  # the context mesh of the expert-parallel MoE's shard_map
         try:
-            for step in range(start_step + 1, tc.steps + 1):
-                params, opt_state, metrics = train_step(params, opt_state, to_global(next(train_batches)))
+            for step in range(state.step + 1, tc.steps + 1):
+                batch = to_global(next(train_batches))
+                state.params, state.opt_state, metrics = train_step(
+                    state.params, state.opt_state, teacher_params, batch, step - 1
+                )
+                state.step = step
                 loss = float(metrics["loss"])
                 if not np.isfinite(loss):
                     last_good = f"step {last_saved} in {checkpoints.directory}" if last_saved else "none (none saved)"
@@ -240,16 +415,17 @@ def run(config: ml_collections.ConfigDict, loss_fn: LossFn | None = None) -> dic
                     )
                 progress.train(step, metrics, float(schedule(step - 1)))
                 if step % tc.eval_every == 0 or step == tc.steps:
-                    progress.heldout(step, evaluate())
+                    progress.heldout(step, evaluate(step))
                 if step % tc.checkpoint_every == 0 or step == tc.steps:
-                    train_state = {
-                        "step": step,
-                        "seed": config.seed,
-                        "data": train_batches.get_state(),
-                        "config": config.to_json(),
-                    }
+                    state.data_state = train_batches.get_state()
+                    train_state = {"step": step, "seed": config.seed, "data": state.data_state,
+                                   "config": config.to_json()}  # fmt: skip
                     checkpoints.save(
-                        step, params, opt_state, cfg, json.loads(json.dumps(train_state, default=_json_default))
+                        step,
+                        state.params,
+                        state.opt_state,
+                        cfg,
+                        json.loads(json.dumps(train_state, default=_json_default)),
                     )
                     last_saved = step
         finally:

@@ -131,9 +131,3 @@ def causal_mask(batch: int, length: int) -> torch.Tensor:
     """The additive 4-D causal mask HF's eager attention takes when called layer by layer."""
     mask = torch.full((length, length), torch.finfo(torch.float32).min).triu(1)
     return mask[None, None].expand(batch, 1, length, length)
-
-
-def max_relative_error(ours, reference) -> float:
-    """max |ours - reference| / max |reference|, in float64."""
-    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
-    return float(np.max(np.abs(ours - reference)) / np.max(np.abs(reference)))

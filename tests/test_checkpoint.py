@@ -8,11 +8,7 @@ from flax import nnx
 from slimqwen_jax.checkpoint import load_checkpoint, load_checkpoint_config, save_checkpoint
 from slimqwen_jax.config import tiny
 from slimqwen_jax.model import Qwen3NextForCausalLM
-
-
-@nnx.jit
-def forward(model, input_ids):
-    return model(input_ids)
+from slimqwen_jax.testing import forward
 
 
 def test_round_trip_is_exact(tmp_path):

@@ -21,11 +21,11 @@ from slimqwen_jax.data import (
     heldout_batches,
     make_tokenizer,
     pack_documents,
+    sources,
     token_stream,
     train_iterator,
     unigram_entropy,
 )
-from slimqwen_jax.data import sources
 
 BYTE = ByteTokenizer()
 DOCS = ["def f(x):\n    return x\n", "héllo wörld ✓", "a", "\n\n", "0123456789" * 7, "∑ over ∞"]

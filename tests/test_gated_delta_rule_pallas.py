@@ -13,23 +13,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-from hf_reference import make_hf_model, max_relative_error
+from hf_reference import make_hf_model
 from jax.experimental.pallas import tpu as pltpu
-from test_gated_delta_rule_reference import make_inputs, rel_err
 
 from pallas_kernels.gated_delta_rule import gated_delta_rule, gated_delta_rule_step
 from pallas_kernels.gated_delta_rule.kernel import KernelOptions
 from slimqwen_jax import hf
+from slimqwen_jax.testing import forward, gated_delta_rule_inputs, max_relative_error
 
 FP32_TOL = 1e-5
 STATIC = ("output_final_state", "implementation", "chunk_size", "use_qk_l2norm", "platform", "layout")
 gdr = jax.jit(gated_delta_rule, static_argnames=STATIC)
-
-
-@nnx.jit
-def forward(model, input_ids):
-    return model(input_ids).logits
 
 
 def weights(inputs: dict, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,10 +68,10 @@ def to_bfloat16(inputs: dict) -> dict:
     ids=lambda x: str(x),
 )
 def test_forward_matches_recurrence(t, hk, hv, with_state, chunk_size, layout):
-    inputs = make_inputs(t, t, hk, hv, with_state=with_state)
+    inputs = gated_delta_rule_inputs(t, t, hk, hv, with_state=with_state)
     o, state = gdr(**inputs, output_final_state=True, implementation="pallas", chunk_size=chunk_size, layout=layout)
     o_ref, state_ref = gdr(**inputs, output_final_state=True, implementation="recurrent")
-    o_err, state_err = rel_err(o, o_ref), rel_err(state, state_ref)
+    o_err, state_err = max_relative_error(o, o_ref), max_relative_error(state, state_ref)
     print(f"T={t} Hk={hk} Hv={hv} state={with_state} C={chunk_size} {layout}: o {o_err:.2e}, state {state_err:.2e}")
     assert o.shape == o_ref.shape and o.dtype == jnp.float32 and state.shape == state_ref.shape
     assert o_err <= FP32_TOL and state_err <= FP32_TOL
@@ -96,14 +90,14 @@ def test_forward_matches_recurrence(t, hk, hv, with_state, chunk_size, layout):
     ids=lambda x: str(x),
 )
 def test_gradients_match_recurrence(t, hk, hv, with_state, chunk_size, use_qk_l2norm, layout):
-    inputs = make_inputs(100 + t, t, hk, hv, with_state=with_state)
+    inputs = gated_delta_rule_inputs(100 + t, t, hk, hv, with_state=with_state)
     o_weight, state_weight = weights(inputs, seed=t)
     options = {"use_qk_l2norm": use_qk_l2norm}
     grads = loss_grads(
         inputs, o_weight, state_weight, implementation="pallas", chunk_size=chunk_size, layout=layout, **options
     )
     grads_ref = loss_grads(inputs, o_weight, state_weight, implementation="recurrent", **options)
-    errors = {name: rel_err(grads[name], grads_ref[name]) for name in grads_ref}
+    errors = {name: max_relative_error(grads[name], grads_ref[name]) for name in grads_ref}
     print(f"T={t} Hk={hk} Hv={hv} state={with_state} C={chunk_size} l2={use_qk_l2norm} {layout}: gradients", errors)
     assert set(errors) == {"q", "k", "v", "g", "beta"} | ({"initial_state"} if with_state else set())
     assert max(errors.values()) <= FP32_TOL, errors
@@ -122,15 +116,15 @@ def test_grid_layout_under_the_tpu_interpreter(monkeypatch):
         }
 
     monkeypatch.setattr(KernelOptions, "call_settings", tpu_interpreter)
-    inputs = make_inputs(3, 40, 2, 4, with_state=True)
+    inputs = gated_delta_rule_inputs(3, 40, 2, 4, with_state=True)
     o_weight, state_weight = weights(inputs, seed=1)
     options = {"chunk_size": 16, "platform": "cpu", "layout": "grid"}
     o, state = gated_delta_rule(**inputs, output_final_state=True, implementation="pallas", **options)
     o_ref, state_ref = gdr(**inputs, output_final_state=True, implementation="recurrent")
     grads = loss_grads(inputs, o_weight, state_weight, implementation="pallas", **options)
     grads_ref = loss_grads(inputs, o_weight, state_weight, implementation="recurrent")
-    errors = {"o": rel_err(o, o_ref), "state": rel_err(state, state_ref)}
-    errors |= {f"d{name}": rel_err(grads[name], grads_ref[name]) for name in grads_ref}
+    errors = {"o": max_relative_error(o, o_ref), "state": max_relative_error(state, state_ref)}
+    errors |= {f"d{name}": max_relative_error(grads[name], grads_ref[name]) for name in grads_ref}
     print("grid layout, TPU interpreter:", errors)
     assert max(errors.values()) <= FP32_TOL, errors
 
@@ -143,7 +137,7 @@ def test_bfloat16_within_the_error_of_the_bfloat16_reference():
     than that yardstick beyond float32 noise: error <= 1.1 * yardstick. The output, returned in
     bfloat16, carries one more rounding of 2^-9; the float32 final state and the gradients not.
     """
-    inputs = make_inputs(7, 65, 2, 4)
+    inputs = gated_delta_rule_inputs(7, 65, 2, 4)
     bf16 = to_bfloat16(inputs)
     o_weight, state_weight = weights(inputs, seed=8)
     ref = gdr(**inputs, output_final_state=True, implementation="recurrent")
@@ -156,14 +150,14 @@ def test_bfloat16_within_the_error_of_the_bfloat16_reference():
     pairs = {"o": (kernel[0], yardstick[0], ref[0]), "final_state": (kernel[1], yardstick[1], ref[1])}
     pairs |= {f"d{name}": (grads_kernel[name], grads_yardstick[name], grads_ref[name]) for name in grads_ref}
     for name, (ours, theirs, exact) in pairs.items():
-        error, allowed = rel_err(ours, exact), 1.1 * rel_err(theirs, exact)
+        error, allowed = max_relative_error(ours, exact), 1.1 * max_relative_error(theirs, exact)
         print(f"bfloat16 {name}: kernel {error:.2e}, jnp chunked reference {allowed / 1.1:.2e}")
         assert error <= allowed, name
 
 
 def test_decode_steps_match_recurrence():
     """Five decode steps chained through the state equal the recurrence over the five tokens."""
-    inputs = make_inputs(9, 5, 2, 4)
+    inputs = gated_delta_rule_inputs(9, 5, 2, 4)
     step = jax.jit(gated_delta_rule_step, static_argnames=("implementation",))
     state, outputs = inputs["initial_state"], []
     for t in range(5):
@@ -171,12 +165,12 @@ def test_decode_steps_match_recurrence():
         o, state = step(**token, state=state)
         outputs.append(o)
     o_ref, state_ref = gdr(**inputs, output_final_state=True, implementation="recurrent")
-    o_err, state_err = rel_err(jnp.stack(outputs, axis=1), o_ref), rel_err(state, state_ref)
+    o_err, state_err = max_relative_error(jnp.stack(outputs, axis=1), o_ref), max_relative_error(state, state_ref)
     token = {name: inputs[name][:, 0] for name in ("q", "k", "v", "g", "beta")}
     o_jnp, _ = step(**token, state=inputs["initial_state"], implementation="recurrent")
     print(f"decode: o {o_err:.2e}, state {state_err:.2e}")
     assert o_err <= FP32_TOL and state_err <= FP32_TOL
-    assert rel_err(outputs[0], o_jnp) <= FP32_TOL
+    assert max_relative_error(outputs[0], o_jnp) <= FP32_TOL
 
 
 # Production shapes of Qwen3-Next-80B: Dk = Dv = 128, Hk = 16, Hv = 32, chunk 64, bfloat16;
@@ -237,7 +231,9 @@ def test_cross_lowering_at_production_shapes(platform, marker, layout, t):
 def test_model_logits_with_pallas_equal_chunked(tmp_path):
     make_hf_model("gqa2_ratio2").save_pretrained(tmp_path)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 97, (2, 40)))
-    logits = {impl: forward(hf.load_model(tmp_path, gated_delta_rule_impl=impl), ids) for impl in ("chunked", "pallas")}
+    logits = {
+        impl: forward(hf.load_model(tmp_path, gated_delta_rule_impl=impl), ids).logits for impl in ("chunked", "pallas")
+    }
     error = max_relative_error(logits["pallas"], logits["chunked"])
     print(f"model logits, pallas vs chunked: max relative error {error:.2e}")
     assert error <= FP32_TOL

@@ -9,10 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_reference import causal_mask, make_hf_model, max_relative_error
+from hf_reference import causal_mask, make_hf_model
 
 from slimqwen_jax import hf
 from slimqwen_jax.moe import swiglu_experts_dense, swiglu_experts_ragged
+from slimqwen_jax.testing import max_relative_error
 
 B, T = 2, 70  # T > 64 and not a multiple of it: two chunks in linear attention
 TOL = 1e-5

@@ -9,18 +9,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from slimqwen_jax import losses, moe, sharding
+from slimqwen_jax import losses, moe, sharding, train
 from slimqwen_jax.config import ConfigError, tiny
 from slimqwen_jax.model import Qwen3NextForCausalLM
+from slimqwen_jax.testing import max_relative_error
 
 N, D, F, E, K = 64, 16, 8, 16, 2
 TOL = 1e-5
 MESHES = {"2x4": (2, 1, 4), "1x8": (1, 1, 8)}  # (data, fsdp, expert)
-
-
-def max_relative_error(ours, expected) -> float:
-    ours, expected = np.asarray(ours, np.float64), np.asarray(expected, np.float64)
-    return float(np.max(np.abs(ours - expected)) / np.max(np.abs(expected)))
 
 
 def make_mesh(name):
@@ -153,6 +149,13 @@ def test_block_uses_the_context_mesh_and_sows_routing_metrics():
     assert not hasattr(block, "routing_metrics")  # nothing stored outside nnx.capture
 
 
+def lm_loss(graphdef, cfg):
+    """The trainer's pretraining loss (CE + 0.3 x MTP CE + aux) as (params, tokens) -> (loss, metrics)."""
+    objective = losses.distillation_objective(aux_coef=cfg.router_aux_loss_coef, chunk_size=16)
+    loss_fn = train.make_loss_fn(graphdef, objective, with_mtp=True)
+    return lambda params, tokens: loss_fn(params, None, tokens, {"lam": 0.0, "beta": 0.3})
+
+
 def sharded_model(cfg, mesh=None):
     """The tiny model (seed 0), its parameters placed by the logical-axis rules on `mesh` if given."""
     graphdef, state = nnx.split(Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(0)))
@@ -164,10 +167,9 @@ def test_whole_model_with_expert_parallelism_matches_one_device():
     against the ragged backend on one device."""
     cfg = tiny(hidden_size=32, num_experts=8)
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (4, 13)), jnp.int32)
-    loss = losses.language_model_loss(0.3)
 
     def logits_and_grads(graphdef, state, tokens):
-        forward = lambda state: loss(nnx.merge(graphdef, state), tokens)  # noqa: E731
+        forward = lambda state: lm_loss(graphdef, cfg)(state, tokens)  # noqa: E731
         (_, metrics), grads = jax.value_and_grad(forward, has_aux=True)(state)
         return nnx.merge(graphdef, state)(tokens[:, :-1]).logits, metrics, grads
 
@@ -194,7 +196,8 @@ def test_loss_reports_routing_metrics_of_every_moe_layer():
     cfg = tiny(num_experts=8, mlp_only_layers=(1,))
     model = Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(0))
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 17)), jnp.int32)
-    _, metrics = losses.language_model_loss(0.3)(model, tokens)
+    graphdef, params = nnx.split(model)
+    _, metrics = lm_loss(graphdef, cfg)(params, tokens)
     router_logits = model(tokens[:, :-1]).router_logits  # decoder MoE layers only
     assert metrics["expert_load"].shape == (len(router_logits) + cfg.num_mtp_layers, cfg.num_experts)
     for layer, logits in enumerate(router_logits):

@@ -1,15 +1,13 @@
 """The prune entry point: a tiny run end to end, refusals, bad flags, and the 80B dry run."""
 
-import importlib.util
-
 import numpy as np
-from test_pruning_transforms import hand_count
 from tool_runs import REPO, run_tool
 
 from slimqwen_jax import prune as prune_cli
 from slimqwen_jax.checkpoint import load_checkpoint
 from slimqwen_jax.config import FULL_ATTENTION, preset
 from slimqwen_jax.pruning import CalibrationStats, count_parameters, format_count
+from slimqwen_jax.testing import hand_count_parameters, load_config_file
 
 SMALL_CALIBRATION = [
     "--config.calibration.num_samples=8", "--config.calibration.seq_len=64", "--config.calibration.batch_size=4",
@@ -21,9 +19,7 @@ def run_prune(*args: str) -> tuple[int, str]:
 
 
 def load_config(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_config_file(REPO / "configs" / f"{name}.py")
     return module, module.get_config()
 
 
@@ -57,7 +53,10 @@ def test_dry_run_of_the_80b_to_23a2b_plan(capsys):
     source = preset("qwen3_next_80b_a3b")
     assert new_cfg.architecture() == preset("slimqwen_23a2b").architecture()
     assert sum(t == FULL_ATTENTION for t in new_cfg.layer_types) == 9
-    (total_before, active_before), (total_after, active_after) = hand_count(source), hand_count(new_cfg)
+    (total_before, active_before), (total_after, active_after) = (
+        hand_count_parameters(source),
+        hand_count_parameters(new_cfg),
+    )
     assert count_parameters(new_cfg, new_params).total == total_after
     assert 79e9 < total_before < 81e9 and 3.7e9 < active_before < 3.95e9  # paper: 80B / 3.8B
     assert 22.5e9 < total_after < 23.5e9 and 1.9e9 < active_after < 2.2e9  # paper: 23B / 2.0B

@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 from flax import nnx
-from hf_reference import add_mtp_tensors, make_hf_model, max_relative_error
+from hf_reference import add_mtp_tensors, make_hf_model
 from transformers import Qwen3NextForCausalLM as HFModel
 
 from slimqwen_jax import hf
@@ -17,6 +17,7 @@ from slimqwen_jax.pruning import (
     layers_to_keep,
     prune,
 )
+from slimqwen_jax.testing import max_relative_error
 
 
 def test_pruned_export_loads_in_transformers_with_identical_logits(tmp_path):

@@ -56,11 +56,15 @@ def test_experts_not_divisible_by_the_expert_axis_are_rejected():
     "mesh_shape, moe_backend", [((4, 2, 1), "ragged"), ((2, 1, 4), "expert_parallel")], ids=["fsdp", "expert"]
 )
 def test_sharded_train_steps_match_one_device(mesh_shape, moe_backend):
-    """Two steps on a mesh of 8 devices (data=4 x fsdp=2, or data=2 x expert=4 with the
-    expert-parallel MoE) equal two steps on one device with the ragged MoE."""
+    """Two distillation steps on a mesh of 8 devices (data=4 x fsdp=2, or data=2 x expert=4 with the
+    expert-parallel MoE), student and teacher placed by the same logical-axis rules, equal two steps
+    on one device with the ragged MoE."""
     cfg = tiny(hidden_size=32, num_experts=4)
+    teacher_cfg = tiny(hidden_size=48, num_hidden_layers=5, num_experts=8)  # float32: no bf16 rounding noise
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 257, (2, 8, 33)), jnp.int32)
     tx = optax.sgd(0.5)  # linear in the gradients, so float reassociation noise is not amplified
+    loss = losses.loss_config(distillation=True)
+    loss.chunk_size = 48
     results = []
     runs = ((jax.devices()[:1], (1, 1, 1), "ragged"), (jax.devices(), mesh_shape, moe_backend))
     for devices, shape, backend in runs:
@@ -70,14 +74,23 @@ def test_sharded_train_steps_match_one_device(mesh_shape, moe_backend):
         )
         params = train.initial_params(cfg, "", 0, param_shardings)
         opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+        teacher_graphdef, teacher_params = nnx.split(
+            Qwen3NextForCausalLM(teacher_cfg.replace(moe_backend=backend), rngs=nnx.Rngs(1)), nnx.Param
+        )
+        teacher_params = jax.device_put(teacher_params, sharding.state_shardings(teacher_params, mesh))
+        loss_fn = train.make_loss_fn(
+            graphdef, losses.distillation_objective(aux_coef=cfg.router_aux_loss_coef, chunk_size=loss.chunk_size),
+            with_mtp=True, teacher_graphdef=teacher_graphdef, teacher_mtp=True,
+        )  # fmt: skip
         micro = NamedSharding(mesh, PartitionSpec(None, sharding.LOGICAL_RULES["batch"]))
-        step = jax.jit(train.make_train_step(graphdef, tx, losses.language_model_loss(0.3), 1, micro),
+        step = jax.jit(train.make_train_step(loss_fn, tx, train.loss_weights_fn(loss, 4), 1, micro),
                        out_shardings=(param_shardings, opt_shardings, None))  # fmt: skip
         with jax.set_mesh(mesh):
-            for batch in tokens:
+            for i, batch in enumerate(tokens):
                 batch = jax.device_put(batch, sharding.batch_sharding(mesh, 2))
-                params, opt_state, metrics = step(params, opt_state, batch)
+                params, opt_state, metrics = step(params, opt_state, teacher_params, batch, i)
         assert params["model"]["layers"][0]["mlp"]["experts"]["gate_proj"][...].sharding.mesh.size == len(devices)
+        assert float(metrics["kd"]) > 0
         results.append((jax.tree.leaves(jax.device_get(params)), float(metrics["loss"])))
     for a, b in zip(results[0][0], results[1][0], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -1,6 +1,5 @@
 """The training entry point: pulse run, exact resume after SIGKILL, bad input, step and loss pieces."""
 
-import importlib.util
 import json
 import re
 import signal
@@ -8,17 +7,18 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from flax import nnx
+from test_losses import TOKENS, step_fn
 from tool_runs import REPO, run_tool, start_tool
 
 from slimqwen_jax import losses, train
 from slimqwen_jax.checkpoint import load_checkpoint, save_checkpoint
 from slimqwen_jax.config import tiny
 from slimqwen_jax.model import Qwen3NextForCausalLM
+from slimqwen_jax.testing import load_config_file
 
 CONFIGS = sorted((REPO / "configs").glob("*.py"))
 
@@ -49,9 +49,7 @@ def final_params(workdir: Path, step: int) -> list[np.ndarray]:
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_config_loads_and_documents_its_command(path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_config_file(path)
     config = module.get_config()
     assert re.match(rf"python -m slimqwen_jax\.(train|prune) --config configs/{path.name}", module.__doc__)
     assert train.model_config(config).num_hidden_layers > 0
@@ -141,42 +139,74 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert saved and all(np.isfinite(a).all() for a in final_params(tmp_path, saved[-1]))
 
 
+# ---------------------------------------------------------------------------- distillation
+DISTIL = ["--config.loss.lam.schedule=linear", "--config.loss.lam.start=1.0", "--config.loss.lam.end=0.75",
+          "--config.loss.beta.schedule=cosine", "--config.loss.beta.start=0.3", "--config.loss.beta.end=0.1",
+          "--config.loss.chunk_size=48"]  # fmt: skip
+
+
+def save_teacher(directory: Path, **overrides) -> Path:
+    """A random teacher of another architecture than TINY_RUN's student (deeper, wider, more experts)."""
+    cfg = tiny(vocab_size=260, hidden_size=48, num_hidden_layers=8, num_experts=8, **overrides)
+    return save_checkpoint(Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(7)), directory)
+
+
+def test_distillation_run_logs_every_term_and_weight(tmp_path):
+    teacher = save_teacher(tmp_path / "teacher")
+    code, output = run_train(tmp_path / "run", f"--config.teacher={teacher}", *DISTIL, steps=4, checkpoint_every=4)
+    assert code == 0, output
+    assert re.search(r"step 4/4 \| loss .*kd .*mtp_kd .*top1_agreement .*\| lam 0\.812 beta", output), output
+    history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = set().union(*history)
+    for name in ("ce", "kd", "mtp_ce", "mtp_kd", "aux_loss", "lam", "beta", "top1_agreement"):
+        assert f"train/{name}" in logged, name
+    assert {"heldout/kd", "heldout/top1_agreement"} <= logged
+    lam = [entry["train/lam"] for entry in history if "train/lam" in entry]
+    assert lam == pytest.approx([1.0 - 0.25 * s / 4 for s in (1, 3)], abs=1e-6)  # logged at steps 2 and 4
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert 0.0 <= summary["heldout_top1_agreement"] <= 1.0 and summary["heldout_kd"] > 0
+
+
+@pytest.mark.parametrize(
+    "teacher_overrides, flags, message",
+    [
+        (None, [], "does not exist"),
+        (dict(vocab_size=300), [], "vocab_size is 300, the student's is 260"),
+        (dict(num_mtp_layers=0), [], "teacher_mtp' needs a teacher MTP module"),
+        ({}, ["--config.loss.lam.start=1.5"], "loss.lam.start must be in [0.0, 1.0]"),
+    ],
+    ids=["missing", "vocabulary", "no-mtp", "bad-lam"],
+)
+def test_bad_teacher_is_refused_before_writing(tmp_path, teacher_overrides, flags, message):
+    teacher = tmp_path / "teacher"
+    if teacher_overrides is not None:
+        overrides = {"vocab_size": 260, **teacher_overrides}
+        save_checkpoint(Qwen3NextForCausalLM(tiny(**overrides), rngs=nnx.Rngs(0)), teacher)
+    code, output = run_train(tmp_path / "run", f"--config.teacher={teacher}", *DISTIL, *flags)
+    assert code == 1 and message in output and "Traceback" not in output, output
+    assert not (tmp_path / "run").exists()
+
+
+def test_lam_without_a_teacher_is_refused(tmp_path):
+    code, output = run_train(tmp_path / "run", *DISTIL)
+    assert code == 1 and "no teacher is set" in output and "Traceback" not in output, output
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------------------- pieces
 def test_gradient_accumulation_equals_one_big_batch():
     cfg = tiny(hidden_size=32, num_mtp_layers=1)
-    graphdef, params = nnx.split(Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(0)))
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 257, (4, 17)), jnp.int32)
     tx = optax.sgd(1.0)
-    replicated = jax.sharding.NamedSharding(
-        jax.sharding.Mesh(jax.devices()[:1], ("batch",)), jax.sharding.PartitionSpec()
-    )
+    params = nnx.state(Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param)
     results = []
     for accumulation in (1, 2):
-        step = jax.jit(train.make_train_step(graphdef, tx, losses.language_model_loss(0.3), accumulation, replicated))
-        new_params, _, metrics = step(params, tx.init(params), tokens)
+        step = step_fn(cfg, tx, losses.loss_config(distillation=False), grad_accum_steps=accumulation)
+        new_params, _, metrics = step(params, tx.init(params), None, TOKENS, 0)
         results.append((jax.tree.leaves(new_params), float(metrics["loss"])))
     # MoE aux loss is computed per micro-batch, so losses differ slightly; the CE gradients dominate.
     for a, b in zip(results[0][0], results[1][0]):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
     assert abs(results[0][1] - results[1][1]) < 1e-2
-
-
-def test_mtp_targets_and_mask_match_a_naive_loop():
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, 7, (2, 9))
-    logits = rng.standard_normal((2, 2, 8, 7)).astype(np.float32)  # [M, B, L, V]
-    expected = []
-    for depth in range(2):
-        terms = []
-        for b in range(2):
-            for i in range(8):
-                if i + 2 + depth <= 8:
-                    row = logits[depth, b, i]
-                    terms.append(np.log(np.exp(row).sum()) - row[tokens[b, i + 2 + depth]])
-        expected.append(np.mean(terms))
-    np.testing.assert_allclose(
-        losses.mtp_cross_entropies(jnp.asarray(logits), jnp.asarray(tokens)), expected, rtol=1e-5
-    )
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])

@@ -8,7 +8,6 @@ the end).
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -17,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from slimqwen_jax.config import Qwen3NextConfig
-from slimqwen_jax.model import Qwen3NextForCausalLM
+from slimqwen_jax.model import Qwen3NextForCausalLM, abstract_model
 from slimqwen_jax.pruning.spec import PruningError
 
 # The logical axis of the hidden dimension, and of the MTP fc input [2D] = [embedding half | hidden half].
@@ -26,16 +25,9 @@ EMBED_PAIR_AXIS = "embed_pair"
 EXPERT_AXIS = "expert"
 
 
-@functools.lru_cache(maxsize=8)  # tracing the 80B model's init takes seconds; callers never mutate it
-def _abstract_split(cfg: Qwen3NextConfig) -> tuple[nnx.GraphDef, nnx.State]:
-    return nnx.split(nnx.eval_shape(lambda: Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(0))), nnx.Param)
-
-
 def abstract_params(cfg: Qwen3NextConfig) -> nnx.State:
     """Shapes-only parameters of the model `cfg` describes: plan a compression without weights."""
-    return nnx.from_flat_state(
-        [(path, v.replace(v.get_value())) for path, v in nnx.to_flat_state(_abstract_split(cfg)[1])]
-    )
+    return abstract_model(cfg)[1]
 
 
 def _path_parts(path: str) -> tuple[str | int, ...]:
@@ -95,7 +87,7 @@ def with_values(params: nnx.State, values: dict[str, Any], renamed: dict[str, st
 
 def check_fits(cfg: Qwen3NextConfig, params: nnx.State) -> None:
     """Raise ValueError naming every parameter missing, extra or misshapen for the model of `cfg`."""
-    expected = {path: tuple(v.shape) for path, v in flat_params(_abstract_split(cfg)[1]).items()}
+    expected = {path: tuple(v.shape) for path, v in flat_params(abstract_params(cfg)).items()}
     found = {path: tuple(v.shape) for path, v in flat_params(params).items()}
     problems = [f"{path}: missing" for path in expected if path not in found]
     problems += [f"{path}: not a parameter of this model" for path in found if path not in expected]
@@ -110,4 +102,4 @@ def check_fits(cfg: Qwen3NextConfig, params: nnx.State) -> None:
 
 def build_model(cfg: Qwen3NextConfig, params: nnx.State) -> Qwen3NextForCausalLM:
     """The model for `cfg` holding `params` (e.g. the output of a pruning transform)."""
-    return nnx.merge(_abstract_split(cfg)[0], params)
+    return nnx.merge(abstract_model(cfg)[0], params)

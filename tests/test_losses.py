@@ -1,0 +1,292 @@
+"""The training objective: chunked LM / KD / MTP terms against naive full-vocabulary references, the
+MTP target alignment, the lam / beta schedules, and train steps with a teacher."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from slimqwen_jax import losses, train
+from slimqwen_jax.config import tiny
+from slimqwen_jax.losses import HeadInputs
+from slimqwen_jax.model import Qwen3NextForCausalLM, abstract_model
+from slimqwen_jax.testing import forward, random_tokens
+
+N, D, V = 45, 8, 37  # tokens, width, vocabulary (small: the references build full [N, V] logits)
+
+
+def log_softmax64(logits: np.ndarray) -> np.ndarray:
+    logits = np.asarray(logits, np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def numpy_kd(student_logits, teacher_logits, tau: float) -> np.ndarray:
+    """Per-token tau^2 KL(softmax(t / tau) || softmax(s / tau)) in float64, written from the formula."""
+    log_p = log_softmax64(np.asarray(teacher_logits, np.float64) / tau)
+    log_q = log_softmax64(np.asarray(student_logits, np.float64) / tau)
+    return tau**2 * np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)
+
+
+def numpy_ce(logits, targets) -> np.ndarray:
+    return -np.take_along_axis(log_softmax64(logits), np.asarray(targets)[:, None], axis=-1)[:, 0]
+
+
+def random_inputs(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    arrays = dict(
+        student=rng.normal(size=(N, D)), student_head=rng.normal(size=(D, V)),
+        teacher=rng.normal(size=(N, D + 3)), teacher_head=rng.normal(size=(D + 3, V)),
+    )  # fmt: skip
+    arrays = {k: jnp.asarray(v, jnp.float32) for k, v in arrays.items()}
+    targets = jnp.asarray(rng.integers(0, V, N), jnp.int32)
+    mask = jnp.asarray(rng.random(N) < 0.8)
+    return arrays, targets, mask
+
+
+def chunked_means(arrays, targets, mask, chunk_size, temperature=1.0):
+    sums = losses.chunked_token_sums(
+        arrays["student"], arrays["student_head"], arrays["teacher"], arrays["teacher_head"], targets, mask,
+        chunk_size=chunk_size, temperature=temperature,
+    )  # fmt: skip
+    return {k: sums[k] / sums["count"] for k in ("ce", "kd", "agree")}
+
+
+def naive_means(arrays, targets, mask, temperature=1.0):
+    """Full [N, V] logits and softmaxes in jnp: the unchunked objective, for gradients."""
+    student = arrays["student"] @ arrays["student_head"]
+    teacher = arrays["teacher"] @ arrays["teacher_head"]
+    ce = jax.nn.logsumexp(student, -1) - jnp.take_along_axis(student, targets[:, None], -1)[:, 0]
+    p = jax.nn.softmax(teacher / temperature)
+    kd = temperature**2 * jnp.sum(
+        p * (jax.nn.log_softmax(teacher / temperature) - jax.nn.log_softmax(student / temperature)), -1
+    )
+    weight = mask.astype(jnp.float32)
+    return {"ce": jnp.sum(ce * weight) / jnp.sum(weight), "kd": jnp.sum(kd * weight) / jnp.sum(weight)}
+
+
+@pytest.mark.parametrize("chunk_size", [5, 16, 45, 64])  # divides N, does not, all of N, more than N
+def test_chunked_terms_equal_full_softmax_in_value_and_gradient(chunk_size):
+    arrays, targets, mask = random_inputs()
+    ours = chunked_means(arrays, targets, mask, chunk_size)
+    student = np.asarray(arrays["student"] @ arrays["student_head"])
+    teacher = np.asarray(arrays["teacher"] @ arrays["teacher_head"])
+    m = np.asarray(mask)
+    np.testing.assert_allclose(float(ours["ce"]), numpy_ce(student, targets)[m].mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(ours["kd"]), numpy_kd(student, teacher, 1.0)[m].mean(), rtol=1e-5)
+    agree = (student.argmax(-1) == teacher.argmax(-1))[m].mean()
+    np.testing.assert_allclose(float(ours["agree"]), agree, rtol=1e-6)
+
+    def objective(fn):
+        def value(student, student_head):
+            terms = fn({**arrays, "student": student, "student_head": student_head})
+            return terms["ce"] + 2.0 * terms["kd"]
+
+        return jax.grad(value, argnums=(0, 1))(arrays["student"], arrays["student_head"])
+
+    chunked = objective(lambda a: chunked_means(a, targets, mask, chunk_size))
+    naive = objective(lambda a: naive_means(a, targets, mask))
+    for ours_grad, reference in zip(chunked, naive):
+        np.testing.assert_allclose(ours_grad, reference, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("tau", [0.5, 2.0])
+def test_temperature_against_the_numpy_formula(tau):
+    arrays, targets, mask = random_inputs(seed=1)
+    ours = chunked_means(arrays, targets, mask, chunk_size=16, temperature=tau)
+    student = np.asarray(arrays["student"] @ arrays["student_head"])
+    teacher = np.asarray(arrays["teacher"] @ arrays["teacher_head"])
+    expected = numpy_kd(student, teacher, tau)[np.asarray(mask)].mean()
+    np.testing.assert_allclose(float(ours["kd"]), expected, rtol=1e-5)
+    # The tau^2 factor: not the plain KL of the softened distributions.
+    assert not math.isclose(expected, expected / tau**2, rel_tol=1e-3)
+
+
+# ---------------------------------------------------------------------------- MTP alignment
+def test_mtp_targets_and_masks_on_a_hand_made_window():
+    tokens = jnp.asarray([[10, 11, 12, 13, 14, 15]])  # L = 5 inputs
+    for depth, expected_targets, expected_mask in [
+        (0, [12, 13, 14, 15, 0], [1, 1, 1, 1, 0]),
+        (1, [13, 14, 15, 0, 0], [1, 1, 1, 0, 0]),
+    ]:
+        targets, mask = losses.mtp_targets(tokens, depth)
+        np.testing.assert_array_equal(np.asarray(targets)[0], expected_targets)
+        np.testing.assert_array_equal(np.asarray(mask)[0], np.asarray(expected_mask, bool))
+
+
+def objective_terms(student: HeadInputs, teacher: HeadInputs, tokens, target: str) -> dict:
+    objective = losses.distillation_objective(aux_coef=0.0, chunk_size=4, mtp_kd_target=target)
+    return objective(student, teacher, tokens, {"lam": jnp.float32(0.5), "beta": jnp.float32(0.5)})[1]
+
+
+@pytest.mark.parametrize("depths", [1, 2])
+def test_mtp_kd_reads_the_teacher_at_the_aligned_position(depths):
+    """A student MTP head that reproduces the teacher's distribution for the same target token has
+    MTP-KD 0; the same hidden states one position off do not."""
+    rng = np.random.default_rng(depths)
+    b, length = 2, 9
+    tokens = jnp.asarray(rng.integers(0, V, (b, length + 1)))
+    head = jnp.asarray(rng.normal(size=(D, V)), jnp.float32)
+    hidden = jnp.asarray(rng.normal(size=(b, length, D)), jnp.float32)
+    teacher_mtp = jnp.asarray(rng.normal(size=(depths, b, length, D)), jnp.float32)
+    teacher = HeadInputs(hidden, teacher_mtp, head, jnp.float32(0))
+
+    # teacher_backbone: MTP depth d at position i predicts t_{i+2+d}, as the backbone does at i + 1 + d.
+    aligned = jnp.stack([jnp.roll(hidden, -(d + 1), axis=1) for d in range(depths)])  # row i <- row i + 1 + d
+    terms = objective_terms(HeadInputs(hidden, aligned, head, jnp.float32(0)), teacher, tokens, "teacher_backbone")
+    assert float(terms["mtp_kd"]) < 1e-6 and float(terms["kd"]) < 1e-6
+    off_by_one = jnp.stack([jnp.roll(hidden, -(d + 2), axis=1) for d in range(depths)])
+    terms = objective_terms(HeadInputs(hidden, off_by_one, head, jnp.float32(0)), teacher, tokens, "teacher_backbone")
+    assert float(terms["mtp_kd"]) > 0.1
+
+    # teacher_mtp: the teacher's own MTP head at the same depth and position.
+    terms = objective_terms(HeadInputs(hidden, teacher_mtp, head, jnp.float32(0)), teacher, tokens, "teacher_mtp")
+    assert float(terms["mtp_kd"]) < 1e-6
+    shifted = jnp.roll(teacher_mtp, 1, axis=2)
+    terms = objective_terms(HeadInputs(hidden, shifted, head, jnp.float32(0)), teacher, tokens, "teacher_mtp")
+    assert float(terms["mtp_kd"]) > 0.1
+
+
+def test_mtp_cross_entropy_matches_a_naive_loop():
+    rng = np.random.default_rng(0)
+    b, length, depths = 2, 8, 2
+    tokens = rng.integers(0, V, (b, length + 1))
+    head = rng.normal(size=(D, V)).astype(np.float32)
+    mtp_hidden = rng.normal(size=(depths, b, length, D)).astype(np.float32)
+    student = HeadInputs(jnp.zeros((b, length, D)), jnp.asarray(mtp_hidden), jnp.asarray(head), jnp.float32(0))
+    objective = losses.distillation_objective(aux_coef=0.0, chunk_size=3)
+    metrics = objective(student, None, jnp.asarray(tokens), {"lam": jnp.float32(0), "beta": jnp.float32(1)})[1]
+    per_depth = []
+    for depth in range(depths):
+        terms = [
+            numpy_ce((mtp_hidden[depth, i, j] @ head)[None], [tokens[i, j + 2 + depth]])[0]
+            for i in range(b)
+            for j in range(length)
+            if j + 2 + depth <= length
+        ]
+        per_depth.append(np.mean(terms))
+    np.testing.assert_allclose(float(metrics["mtp_ce"]), np.mean(per_depth), rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- schedules
+def schedule(kind, start, end):
+    return ml_collections.ConfigDict(dict(schedule=kind, start=start, end=end))
+
+
+def test_weight_schedules():
+    linear = losses.weight_schedule(schedule("linear", 1.0, 0.75), 100)
+    cosine = losses.weight_schedule(schedule("cosine", 0.3, 0.1), 100)
+    constant = losses.weight_schedule(schedule("constant", 0.4, 0.4), 100)
+    for step in (0, 30, 50, 100, 150):
+        progress = min(step / 100, 1.0)
+        assert float(linear(step)) == pytest.approx(1.0 - 0.25 * progress)
+        assert float(cosine(step)) == pytest.approx(0.1 + 0.1 * (1 + math.cos(math.pi * progress)), abs=1e-6)
+        assert float(constant(step)) == pytest.approx(0.4)
+
+
+def test_bad_loss_configs_name_every_problem():
+    loss = losses.loss_config(distillation=True)
+    loss.lam.schedule, loss.beta.start, loss.temperature, loss.chunk_size = "step", -1.0, 0.0, 0
+    loss.mtp_kd_target = "teacher"
+    problems = "\n".join(losses.check_loss_config(loss, has_teacher=False))
+    for message in ("loss.lam.schedule", "loss.beta.start", "no teacher is set", "temperature", "mtp_kd_target",
+                    "chunk_size"):  # fmt: skip
+        assert message in problems
+
+
+# ---------------------------------------------------------------------------- train steps
+STUDENT = tiny(hidden_size=32, num_mtp_layers=1)
+TOKENS = jnp.asarray(random_tokens(4, 17, 257))
+
+
+def graphdef_of(cfg):
+    return abstract_model(cfg)[0]
+
+
+def step_fn(cfg, tx, loss_cfg, teacher_cfg=None, grad_accum_steps=1):
+    """The trainer's jitted step for a student of `cfg` (and a teacher of `teacher_cfg`)."""
+    graphdef = graphdef_of(cfg)
+    teacher_graphdef = None if teacher_cfg is None else graphdef_of(teacher_cfg)
+    config = ml_collections.ConfigDict(dict(loss=loss_cfg))
+    loss_fn = train.make_loss_fn(
+        graphdef, train.make_objective(config, cfg), with_mtp=not losses.is_always_zero(loss_cfg.beta),
+        teacher_graphdef=teacher_graphdef, teacher_mtp=teacher_cfg is not None and teacher_cfg.num_mtp_layers > 0,
+    )  # fmt: skip
+    replicated = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(jax.devices()[:1], ("batch",)), jax.sharding.PartitionSpec()
+    )
+    weights = train.loss_weights_fn(loss_cfg, 10)
+    return jax.jit(train.make_train_step(loss_fn, tx, weights, grad_accum_steps, replicated))
+
+
+def params_of(cfg, seed):
+    return nnx.state(Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(seed)), nnx.Param)
+
+
+def distillation_loss(chunk_size=8, **weights):
+    loss = losses.loss_config(distillation=True)
+    loss.chunk_size = chunk_size
+    for name, (kind, start, end) in weights.items():
+        loss[name] = schedule(kind, start, end)
+    return loss
+
+
+def test_zero_lam_and_beta_reproduce_lm_only_training_bitwise():
+    tx = optax.adamw(1e-2)
+    zero = dict(lam=("constant", 0.0, 0.0), beta=("constant", 0.0, 0.0))
+    teacher_cfg = tiny(hidden_size=32, num_hidden_layers=5, num_experts=8)
+    runs = {}
+    for name, teacher in (("lm", None), ("distil", teacher_cfg)):
+        step = step_fn(STUDENT, tx, distillation_loss(**zero), teacher)
+        params = params_of(STUDENT, 0)
+        opt_state = tx.init(params)
+        teacher_params = None if teacher is None else params_of(teacher, 1)
+        for i in range(3):
+            params, opt_state, metrics = step(params, opt_state, teacher_params, TOKENS, i)
+        runs[name] = (jax.tree.leaves(params), metrics)
+    assert float(runs["distil"][1]["kd"]) > 0  # the KD term was computed, with weight 0
+    for a, b in zip(runs["lm"][0], runs["distil"][0], strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert float(runs["lm"][1]["loss"]) == float(runs["distil"][1]["loss"])
+
+
+def test_teacher_equal_to_the_student_gives_zero_kd_and_zero_kd_gradient():
+    loss = distillation_loss(lam=("constant", 1.0, 1.0), beta=("constant", 1.0, 1.0))
+    cfg = STUDENT.replace(router_aux_loss_coef=0.0)  # the objective is then the two KD terms alone
+    step = step_fn(cfg, optax.sgd(1.0), loss, cfg)
+    params = params_of(cfg, 0)
+    teacher_params = jax.tree.map(jnp.copy, params)
+    new_params, _, metrics = step(params, optax.sgd(1.0).init(params), teacher_params, TOKENS, 0)
+    print(f"teacher == student: kd {float(metrics['kd']):.2e}, mtp_kd {float(metrics['mtp_kd']):.2e}, "
+          f"grad norm {float(metrics['grad_norm']):.2e}")  # fmt: skip
+    assert abs(float(metrics["kd"])) < 1e-6 and abs(float(metrics["mtp_kd"])) < 1e-6
+    assert float(metrics["top1_agreement"]) == 1.0
+    assert float(metrics["grad_norm"]) < 1e-5
+    for a, b in zip(jax.tree.leaves(new_params), jax.tree.leaves(params)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_teacher_of_another_architecture_against_full_logits():
+    """A deeper teacher with more experts and a wider MTP: the step's KD and agreement metrics equal
+    numpy's from the two models' full logits."""
+    teacher_cfg = tiny(hidden_size=48, num_hidden_layers=6, num_experts=8, num_experts_per_tok=3, num_mtp_layers=2)
+    loss = distillation_loss(chunk_size=24, lam=("constant", 0.5, 0.5), beta=("constant", 0.3, 0.3))
+    step = step_fn(STUDENT, optax.sgd(0.1), loss, teacher_cfg)
+    params, teacher_params = params_of(STUDENT, 0), params_of(teacher_cfg, 1)
+    _, _, metrics = step(params, optax.sgd(0.1).init(params), teacher_params, TOKENS, 0)
+    inputs = TOKENS[:, :-1]
+    ours = forward(nnx.merge(graphdef_of(STUDENT), params), inputs)
+    theirs = forward(nnx.merge(graphdef_of(teacher_cfg), teacher_params), inputs)
+    s, t = np.asarray(ours.logits).reshape(-1, STUDENT.vocab_size), np.asarray(theirs.logits).reshape(-1, STUDENT.vocab_size)
+    np.testing.assert_allclose(float(metrics["kd"]), numpy_kd(s, t, 1.0).mean(), rtol=1e-4)
+    np.testing.assert_allclose(float(metrics["top1_agreement"]), (s.argmax(-1) == t.argmax(-1)).mean(), rtol=1e-6)
+    valid = slice(0, inputs.shape[1] - 1)  # MTP depth 0: the last position has no target
+    s_mtp = np.asarray(ours.mtp_logits[0][:, valid]).reshape(-1, STUDENT.vocab_size)
+    t_mtp = np.asarray(theirs.mtp_logits[0][:, valid]).reshape(-1, STUDENT.vocab_size)
+    np.testing.assert_allclose(float(metrics["mtp_kd"]), numpy_kd(s_mtp, t_mtp, 1.0).mean(), rtol=1e-4)
+    assert np.isfinite(float(metrics["loss"]))
