@@ -2,12 +2,12 @@
 
     python -m slimqwen_jax.evaluate --config configs/evaluate_quickstart.py --config.model=<path>
 
-`model` (and the optional `reference`, e.g. the teacher) is an HF directory, one of our checkpoints
-or a training workdir (its latest step). Held-out windows of any `slimqwen_jax.data` source give
-loss / bits per byte / perplexity, top-1 agreement and KL against the reference, and teacher-forced
-MTP acceptance; held-out prompts are then decoded greedily with caches, without them, and with MTP
-speculative decoding (acceptance rates acc_1..acc_J, speed-up). Writes a JSON report (never over an
-existing one unless `overwrite`) and prints a short table.
+`model` (and the optional `reference`, e.g. the teacher) is an HF directory or one of our
+checkpoints (a training run's `checkpoints/<step>` directory included). Held-out windows of any
+`slimqwen_jax.data` source give loss / bits per byte / perplexity, top-1 agreement and KL against
+the reference, and teacher-forced MTP acceptance; held-out prompts are then decoded greedily with
+caches, without them, and with MTP speculative decoding (acceptance rates acc_1..acc_J, speed-up).
+Writes a JSON report (never over an existing one unless `overwrite`) and prints a short table.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from slimqwen_jax import cli, data, hf
-from slimqwen_jax.checkpoint import TrainingCheckpoints, load_checkpoint
+from slimqwen_jax import cli, data
 from slimqwen_jax.config import ConfigError
 from slimqwen_jax.decoding import Decoder, DecodingError, uncached_generate
 from slimqwen_jax.evaluation import acceptance_rates, add_statistics, batch_statistics, summarize, token_byte_lengths
 from slimqwen_jax.hf import CheckpointMismatchError
+from slimqwen_jax.loading import load_model
 from slimqwen_jax.model import Qwen3NextForCausalLM
 from slimqwen_jax.progress import format_duration
 
@@ -43,25 +43,11 @@ class EvaluateError(RuntimeError):
     """An evaluation that cannot run; the message says why."""
 
 
-def load_model(path: str, dtype: str = "float32") -> Qwen3NextForCausalLM:
-    """An HF directory (config.json), one of our checkpoints, or a training workdir (latest step)."""
-    source = Path(path)
-    if (source / "config.json").exists():
-        return hf.load_model(source, dtype=dtype)
-    if (source / "checkpoints").is_dir():
-        checkpoints = TrainingCheckpoints(source)
-        step = checkpoints.latest_step()
-        checkpoints.close()
-        if step is None:
-            raise EvaluateError(f"training workdir {source} holds no checkpoint yet")
-        source = checkpoints.step_directory(step)
-    if not source.exists():
-        raise EvaluateError(f"model path {path} does not exist")
-    return load_checkpoint(source, dtype=dtype, param_dtype=dtype)
-
-
 def report_path(config: ml_collections.ConfigDict) -> Path:
-    path = Path(config.report) if config.report else Path(config.model) / "eval_report.json"
+    """The JSON report's path, refused if it exists (unless `overwrite`) before anything runs."""
+    if not config.report:
+        raise EvaluateError("config.report is empty: name the JSON report file (--config.report=<path>)")
+    path = Path(config.report)
     if path.exists() and not config.overwrite:
         raise EvaluateError(f"{path} exists; pass --config.overwrite=true or another --config.report")
     return path
@@ -162,8 +148,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
     """Evaluate as configured; returns the report. Raises EvaluateError, DataError, ConfigError, ..."""
     path = report_path(config)
     tokenizer = data.make_tokenizer(config.data.tokenizer)
-    model = load_model(config.model, config.dtype)
-    reference = load_model(config.reference, config.dtype) if config.reference else None
+    model = load_model(config.model, dtype=config.dtype)
+    reference = load_model(config.reference, role="reference", dtype=config.dtype) if config.reference else None
     vocab = model.config.vocab_size
     if tokenizer.vocab_size > vocab:
         raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary has {vocab}")

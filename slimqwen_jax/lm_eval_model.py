@@ -5,7 +5,7 @@
 
 `lm_eval` only discovers the models of its own package, so this module is the `lm_eval` command
 with ours registered first (from Python: `lm_eval.simple_evaluate(model=SlimQwenLM(path=...))`).
-Model arguments: path (an HF directory, our checkpoint or a training workdir), tokenizer ("byte" or
+Model arguments: path (an HF directory or one of our checkpoints), tokenizer ("byte" or
 an HF tokenizer.json), dtype, batch_size, max_length (context and cache size), max_gen_toks.
 loglikelihood / loglikelihood_rolling score batches of right-padded windows with one full forward
 each; generate_until decodes batches with the cached `decoding.Decoder` and cuts at the stop strings.
@@ -27,7 +27,7 @@ from lm_eval.api.registry import register_model
 
 from slimqwen_jax import data
 from slimqwen_jax.decoding import Decoder
-from slimqwen_jax.evaluate import load_model
+from slimqwen_jax.loading import load_model
 
 GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_p")
 
@@ -71,7 +71,7 @@ class SlimQwenLM(TemplateLM):
             raise RequestError(f"slimqwen_jax: unknown model_args {sorted(unknown)}; known: {known}")
         super().__init__()
         del device, max_batch_size
-        self.model = load_model(path, dtype)
+        self.model = load_model(path, dtype=dtype)
         self.tokenizer = data.make_tokenizer(tokenizer)
         self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
         self.max_length, self.max_gen_toks, self.seed = int(max_length), int(max_gen_toks), int(seed)

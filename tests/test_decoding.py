@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from hf_reference import add_mtp_tensors, make_hf_model, max_relative_error
+from hf_reference import add_mtp_tensors, make_hf_model
 
 from slimqwen_jax import hf
 from slimqwen_jax.config import tiny
 from slimqwen_jax.decoding import Decoder, DecodingError, _decode_step, pad_prompts, sample_tokens
 from slimqwen_jax.evaluation import acceptance_rates
 from slimqwen_jax.model import Qwen3NextForCausalLM
+from slimqwen_jax.testing import assert_relative_error, forward
 
 MAX_LEN = 96
 
@@ -57,8 +58,8 @@ def test_cached_logits_equal_full_forward_at_every_step(model, decoder, padding)
             row.append(int(t))
     steps = np.stack(steps, axis=1)  # [B, steps, V]
     for b, row in enumerate(rows):
-        full = np.asarray(model(jnp.asarray([row])).logits[0])  # [T, V]: logits of every prefix at once
-        assert max_relative_error(steps[b], full[-6:-1]) < 1e-5
+        full = np.asarray(forward(model, jnp.asarray([row])).logits[0])  # [T, V]: logits of every prefix at once
+        assert_relative_error(steps[b], full[-6:-1], 1e-5, f"row {b} ({padding} padding)")
 
 
 def test_greedy_generation_equals_transformers_generate(checkpoint, decoder):
@@ -143,7 +144,7 @@ def test_speculative_mtp_cache_equals_one_by_one_decoding(model):
     prompt = prompts([9], seed=7)[0]
     speculative = Decoder(two_channel, max_len=MAX_LEN).speculative_generate([prompt], 24, num_drafts=3)
     sequence = prompt + speculative.tokens[0]
-    out = two_channel(jnp.asarray([sequence]))
+    out = forward(two_channel, jnp.asarray([sequence]))
     first_drafts = np.asarray(out.mtp_logits[0, 0]).argmax(-1)  # [T]: guess of token i + 2 at position i
     pending, checked = len(prompt), 0  # the index of the token generated but not yet fed to the backbone
     for accepted in speculative.accepted:

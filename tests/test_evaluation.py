@@ -23,6 +23,7 @@ from slimqwen_jax.evaluation import (
     token_byte_lengths,
 )
 from slimqwen_jax.model import Qwen3NextForCausalLM
+from slimqwen_jax.testing import forward
 
 SMALL = dict(hidden_size=32, head_dim=8, linear_key_head_dim=8, linear_value_head_dim=8, moe_intermediate_size=16,
              shared_expert_intermediate_size=16, initializer_range=0.1)  # fmt: skip
@@ -61,10 +62,9 @@ def test_batch_statistics_match_numpy():
         stats = statistics(model, jnp.asarray(batch), byte_lengths=jnp.asarray(lengths), reference=reference)
         total = add_statistics(total, stats)
     report = summarize(total)
-    forward = nnx.jit(lambda m, ids: m(ids, with_mtp=False).logits)
 
     def log_softmax(m):
-        logits = np.asarray(forward(m, jnp.asarray(tokens[:, :-1])), np.float64)
+        logits = np.asarray(forward(m, jnp.asarray(tokens[:, :-1])).logits, np.float64)
         return (
             logits
             - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
@@ -80,7 +80,7 @@ def test_batch_statistics_match_numpy():
     assert report["top1_agreement"] == pytest.approx(np.mean(ours.argmax(-1) == ref.argmax(-1)))
     assert report["mean_kl"] == pytest.approx(np.mean(np.sum(np.exp(ref) * (ref - ours), -1)), rel=1e-4)
     # Draft 1 is the model's own MTP head (depth 0); it is accepted where it equals the next greedy token.
-    out = nnx.jit(lambda m, ids: m(ids))(model, jnp.asarray(tokens[:, :-1]))
+    out = forward(model, jnp.asarray(tokens[:, :-1]))
     draft, greedy = np.asarray(out.mtp_logits[0]).argmax(-1), np.asarray(out.logits).argmax(-1)  # [B, L]
     assert report["teacher_forced_acc_1"] == pytest.approx(np.mean(draft[:, :-2] == greedy[:, 1:-1]))
     assert 0 < report["teacher_forced_acc_1"] < 1

@@ -19,6 +19,7 @@ from slimqwen_jax.data import ByteTokenizer
 from slimqwen_jax.decoding import Decoder
 from slimqwen_jax.lm_eval_model import RequestError, SlimQwenLM
 from slimqwen_jax.model import Qwen3NextForCausalLM
+from slimqwen_jax.testing import forward
 
 SMALL = dict(hidden_size=32, head_dim=8, linear_key_head_dim=8, linear_value_head_dim=8, moe_intermediate_size=16,
              shared_expert_intermediate_size=16, initializer_range=0.1)  # fmt: skip
@@ -41,7 +42,7 @@ def request(kind, *args):
 
 def forward_log_probs(model, tokens) -> np.ndarray:
     """log p(tokens[i + 1] | tokens[: i + 1]) [len - 1] from one full forward, in float64 numpy."""
-    logits = np.asarray(model(jnp.asarray([tokens[:-1]])).logits[0], np.float64)
+    logits = np.asarray(forward(model, jnp.asarray([tokens[:-1]])).logits[0], np.float64)
     log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
     return logits[np.arange(len(tokens) - 1), tokens[1:]] - log_z
 

@@ -1,6 +1,6 @@
 """Greedy decoding speed of one model: cached, uncached and MTP-speculative, over batch sizes and draft counts.
 
-    .venv/bin/python tools/bench_decoding.py --model runs/quickstart [--prompts 8 --prompt-len 64 --new 64]
+    .venv/bin/python tools/bench_decoding.py --model runs/quickstart/checkpoints/500 [--prompts 8 --new 64]
 
 Prompts are the first held-out windows of the default data (the standard library, byte tokens).
 For each batch size, `evaluate.decoding_metrics` times the decode loops after a compile run; the
@@ -20,12 +20,13 @@ import ml_collections
 
 from slimqwen_jax import data
 from slimqwen_jax.decoding import Decoder
-from slimqwen_jax.evaluate import decoding_metrics, heldout_prompts, load_model
+from slimqwen_jax.evaluate import decoding_metrics, heldout_prompts
+from slimqwen_jax.loading import load_model
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="HF directory, our checkpoint or a training workdir")
+    parser.add_argument("--model", required=True, help="HF directory or one of our checkpoints")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new", type=int, default=64)
