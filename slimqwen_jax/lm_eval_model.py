@@ -96,19 +96,22 @@ class SlimQwenLM(TemplateLM):
 
     # ------------------------------------------------------------------ scoring
     def _score_windows(self, windows: list[tuple[list[int], int]]) -> list[tuple[float, bool]]:
-        """(tokens, n) -> (sum of log p of the last n tokens given the ones before, all greedy)."""
-        results = []
-        for start in range(0, len(windows), self.batch_size):
-            batch = windows[start : start + self.batch_size]
+        """(tokens, n) -> (sum of log p of the last n tokens given the ones before, all greedy).
+        Windows are batched longest first, so that each batch pads little."""
+        order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))
+        results = [None] * len(windows)
+        for start in range(0, len(order), self.batch_size):
+            indices = order[start : start + self.batch_size]
+            batch = [windows[i] for i in indices]
             length = bucket(max(len(tokens) - 1 for tokens, _ in batch))
             inputs = np.zeros((self.batch_size, length), np.int32)
             targets = np.zeros((self.batch_size, length), np.int32)
             for row, (tokens, _) in enumerate(batch):
                 inputs[row, : len(tokens) - 1], targets[row, : len(tokens) - 1] = tokens[:-1], tokens[1:]
             log_probs, greedy = map(np.asarray, self._score(self._params, inputs, targets))
-            for row, (tokens, n) in enumerate(batch):
+            for row, (i, (tokens, n)) in enumerate(zip(indices, batch)):
                 end = len(tokens) - 1
-                results.append((float(log_probs[row, end - n : end].sum()), bool(greedy[row, end - n : end].all())))
+                results[i] = (float(log_probs[row, end - n : end].sum()), bool(greedy[row, end - n : end].all()))
         return results
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
