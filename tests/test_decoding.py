@@ -123,12 +123,12 @@ def rejecting_model(model):
     return model
 
 
-@pytest.mark.parametrize("num_drafts", [1, 2, 3])
-def test_speculative_greedy_equals_plain_greedy(model, num_drafts):
+@pytest.mark.parametrize(("num_drafts", "padding"), [(1, "left"), (2, "right"), (3, "left")])
+def test_speculative_greedy_equals_plain_greedy(model, num_drafts, padding):
     decoder = Decoder(two_channel_model(model), max_len=MAX_LEN)
     rows = prompts([11, 6, 17], seed=2)
-    plain = decoder.generate(rows, 20)
-    speculative = decoder.speculative_generate(rows, 20, num_drafts=num_drafts)
+    plain = decoder.generate(rows, 20, padding=padding)
+    speculative = decoder.speculative_generate(rows, 20, num_drafts=num_drafts, padding=padding)
     assert speculative.tokens == plain.tokens
     accepted = speculative.accepted
     assert accepted.min() == 0 and accepted.max() >= 1  # both paths of the acceptance are taken
