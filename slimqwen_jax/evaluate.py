@@ -187,7 +187,8 @@ def format_table(report: dict) -> str:
     if "top1_agreement" in h:
         rows += [("top-1 agreement with reference", f"{h['top1_agreement']:.4f}"), ("mean KL", f"{h['mean_kl']:.4f}")]
     tf = sorted(k for k in h if k.startswith("teacher_forced_acc_"))
-    rows += [("teacher-forced MTP " + " ".join(k[15:] for k in tf), " ".join(f"{h[k]:.3f}" for k in tf))]
+    if tf:
+        rows += [("teacher-forced MTP " + " ".join(k[15:] for k in tf), " ".join(f"{h[k]:.3f}" for k in tf))]
     rows += [("cached decode tok/s", f"{d['cached']['tokens_per_s']:.1f}")]
     if "uncached" in d:
         rows += [("uncached decode tok/s", f"{d['uncached']['tokens_per_s']:.1f}")]

@@ -27,7 +27,9 @@ from slimqwen_jax.model import Qwen3NextForCausalLM, shift_left
 
 
 def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
-    """UTF-8 bytes of each token id [vocab_size] (EOS counts 0), for bits per byte."""
+    """UTF-8 bytes of each token id [vocab_size] (EOS counts 0), for bits per byte. For an HF
+    tokenizer, each token decoded alone: exact for whole-character tokens, approximate for byte-level
+    pieces of a multi-byte character."""
     if isinstance(tokenizer, ByteTokenizer):
         lengths = np.ones(tokenizer.vocab_size, np.int32)
     else:
