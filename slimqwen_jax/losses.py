@@ -210,39 +210,40 @@ def distillation_objective(
     `top1_agreement` of the backbones.
     """
 
-    def sums(student_hidden, teacher_hidden, targets, mask, student, teacher):
-        return chunked_token_sums(
-            _flat(student_hidden), student.head,
-            None if teacher is None else _flat(teacher_hidden), None if teacher is None else teacher.head,
+    def means(student_hidden, student_head, teacher_hidden, teacher_head, targets, mask) -> dict[str, jax.Array]:
+        sums = chunked_token_sums(
+            _flat(student_hidden), student_head,
+            None if teacher_hidden is None else _flat(teacher_hidden), teacher_head,
             _flat(targets), _flat(mask), chunk_size=chunk_size, temperature=temperature,
         )  # fmt: skip
+        count = jnp.maximum(sums.pop("count"), 1.0)
+        return {k: v / count for k, v in sums.items()}
 
     def objective(student, teacher, tokens, weights):
         lam, beta = weights["lam"], weights["beta"]
         targets = tokens[:, 1:]
-        main = sums(student.hidden, None if teacher is None else teacher.hidden,
-                    targets, jnp.ones(targets.shape, bool), student, teacher)  # fmt: skip
-        count = jnp.maximum(main["count"], 1.0)
-        metrics = {"ce": main["ce"] / count, "aux_loss": student.aux_loss, "lam": lam, "beta": beta}
-        lm, kd = metrics["ce"], 0.0
+        teacher_hidden, teacher_head = (None, None) if teacher is None else (teacher.hidden, teacher.head)
+        main = means(student.hidden, student.head, teacher_hidden, teacher_head, targets, jnp.ones(targets.shape, bool))
+        metrics = {"ce": main["ce"], "aux_loss": student.aux_loss, "lam": lam, "beta": beta}
         if teacher is not None:
-            metrics["kd"] = kd = main["kd"] / count
-            metrics["top1_agreement"] = main["agree"] / count
-        loss = (1.0 - lam) * lm + lam * kd + aux_coef * student.aux_loss
+            metrics["kd"], metrics["top1_agreement"] = main["kd"], main["agree"]
+        loss = (1.0 - lam) * main["ce"] + lam * metrics.get("kd", 0.0) + aux_coef * student.aux_loss
         if student.mtp_hidden is not None:
+            # A teacher without the MTP head the target asks for gives no MTP-KD (the trainer
+            # allows that only while lam is 0 throughout).
+            mtp_teacher = teacher is not None and (
+                mtp_kd_target == "teacher_backbone" or teacher.mtp_hidden is not None
+            )
             per_depth = []
             for depth in range(student.mtp_hidden.shape[0]):
-                mtp_target_ids, mask = mtp_targets(tokens, depth)
-                teacher_hidden = None if teacher is None else mtp_teacher_hidden(teacher, depth, mtp_kd_target)
-                per_depth.append(
-                    sums(student.mtp_hidden[depth], teacher_hidden, mtp_target_ids, mask, student, teacher)
-                )
-            mtp_lm = jnp.mean(jnp.stack([s["ce"] / jnp.maximum(s["count"], 1.0) for s in per_depth]))
-            metrics["mtp_ce"], mtp_kd = mtp_lm, 0.0
-            if teacher is not None:
-                mtp_kd = jnp.mean(jnp.stack([s["kd"] / jnp.maximum(s["count"], 1.0) for s in per_depth]))
-                metrics["mtp_kd"] = mtp_kd
-            loss = loss + beta * ((1.0 - lam) * mtp_lm + lam * mtp_kd)
+                depth_targets, mask = mtp_targets(tokens, depth)
+                target_hidden = mtp_teacher_hidden(teacher, depth, mtp_kd_target) if mtp_teacher else None
+                per_depth.append(means(student.mtp_hidden[depth], student.head, target_hidden, teacher_head,
+                                       depth_targets, mask))  # fmt: skip
+            metrics["mtp_ce"] = jnp.mean(jnp.stack([m["ce"] for m in per_depth]))
+            if mtp_teacher:
+                metrics["mtp_kd"] = jnp.mean(jnp.stack([m["kd"] for m in per_depth]))
+            loss = loss + beta * ((1.0 - lam) * metrics["mtp_ce"] + lam * metrics.get("mtp_kd", 0.0))
         metrics["loss"] = loss
         return loss, metrics
 

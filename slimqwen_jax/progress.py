@@ -133,12 +133,7 @@ def plot_loss_curves(history_file: Path, output: Path, reference: dict[str, floa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series: dict[str, dict[int, float]] = {name: {} for name in ("train/ce", "train/mtp_ce", "train/kd", "heldout/ce")}
-    for line in history_file.read_text().splitlines():
-        entry = json.loads(line)
-        for name in series:
-            if name in entry:
-                series[name][entry["step"]] = entry[name]
+    series = {name: read_history(history_file, name) for name in ("train/ce", "train/mtp_ce", "train/kd", "heldout/ce")}
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, points in series.items():
         if points:
@@ -151,6 +146,38 @@ def plot_loss_curves(history_file: Path, output: Path, reference: dict[str, floa
         ax.annotate(label, (0, value), xytext=(4, 3), textcoords="offset points", fontsize=8, color="gray")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
+
+
+def read_history(history_file: Path, metric: str) -> dict[int, float]:
+    """{step: value} of one metric in a `metrics.jsonl` (later entries win, as after a resume)."""
+    points = {}
+    for line in history_file.read_text().splitlines():
+        entry = json.loads(line)
+        if metric in entry:
+            points[entry["step"]] = entry[metric]
+    return points
+
+
+def plot_runs(histories: dict[str, Path], output: Path, metric: str = "heldout/ce", title: str = "") -> None:
+    """One metric of several runs against step, one line per run (`{label: metrics.jsonl}`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label, history_file in histories.items():
+        points = read_history(history_file, metric)
+        steps = sorted(points)
+        ax.plot(steps, [points[s] for s in steps], marker="o", ms=3, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -127,6 +127,14 @@ def needs_teacher_mtp(config: ml_collections.ConfigDict, cfg: Qwen3NextConfig) -
     )
 
 
+def teacher_mtp_available(config: ml_collections.ConfigDict, cfg: Qwen3NextConfig, teacher: Qwen3NextConfig) -> bool:
+    """Whether to run the teacher's MTP module: the student's MTP terms are computed, the target is
+    `teacher_mtp` and the teacher has an MTP module as deep as the student's."""
+    uses_mtp = cfg.num_mtp_layers > 0 and not losses.is_always_zero(config.loss.beta)
+    deep_enough = teacher.num_mtp_layers >= cfg.num_mtp_layers
+    return uses_mtp and config.loss.mtp_kd_target == "teacher_mtp" and deep_enough
+
+
 def teacher_config(config: ml_collections.ConfigDict, cfg: Qwen3NextConfig) -> Qwen3NextConfig | None:
     """The teacher's config (read from disk, no tensors), checked against the student's; None without one."""
     if not config.teacher:
@@ -370,7 +378,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
         make_objective(config, cfg),
         with_mtp=not losses.is_always_zero(config.loss.beta),
         teacher_graphdef=teacher.graphdef if teacher else None,
-        teacher_mtp=needs_teacher_mtp(config, cfg),
+        teacher_mtp=teacher is not None and teacher_mtp_available(config, cfg, teacher.config),
     )
     loss_weights = loss_weights_fn(config.loss, tc.steps)
     teacher_params = teacher.params if teacher else None

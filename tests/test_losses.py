@@ -290,3 +290,13 @@ def test_teacher_of_another_architecture_against_full_logits():
     t_mtp = np.asarray(theirs.mtp_logits[0][:, valid]).reshape(-1, STUDENT.vocab_size)
     np.testing.assert_allclose(float(metrics["mtp_kd"]), numpy_kd(s_mtp, t_mtp, 1.0).mean(), rtol=1e-4)
     assert np.isfinite(float(metrics["loss"]))
+
+
+def test_teacher_without_mtp_while_lam_is_zero_reports_kd_but_no_mtp_kd():
+    """An LM-only run (lam = 0) may watch a teacher without MTP: KD and agreement as metrics only."""
+    teacher_cfg = tiny(hidden_size=32, num_mtp_layers=0)
+    loss = distillation_loss(lam=("constant", 0.0, 0.0), beta=("constant", 0.3, 0.3))
+    step = step_fn(STUDENT, optax.sgd(0.1), loss, teacher_cfg)
+    params = params_of(STUDENT, 0)
+    _, _, metrics = step(params, optax.sgd(0.1).init(params), params_of(teacher_cfg, 1), TOKENS, 0)
+    assert "mtp_kd" not in metrics and float(metrics["kd"]) > 0 and float(metrics["mtp_ce"]) > 0

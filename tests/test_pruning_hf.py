@@ -35,7 +35,7 @@ def test_pruned_export_loads_in_transformers_with_identical_logits(tmp_path):
     )
     cfg, params, _ = prune(model.config, nnx.state(model), spec, stats)
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_experts) == (3, 32, 4)
-    kept = layers_to_keep(model.config, spec.depth, stats)
+    kept, _ = layers_to_keep(model.config, spec.depth, stats)
     assert [cfg.is_moe_layer(j) for j in range(3)] == [model.config.is_moe_layer(i) for i in kept]
     pruned = build_model(cfg, params)
     exported = hf.save_model(pruned, tmp_path / "pruned")

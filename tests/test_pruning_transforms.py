@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from slimqwen_jax.config import tiny
+from slimqwen_jax.config import FULL_ATTENTION, tiny
 from slimqwen_jax.model import Qwen3NextForCausalLM
 from slimqwen_jax.pruning import (
     CalibrationStats,
@@ -18,6 +18,7 @@ from slimqwen_jax.pruning import (
     build_model,
     calibrate,
     count_parameters,
+    layers_to_keep,
     plan_experts,
     prune,
     prune_depth,
@@ -107,6 +108,23 @@ def test_depth_similarity_drops_the_least_influential_layers_and_keeps_the_moe_p
     assert new_cfg.layer_types == tuple(cfg.layer_types[i] for i in kept)
     assert [new_cfg.is_moe_layer(j) for j in range(4)] == [cfg.is_moe_layer(i) for i in kept]
     assert flat_params(params)["model.layers.3.mlp.experts.gate_proj"].shape[0] == cfg.num_experts  # old layer 5
+
+
+def test_depth_similarity_passes_over_the_last_full_attention_layer():
+    """The quickstart layout (3 linear + 1 full attention): when the full-attention layer scores
+    lowest, the next least influential layers go instead, and a note says so."""
+    cfg = tiny()
+    assert cfg.layer_types.index(FULL_ATTENTION) == 3
+    influence = np.array([0.5, 0.3, 0.9, 0.05])  # 1 - mean cos: the full-attention layer 3 scores lowest
+    stats = CalibrationStats(
+        {f"model.layers.{i}:residual_cos": (1.0 - b) * 10 for i, b in enumerate(influence)}, 10, {}
+    )
+    for n, expected_kept in ((1, [0, 2, 3]), (2, [2, 3]), (3, [3])):
+        kept, notes = layers_to_keep(cfg, DepthSpec("similarity", n), stats)
+        assert kept == expected_kept
+        assert len(notes) == 1 and "layer 3" in notes[0] and "last full-attention layer" in notes[0]
+        new_cfg, _, prune_notes = prune(cfg, abstract_params(cfg), PruneSpec(DepthSpec("similarity", n)), stats)
+        assert FULL_ATTENTION in new_cfg.layer_types and notes[0] in prune_notes
 
 
 # ---------------------------------------------------------------------------- width

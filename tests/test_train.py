@@ -14,7 +14,7 @@ from flax import nnx
 from test_losses import TOKENS, step_fn
 from tool_runs import REPO, run_tool, start_tool
 
-from slimqwen_jax import losses, train
+from slimqwen_jax import hf, losses, train
 from slimqwen_jax.checkpoint import load_checkpoint, save_checkpoint
 from slimqwen_jax.config import tiny
 from slimqwen_jax.model import Qwen3NextForCausalLM
@@ -180,9 +180,9 @@ def test_distillation_run_logs_every_term_and_weight(tmp_path):
 )
 def test_bad_teacher_is_refused_before_writing(tmp_path, teacher_overrides, flags, message):
     teacher = tmp_path / "teacher"
-    if teacher_overrides is not None:
-        overrides = {"vocab_size": 260, **teacher_overrides}
-        save_checkpoint(Qwen3NextForCausalLM(tiny(**overrides), rngs=nnx.Rngs(0)), teacher)
+    if teacher_overrides is not None:  # one of ours, except the vocabulary case: an HF directory
+        model = Qwen3NextForCausalLM(tiny(**{"vocab_size": 260, **teacher_overrides}), rngs=nnx.Rngs(0))
+        (hf.save_model if "vocab_size" in teacher_overrides else save_checkpoint)(model, teacher)
     code, output = run_train(tmp_path / "run", f"--config.teacher={teacher}", *DISTIL, *flags)
     assert code == 1 and message in output and "Traceback" not in output, output
     assert not (tmp_path / "run").exists()

@@ -4,6 +4,9 @@
     cfg, params, notes = prune(cfg, nnx.state(model), spec, stats)   # depth -> experts -> width
     pruned = build_model(cfg, params)
 
+    decision = decide(cfg, params, spec, stats)                # the same choice, as data
+    mu = apply_decision(decision, mu, "first_moment")           # ... applied to Adam's moments too
+
 Each axis is also a pure transform `(config, params, stats, spec) -> (config, params)`:
 `prune_depth`, `prune_width`, `prune_experts`. All of them run on abstract parameters
 (`abstract_params(cfg)`) to plan a compression without weights; `count_parameters` gives total
@@ -14,7 +17,7 @@ from slimqwen_jax.pruning.calibration import CalibrationStats, calibrate, residu
 from slimqwen_jax.pruning.depth import block_influence, layers_to_keep, prune_depth
 from slimqwen_jax.pruning.experts import ExpertPlan, expert_importance, plan_experts, prune_experts
 from slimqwen_jax.pruning.param_count import ParameterCount, count_parameters, format_count
-from slimqwen_jax.pruning.pipeline import prune
+from slimqwen_jax.pruning.pipeline import PruningDecision, apply_decision, decide, prune, prune_optimizer_state
 from slimqwen_jax.pruning.spec import DepthSpec, ExpertSpec, PruneSpec, PruningError, WidthSpec, validate
 from slimqwen_jax.pruning.state import abstract_params, build_model
 from slimqwen_jax.pruning.width import channel_importance, prune_width
@@ -26,14 +29,17 @@ __all__ = [
     "ExpertSpec",
     "ParameterCount",
     "PruneSpec",
+    "PruningDecision",
     "PruningError",
     "WidthSpec",
     "abstract_params",
+    "apply_decision",
     "block_influence",
     "build_model",
     "calibrate",
     "channel_importance",
     "count_parameters",
+    "decide",
     "expert_importance",
     "format_count",
     "layers_to_keep",
@@ -41,6 +47,7 @@ __all__ = [
     "prune",
     "prune_depth",
     "prune_experts",
+    "prune_optimizer_state",
     "prune_width",
     "residual_norms",
     "validate",

@@ -13,7 +13,7 @@ import re
 import numpy as np
 from flax import nnx
 
-from slimqwen_jax.config import Qwen3NextConfig
+from slimqwen_jax.config import FULL_ATTENTION, Qwen3NextConfig
 from slimqwen_jax.pruning.calibration import RESIDUAL_COS, CalibrationStats
 from slimqwen_jax.pruning.spec import DepthSpec, PruningError, depth_problems, require_full_attention
 from slimqwen_jax.pruning.state import flat_params, with_values
@@ -26,21 +26,41 @@ def block_influence(cfg: Qwen3NextConfig, stats: CalibrationStats) -> np.ndarray
     return np.array([1.0 - float(stats.mean(f"model.layers.{i}", RESIDUAL_COS)) for i in range(cfg.num_hidden_layers)])
 
 
-def layers_to_keep(cfg: Qwen3NextConfig, spec: DepthSpec, stats: CalibrationStats | None) -> list[int]:
-    """Indices of the layers that stay, in order."""
+def layers_to_keep(
+    cfg: Qwen3NextConfig, spec: DepthSpec, stats: CalibrationStats | None
+) -> tuple[list[int], list[str]]:
+    """(indices of the layers that stay, in order; notes on the choice).
+
+    `similarity` removes the least influential layers whose removal keeps the model valid: a layer
+    whose removal would leave no full-attention layer is passed over for the next one, and a note
+    says so.
+    """
     problems = depth_problems(cfg, spec)
     if problems:
         raise PruningError("invalid depth spec:\n  " + "\n  ".join(problems))
     n, layers = spec.num_layers_to_remove, cfg.num_hidden_layers
     if spec.method == "last" or n == 0:
         kept = list(range(layers - n))
-    elif stats is None:
+        require_full_attention(cfg, kept)
+        return kept, []
+    if stats is None:
         raise PruningError("depth.method 'similarity' needs calibration statistics (block influence)")
-    else:
-        removed = np.argsort(block_influence(cfg, stats), kind="stable")[:n]  # least influential; ties: lower index
-        kept = sorted(set(range(layers)) - {int(i) for i in removed})
-    require_full_attention(cfg, kept)
-    return kept
+    influence = block_influence(cfg, stats)
+    full = {i for i, kind in enumerate(cfg.layer_types) if kind == FULL_ATTENTION}
+    removed, passed_over = [], []
+    for i in np.argsort(influence, kind="stable"):  # least influential first; ties: lower index
+        if len(removed) == n:
+            break
+        if full and full <= {*removed, int(i)}:
+            passed_over.append(int(i))
+        else:
+            removed.append(int(i))
+    notes = [
+        f"depth: layer {i} (block influence {influence[i]:.4f}) scored for removal but is the last full-attention "
+        "layer left; removed the next least influential layer instead"
+        for i in passed_over
+    ]
+    return sorted(set(range(layers)) - set(removed)), notes
 
 
 def _moe_pattern(cfg: Qwen3NextConfig, is_moe: list[bool]) -> tuple[int, tuple[int, ...]]:
@@ -84,4 +104,4 @@ def prune_depth(
 ) -> tuple[Qwen3NextConfig, nnx.State]:
     """Remove `spec.num_layers_to_remove` decoder layers (see module docstring). Pure: the inputs are
     not modified; works on abstract parameters (`stats` may be None for `last`)."""
-    return select_layers(cfg, params, layers_to_keep(cfg, spec, stats))
+    return select_layers(cfg, params, layers_to_keep(cfg, spec, stats)[0])

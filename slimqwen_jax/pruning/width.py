@@ -54,15 +54,29 @@ def channels_to_keep(
     return np.sort(np.argsort(-importance, kind="stable")[: spec.hidden_size])  # ties: lower index
 
 
-def _rescale_norm(weight, scale: float):
-    """(1 + w) -> scale * (1 + w) for a zero-centred RMSNorm weight."""
+# How a residual-stream norm's weight w, and Adam's moments of it, follow the rescaling
+# (1 + w) -> s (1 + w): w' = s w + (s - 1), so d/dw' = d/dw / s: the first moment scales by 1 / s,
+# the second by 1 / s^2 (the moments of the gradient the new parameter would have seen).
+NORM_RESCALE = {
+    "params": lambda w, s: s * (1.0 + w) - 1.0,
+    "first_moment": lambda mu, s: mu / s,
+    "second_moment": lambda nu, s: nu / s**2,
+}
+
+
+def _rescale_norm(weight, scale: float, kind: str):
     if isinstance(weight, jax.ShapeDtypeStruct):
         return weight
-    return (scale * (1.0 + weight.astype(jnp.float32)) - 1.0).astype(weight.dtype)
+    return NORM_RESCALE[kind](weight.astype(jnp.float32), scale).astype(weight.dtype)
 
 
-def select_channels(cfg: Qwen3NextConfig, params: nnx.State, keep: np.ndarray) -> tuple[Qwen3NextConfig, nnx.State]:
-    """(config, params) of the model restricted to hidden channels `keep` (sorted indices)."""
+def select_channels(
+    cfg: Qwen3NextConfig, params: nnx.State, keep: np.ndarray, kind: str = "params"
+) -> tuple[Qwen3NextConfig, nnx.State]:
+    """(config, params) of the model restricted to hidden channels `keep` (sorted indices).
+
+    `kind` (params | first_moment | second_moment) says what the tree holds: the norm weights'
+    rescaling differs (`NORM_RESCALE`); every gather is the same."""
     d = cfg.hidden_size
     if len(keep) == d:
         return cfg, params
@@ -76,7 +90,7 @@ def select_channels(cfg: Qwen3NextConfig, params: nnx.State, keep: np.ndarray) -
                 value = take(value, keep, axis)
             elif name == EMBED_PAIR_AXIS:  # MTP fc input: [embedding half | hidden half]
                 value = take(value, np.concatenate([keep, d + keep]), axis)
-        values[path] = _rescale_norm(value, scale) if path in norms else value
+        values[path] = _rescale_norm(value, scale, kind) if path in norms else value
     new_cfg = cfg.replace(hidden_size=len(keep))
     return new_cfg, with_values(params, values)
 
