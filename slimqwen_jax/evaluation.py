@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from slimqwen_jax.data.tokenizers import ByteTokenizer, Tokenizer
+from slimqwen_jax.losses import chunked_argmax, chunked_token_sums, head_weight
 from slimqwen_jax.model import Qwen3NextForCausalLM, shift_left
 
 
@@ -38,7 +39,15 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
     return lengths
 
 
-def mtp_drafts(model: Qwen3NextForCausalLM, input_ids: jax.Array, hidden: jax.Array, num_drafts: int) -> jax.Array:
+def greedy_tokens(model: Qwen3NextForCausalLM, hidden: jax.Array, chunk_size: int) -> jax.Array:
+    """The LM head's argmax [B, L] of hidden [B, L, D], chunk by chunk over the tokens."""
+    ids = chunked_argmax(hidden.reshape(-1, hidden.shape[-1]), head_weight(model), chunk_size=chunk_size)
+    return ids.reshape(hidden.shape[:-1])
+
+
+def mtp_drafts(
+    model: Qwen3NextForCausalLM, input_ids: jax.Array, hidden: jax.Array, num_drafts: int, chunk_size: int = 1024
+) -> jax.Array:
     """Teacher-forced recursive MTP drafts [J, B, L]: draft j at position i (first MTP layer applied j
     times, fed its own output hidden and the data tokens t_{i+1} .. t_{i+j}) guesses token i + j + 1."""
     positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
@@ -46,7 +55,7 @@ def mtp_drafts(model: Qwen3NextForCausalLM, input_ids: jax.Array, hidden: jax.Ar
     for j in range(1, num_drafts + 1):
         next_embeds = model.model.embed_tokens(shift_left(input_ids, j))  # [B, L, D]
         hidden, _ = model.mtp.step(0, hidden, next_embeds, positions)
-        drafts.append(jnp.argmax(model.logits(hidden), axis=-1))  # [B, L]
+        drafts.append(greedy_tokens(model, hidden, chunk_size))  # [B, L]
     return jnp.stack(drafts)
 
 
@@ -70,27 +79,32 @@ def batch_statistics(
     byte_lengths: jax.Array | None = None,
     reference: Qwen3NextForCausalLM | None = None,
     num_drafts: int = 0,
+    chunk_size: int = 1024,
 ) -> dict[str, jax.Array]:
     """Sums over one batch tokens [B, L+1] (inputs [:, :-1], targets [:, 1:]).
 
     Keys: nll (total nats), tokens, and with byte_lengths [V] bytes; with `reference`: agree (top-1
     matches) and kl (total KL(reference || model) nats); with num_drafts J > 0 and an MTP module:
     draft_positions and accepted_at_least [J] (positions whose first j drafts were all accepted).
+    The LM heads run `chunk_size` tokens at a time (`losses.chunked_token_sums`, the training
+    objective's own sums): no [B, L, V] logits.
     """
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    out = model(inputs, with_mtp=False)
-    log_probs = jax.nn.log_softmax(out.logits.astype(jnp.float32), axis=-1)  # [B, L, V]
-    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]  # [B, L]
-    stats = {"nll": jnp.sum(nll), "tokens": jnp.asarray(nll.size, jnp.float32)}
+    flat = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731  [B, L, D] -> [N, D]
+    hidden = model(inputs, with_mtp=False, with_logits=False).hidden_states
+    ref_hidden = None if reference is None else flat(reference(inputs, with_mtp=False, with_logits=False).hidden_states)
+    sums = chunked_token_sums(
+        flat(hidden), head_weight(model), ref_hidden, None if reference is None else head_weight(reference),
+        targets.reshape(-1), jnp.ones(targets.size, bool), chunk_size=chunk_size,
+    )  # fmt: skip
+    stats = {"nll": sums["ce"], "tokens": sums["count"]}
     if byte_lengths is not None:
         stats["bytes"] = jnp.sum(byte_lengths[targets]).astype(jnp.float32)
     if reference is not None:
-        ref_log_probs = jax.nn.log_softmax(reference(inputs, with_mtp=False).logits.astype(jnp.float32), axis=-1)
-        stats["agree"] = jnp.sum(jnp.argmax(ref_log_probs, -1) == jnp.argmax(log_probs, -1)).astype(jnp.float32)
-        stats["kl"] = jnp.sum(jnp.exp(ref_log_probs) * (ref_log_probs - log_probs))
+        stats["agree"], stats["kl"] = sums["agree"], sums["kd"]
     if num_drafts > 0 and model.mtp is not None:
-        drafts = mtp_drafts(model, inputs, out.hidden_states, num_drafts)
-        accepted = accepted_drafts(drafts, jnp.argmax(out.logits, axis=-1))  # [B, L - J]
+        drafts = mtp_drafts(model, inputs, hidden, num_drafts, chunk_size)
+        accepted = accepted_drafts(drafts, greedy_tokens(model, hidden, chunk_size))  # [B, L - J]
         stats["draft_positions"] = jnp.asarray(accepted.size, jnp.float32)
         stats["accepted_at_least"] = jnp.stack([jnp.sum(accepted >= j) for j in range(1, num_drafts + 1)]).astype(
             jnp.float32
