@@ -130,14 +130,19 @@ def apply_partial_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Arra
     return jnp.concatenate([rot * cos + rotated * sin, rest], axis=-1)
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
-    """Grouped-query causal attention, softmax in float32. q [B,T,H,A], k/v [B,S,G,A] -> [B,T,H,A]."""
+def causal_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, scale: float, mask: jax.Array | None = None
+) -> jax.Array:
+    """Grouped-query attention, softmax in float32. q [B,T,H,A], k/v [B,S,G,A] -> [B,T,H,A].
+
+    mask [B, T, S] (True = may attend) defaults to causal with queries and keys aligned at the start.
+    """
     b, t, h, a = q.shape
     g = k.shape[2]
     q = q.reshape(b, t, g, h // g, a)  # query head h uses kv head h // (H / G)
     scores = jnp.einsum("btgra,bsga->bgrts", q, k) * jnp.asarray(scale, q.dtype)  # [B, G, H/G, T, S]
-    causal = jnp.tril(jnp.ones((t, k.shape[1]), bool))
-    scores = jnp.where(causal, scores.astype(jnp.float32), -jnp.inf)
+    mask = jnp.tril(jnp.ones((1, t, k.shape[1]), bool)) if mask is None else mask  # [B|1, T, S]
+    scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32), -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     out = jnp.einsum("bgrts,bsga->btgra", probs, v)
     return out.reshape(b, t, h, a)
@@ -158,6 +163,11 @@ class Attention(nnx.Module):
         self.rotary_dim, self.rope_theta = cfg.rotary_dim, cfg.rope_theta
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        q, k, v, gate = self.project(x, positions)
+        return self.output(causal_attention(q, k, v, self.head_dim**-0.5), gate)
+
+    def project(self, x: jax.Array, positions: jax.Array):
+        """x [B, T, D] -> q [B, T, H, A], k, v [B, T, G, A] (q, k normed and rotated), gate [B, T, H, A]."""
         b, t, _ = x.shape
         h, g, a = self.num_heads, self.num_kv_heads, self.head_dim
         query_gate = self.q_proj(x).reshape(b, t, h, 2 * a)  # head h owns [query | gate]
@@ -166,9 +176,12 @@ class Attention(nnx.Module):
         k = self.k_norm(self.k_proj(x).reshape(b, t, g, a))  # [B, T, G, A]
         v = self.v_proj(x).reshape(b, t, g, a)  # [B, T, G, A]
         cos, sin = rotary_cos_sin(positions, self.rotary_dim, self.rope_theta, q.dtype)  # [B, T, R]
-        q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
-        out = causal_attention(q, k, v, a**-0.5).reshape(b, t, h * a)  # [B, T, H*A]
-        return self.o_proj(out * jax.nn.sigmoid(gate.reshape(b, t, h * a)))
+        return apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin), v, gate
+
+    def output(self, attended: jax.Array, gate: jax.Array) -> jax.Array:
+        """attended, gate [B, T, H, A] -> o_proj(attended * sigmoid(gate)) [B, T, D]."""
+        b, t, h, a = attended.shape
+        return self.o_proj(attended.reshape(b, t, h * a) * jax.nn.sigmoid(gate.reshape(b, t, h * a)))
 
 
 # ---------------------------------------------------------------------------- Gated DeltaNet
@@ -178,11 +191,15 @@ class DepthwiseCausalConv(nnx.Module):
     def __init__(self, channels: int, width: int, cfg: Qwen3NextConfig, *, rngs):
         self.kernel = normal_param(rngs, (width, channels), ("conv_width", "conv_channels"), cfg)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, state: jax.Array | None = None) -> jax.Array:
+        """x [B, T, C] -> [B, T, C]; `state` [B, K-1, C], the inputs before x, replaces the zero padding."""
         width = self.kernel.shape[0]
         t = x.shape[1]
         kernel = self.kernel[...].astype(jnp.float32)
-        padded = jnp.pad(x.astype(jnp.float32), ((0, 0), (width - 1, 0), (0, 0)))  # [B, T+K-1, C]
+        if state is None:
+            padded = jnp.pad(x.astype(jnp.float32), ((0, 0), (width - 1, 0), (0, 0)))  # [B, T+K-1, C]
+        else:
+            padded = jnp.concatenate([state, x], axis=1).astype(jnp.float32)  # [B, K-1+T, C]
         out = sum(padded[:, j : j + t, :] * kernel[j] for j in range(width))  # [B, T, C]
         return out.astype(x.dtype)
 
@@ -222,19 +239,34 @@ class GatedDeltaNet(nnx.Module):
         return q, k, v.reshape(b, t, hv, dv), z.reshape(b, t, hv, dv), beta_logit, a
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        mixed, z, beta, g = self.conv_inputs(x)
+        q, k, v = self.split_conv_output(self.conv1d(mixed))
+        out, _ = gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True, implementation=self.implementation)
+        return self.output(out, z)
+
+    def conv_inputs(self, x: jax.Array):
+        """x [B, T, D] -> (conv input [B, T, C], z [B, T, Hv, Dv], beta [B, T, Hv], log decay g [B, T, Hv] f32).
+
+        The conv runs on [q all heads | k all heads | v all heads]; z skips it.
+        """
         b, t, _ = x.shape
-        hk, hv, dk, dv = self.num_k_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim
         q, k, v, z, beta_logit, a = self._split_projections(x)
-        # The conv runs on [q all heads | k all heads | v all heads]; z skips it.
-        mixed = jnp.concatenate([q.reshape(b, t, hk * dk), k.reshape(b, t, hk * dk), v.reshape(b, t, hv * dv)], -1)
-        mixed = jax.nn.silu(self.conv1d(mixed))  # [B, T, C]
-        q, k, v = jnp.split(mixed, [hk * dk, 2 * hk * dk], axis=-1)
-        q, k, v = q.reshape(b, t, hk, dk), k.reshape(b, t, hk, dk), v.reshape(b, t, hv, dv)
+        mixed = jnp.concatenate([q.reshape(b, t, -1), k.reshape(b, t, -1), v.reshape(b, t, -1)], -1)  # [B, T, C]
         beta = jax.nn.sigmoid(beta_logit)  # [B, T, Hv]
         # Log-decay in float32: g = -exp(A_log) * softplus(a + dt_bias) <= 0.
         g = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(
             a.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32)
         )
-        out, _ = gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True, implementation=self.implementation)
-        out = self.norm(out, z)  # [B, T, Hv, Dv]
-        return self.out_proj(out.reshape(b, t, hv * dv))
+        return mixed, z, beta, g
+
+    def split_conv_output(self, conv_out: jax.Array):
+        """conv output [B, T, C] -> SiLU, then q, k [B, T, Hk, Dk] and v [B, T, Hv, Dv]."""
+        b, t, _ = conv_out.shape
+        hk, hv, dk, dv = self.num_k_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim
+        q, k, v = jnp.split(jax.nn.silu(conv_out), [hk * dk, 2 * hk * dk], axis=-1)
+        return q.reshape(b, t, hk, dk), k.reshape(b, t, hk, dk), v.reshape(b, t, hv, dv)
+
+    def output(self, out: jax.Array, z: jax.Array) -> jax.Array:
+        """Delta-rule output, z [B, T, Hv, Dv] -> out_proj(gated norm) [B, T, D]."""
+        b, t, hv, dv = out.shape
+        return self.out_proj(self.norm(out, z).reshape(b, t, hv * dv))

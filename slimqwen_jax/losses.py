@@ -122,6 +122,24 @@ def _chunk_sums_bwd(temperature, residuals, cotangent):
 chunk_sums.defvjp(_chunk_sums_fwd, _chunk_sums_bwd)
 
 
+def token_chunks(x: jax.Array, *, chunk_size: int) -> jax.Array:
+    """[N, ...] -> [ceil(N / C), C, ...] (C = min(chunk_size, N)), the last chunk zero-padded."""
+    n = x.shape[0]
+    chunk_size = min(chunk_size, n)
+    num_chunks = -(-n // chunk_size)
+    x = jnp.pad(x, [(0, num_chunks * chunk_size - n)] + [(0, 0)] * (x.ndim - 1))
+    return x.reshape(num_chunks, chunk_size, *x.shape[1:])
+
+
+def chunked_argmax(hidden: jax.Array, head: jax.Array, *, chunk_size: int) -> jax.Array:
+    """argmax over the vocabulary of hidden [N, D] @ head [D, V] -> token ids [N], one [C, V] block
+    of logits at a time (greedy tokens and MTP drafts without [N, V] logits)."""
+    best = jax.lax.map(
+        lambda h: jnp.argmax(chunk_logits(h, head), axis=-1), token_chunks(hidden, chunk_size=chunk_size)
+    )
+    return best.reshape(-1)[: hidden.shape[0]]
+
+
 def chunked_token_sums(
     student_hidden: jax.Array,
     student_head: jax.Array,
@@ -141,15 +159,7 @@ def chunked_token_sums(
     chunk live at a time, forward and backward. Returns scalars `ce`, and with a teacher `kd` and
     `agree`; `count` is the number of masked-in tokens. The teacher gets no gradient.
     """
-    n = targets.shape[0]
-    chunk_size = min(chunk_size, n)
-    num_chunks = -(-n // chunk_size)
-    pad = num_chunks * chunk_size - n
-
-    def chunks(x):  # [N, ...] -> [num_chunks, C, ...]
-        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-        return x.reshape(num_chunks, chunk_size, *x.shape[1:])
-
+    chunks = functools.partial(token_chunks, chunk_size=chunk_size)
     xs = {"student": chunks(student_hidden), "targets": chunks(targets), "mask": chunks(mask), "teacher": None}
     if teacher_hidden is not None:
         xs["teacher"] = chunks(jax.lax.stop_gradient(teacher_hidden))

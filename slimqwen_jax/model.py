@@ -96,9 +96,13 @@ class MultiTokenPredictor(nnx.Module):
 
     def step(self, depth: int, hidden: jax.Array, next_embeds: jax.Array, positions: jax.Array):
         """One draft step with layer `depth`: hidden, next_embeds [B, T, D] -> (hidden [B, T, D], router logits)."""
-        fused = jnp.concatenate([self.pre_fc_norm_embedding(next_embeds), self.pre_fc_norm_hidden(hidden)], axis=-1)
-        z, router_logits = self.layers[depth](self.fc(fused), positions)
+        z, router_logits = self.layers[depth](self.fuse(hidden, next_embeds), positions)
         return self.norm(z), router_logits
+
+    def fuse(self, hidden: jax.Array, next_embeds: jax.Array) -> jax.Array:
+        """The MTP layer's input fc([pre_fc_norm_embedding(next_embeds) | pre_fc_norm_hidden(hidden)]) [..., D]."""
+        fused = jnp.concatenate([self.pre_fc_norm_embedding(next_embeds), self.pre_fc_norm_hidden(hidden)], axis=-1)
+        return self.fc(fused)
 
 
 @struct.dataclass

@@ -1,0 +1,138 @@
+"""Evaluation metrics against numpy and hand-computed values; `python -m slimqwen_jax.evaluate` end to end."""
+
+import functools
+import json
+import math
+import re
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from tool_runs import run_tool
+
+from slimqwen_jax.checkpoint import save_checkpoint
+from slimqwen_jax.config import tiny
+from slimqwen_jax.data import ByteTokenizer
+from slimqwen_jax.evaluation import (
+    acceptance_rates,
+    accepted_drafts,
+    add_statistics,
+    batch_statistics,
+    summarize,
+    token_byte_lengths,
+)
+from slimqwen_jax.model import Qwen3NextForCausalLM
+from slimqwen_jax.testing import forward
+
+SMALL = dict(hidden_size=32, head_dim=8, linear_key_head_dim=8, linear_value_head_dim=8, moe_intermediate_size=16,
+             shared_expert_intermediate_size=16, initializer_range=0.1)  # fmt: skip
+
+
+def test_acceptance_rates_by_hand():
+    rates = acceptance_rates(np.array([0, 1, 3, 2, 3, 0, 1, 3]), 3)
+    expected = {"acc_1": 6 / 8, "acc_2": 4 / 8, "acc_3": 3 / 8, "cond_1": 6 / 8, "cond_2": 4 / 6, "cond_3": 3 / 4,
+                "mean_accepted": 13 / 8, "tokens_per_step": 21 / 8}  # fmt: skip
+    assert rates == pytest.approx(expected)
+    with pytest.raises(ValueError, match="no verification steps"):
+        acceptance_rates(np.zeros(0, int), 3)
+
+
+def test_accepted_drafts_by_hand():
+    greedy = jnp.array([[7, 8, 9, 10, 11]])  # greedy[i] guesses token i + 1
+    drafts = jnp.array([[[8, 0, 10, 11, 5]], [[9, 10, 0, 5, 5]]])  # draft j at i guesses token i + j + 1
+    # i = 0: 8 == greedy[1], 9 == greedy[2]; i = 1: 0 != 9; i = 2: 10 == greedy[3], 0 != greedy[4].
+    np.testing.assert_array_equal(accepted_drafts(drafts, greedy), [[2, 0, 1]])
+
+
+def test_batch_statistics_match_numpy():
+    cfg = tiny(**SMALL)
+    model = Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(0))
+    # Final and MTP norms kept to two channels: greedy and draft tokens then often agree.
+    two_channels = jnp.full((cfg.hidden_size,), -1.0).at[:2].set(1.0)
+    model.model.norm.weight[...], model.mtp.norm.weight[...] = two_channels, two_channels
+    reference = Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(1))
+    tokens = np.random.default_rng(0).integers(0, 257, (2, 17))
+    tokens[0, 5] = 256  # one EOS target: no bytes
+    lengths = token_byte_lengths(ByteTokenizer())
+    batches = [tokens[:1], tokens[1:]]
+    statistics = nnx.jit(functools.partial(batch_statistics, num_drafts=2))
+    total = None
+    for batch in batches:
+        stats = statistics(model, jnp.asarray(batch), byte_lengths=jnp.asarray(lengths), reference=reference)
+        total = add_statistics(total, stats)
+    report = summarize(total)
+
+    def log_softmax(m):
+        logits = np.asarray(forward(m, jnp.asarray(tokens[:, :-1])).logits, np.float64)
+        return (
+            logits
+            - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+            - logits.max(-1, keepdims=True)
+        )
+
+    ours, ref = log_softmax(model), log_softmax(reference)
+    nll = -np.take_along_axis(ours, tokens[:, 1:, None], -1)[..., 0]
+    assert report["tokens"] == 32
+    assert report["loss"] == pytest.approx(nll.mean(), rel=1e-5)
+    assert report["perplexity"] == pytest.approx(math.exp(nll.mean()), rel=1e-5)
+    assert report["bits_per_byte"] == pytest.approx(nll.sum() / math.log(2) / 31, rel=1e-5)
+    assert report["top1_agreement"] == pytest.approx(np.mean(ours.argmax(-1) == ref.argmax(-1)))
+    assert report["mean_kl"] == pytest.approx(np.mean(np.sum(np.exp(ref) * (ref - ours), -1)), rel=1e-4)
+    # Draft 1 is the model's own MTP head (depth 0); it is accepted where it equals the next greedy token.
+    out = forward(model, jnp.asarray(tokens[:, :-1]))
+    draft, greedy = np.asarray(out.mtp_logits[0]).argmax(-1), np.asarray(out.logits).argmax(-1)  # [B, L]
+    assert report["teacher_forced_acc_1"] == pytest.approx(np.mean(draft[:, :-2] == greedy[:, 1:-1]))
+    assert 0 < report["teacher_forced_acc_1"] < 1
+    assert report["teacher_forced_acc_2"] <= report["teacher_forced_acc_1"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    model = Qwen3NextForCausalLM(tiny(**SMALL), rngs=nnx.Rngs(0))
+    return save_checkpoint(model, tmp_path_factory.mktemp("evaluate") / "model")
+
+
+EVAL_OVERRIDES = (
+    "--config.data.seq_len=32", "--config.heldout.batch_size=2", "--config.heldout.num_batches=2",
+    "--config.decoding.num_prompts=2", "--config.decoding.prompt_len=12", "--config.decoding.max_new_tokens=6",
+    "--config.decoding.num_drafts=2",
+)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_evaluate_command_end_to_end(checkpoint, tmp_path):
+    report_file = tmp_path / "report.json"
+    code, output = run_tool(
+        "evaluate", "evaluate_quickstart.py", f"--config.model={checkpoint}", f"--config.reference={checkpoint}",
+        f"--config.report={report_file}", *EVAL_OVERRIDES,
+    )  # fmt: skip
+    assert code == 0, output
+    report = json.loads(report_file.read_text())
+    heldout, decoding = report["heldout"], report["decoding"]
+    assert heldout["tokens"] == 2 * 2 * 32
+    assert heldout["top1_agreement"] == 1.0 and heldout["mean_kl"] == pytest.approx(0.0, abs=1e-6)  # itself
+    assert heldout["perplexity"] == pytest.approx(math.exp(heldout["loss"]))
+    assert decoding["uncached"]["identical_to_cached"] and decoding["speculative"]["identical_to_cached"]
+    assert {"acc_1", "acc_2", "cond_2", "mean_accepted", "speedup"} <= set(decoding["speculative"])
+    assert "held-out batch 2/2" in output and "tok/s" in output and "ETA" in output
+    assert re.search(r"speculative output == greedy +True", output)
+
+    # The report is never overwritten unless asked.
+    before = report_file.read_text()
+    code, output = run_tool(
+        "evaluate", "evaluate_quickstart.py", f"--config.model={checkpoint}", f"--config.report={report_file}"
+    )
+    assert code == 1 and "exists; pass --config.overwrite=true" in output
+    assert report_file.read_text() == before
+
+
+def test_evaluate_refuses_bad_input(tmp_path):
+    code, output = run_tool(
+        "evaluate", "evaluate_quickstart.py", f"--config.model={tmp_path / 'missing'}",
+        f"--config.report={tmp_path / 'r.json'}",
+    )  # fmt: skip
+    assert code == 1 and "does not exist" in output and "Traceback" not in output
+    assert not (tmp_path / "r.json").exists()
+    code, output = run_tool("evaluate", "evaluate_quickstart.py", "--config.decoding.no_such_key=1")
+    assert code == 2 and "bad command line" in output
