@@ -39,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
             eval_every=100,
             eval_batches=8,
             eval_batch_size=8,
+            eval_mtp_drafts=3,  # teacher-forced MTP acceptance acc_1..acc_3 at each evaluation
             checkpoint_every=100,
             keep_checkpoints=2,
         )

@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=32, expert=8))
     config.train = ml_collections.ConfigDict(
         dict(steps=0, global_batch_size=GLOBAL_BATCH, grad_accum_steps=1, log_every=10, eval_every=1000,
-             eval_batches=16, eval_batch_size=64, checkpoint_every=1000, keep_checkpoints=2)
+             eval_batches=16, eval_batch_size=64, eval_mtp_drafts=3, checkpoint_every=1000, keep_checkpoints=2)
     )  # fmt: skip
     config.loss = loss_config(distillation=True)
     config.optimizer = optimizer_config(peak_lr=4e-4, end_lr=3e-5, warmup_steps=2000, weight_decay=0.1)

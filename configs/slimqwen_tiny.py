@@ -36,7 +36,7 @@ TEACHER_STEPS, STUDENT_STEPS = 400, 300
 def train_section(steps: int) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(steps=steps, global_batch_size=8, grad_accum_steps=1, log_every=20, eval_every=50, eval_batches=8,
-             eval_batch_size=8, checkpoint_every=100, keep_checkpoints=2)
+             eval_batch_size=8, eval_mtp_drafts=3, checkpoint_every=100, keep_checkpoints=2)
     )  # fmt: skip
 
 

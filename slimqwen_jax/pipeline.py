@@ -86,7 +86,8 @@ def write_report(root: Path, configs: dict[str, ml_collections.ConfigDict]) -> s
     (root / "report.md").write_text(table + "\n")
     curves = {f"pruned + KD, {p.parent.name}": p for p in histories(Path(configs["student"].workdir))}
     curves.update({"from scratch": p for p in histories(Path(configs["from_scratch"].workdir))})
-    plot_runs(curves, root / "report.png", "heldout/ce", f"held-out CE (teacher: {rows[0]['heldout_ce']:.3f})")
+    teacher = {f"teacher ({rows[0]['heldout_ce']:.3f})": rows[0]["heldout_ce"]}
+    plot_runs(curves, root / "report.png", "heldout/ce", "held-out cross-entropy at equal tokens", teacher)
     return table
 
 

@@ -12,8 +12,8 @@ import numpy as np
 
 log = logging.getLogger("slimqwen_jax")
 
-# The held-out metrics of a run (those its objective computes): LM and MTP cross-entropy, and with
-# a teacher the KD term and the top-1 agreement of the backbones.
+# The held-out terms of a run's objective: LM and MTP cross-entropy, and with a teacher the KD
+# terms and the top-1 agreement of the backbones (the trainer adds teacher-forced MTP acceptance).
 HELDOUT_METRICS = ("ce", "mtp_ce", "kd", "mtp_kd", "top1_agreement")
 # The loss parts in a train log line, and the loss weights.
 _LOGGED_TERMS = ("ce", "kd", "mtp_ce", "mtp_kd", "aux_loss", "top1_agreement")
@@ -40,14 +40,25 @@ class ProgressLogger:
     """Logs every `log_every` steps; held-out losses whenever given. Only the main process writes."""
 
     def __init__(
-        self, workdir: Path, *, total_steps: int, start_step: int, tokens_per_step: int, log_every: int, is_main: bool
+        self,
+        workdir: Path,
+        *,
+        total_steps: int,
+        start_step: int,
+        tokens_per_step: int,
+        log_every: int,
+        is_main: bool,
+        end_step: int | None = None,
     ):
+        """total_steps: the run's last step (for the ETA); end_step: the last step this logger sees
+        (a stage's end; default total_steps), always logged."""
         self.total_steps, self.tokens_per_step, self.log_every, self.is_main = (
             total_steps,
             tokens_per_step,
             log_every,
             is_main,
         )
+        self.end_step = total_steps if end_step is None else end_step
         self.history_file = workdir / "metrics.jsonl"
         self._writer = None
         if is_main:
@@ -71,7 +82,7 @@ class ProgressLogger:
             f.write(json.dumps({"step": step, **scalars}) + "\n")
 
     def train(self, step: int, metrics: dict, learning_rate: float) -> None:
-        if step % self.log_every and step != self.total_steps:
+        if step % self.log_every and step != self.end_step:
             return
         now = time.perf_counter()
         steps, seconds = step - self._last_step, now - self._last_time
@@ -98,7 +109,7 @@ class ProgressLogger:
         )  # fmt: skip
 
     def heldout(self, step: int, metrics: dict[str, float]) -> None:
-        """Record held-out metrics (names of HELDOUT_METRICS) as `heldout/<name>`."""
+        """Record held-out metrics as `heldout/<name>`."""
         self._record(step, {f"heldout/{k}": v for k, v in metrics.items()})
         parts = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "ce")
         log.info(
@@ -115,7 +126,7 @@ class ProgressLogger:
             "step": self._last_step,
             "train_loss": self._last.get("train/loss"),
             "train_ce": self._last.get("train/ce"),
-            **{f"heldout_{k}": self._last[f"heldout/{k}"] for k in HELDOUT_METRICS if f"heldout/{k}" in self._last},
+            **{f"heldout_{k.removeprefix('heldout/')}": v for k, v in self._last.items() if k.startswith("heldout/")},
             "tokens_per_sec": tokens_per_sec,
             "wall_seconds": time.perf_counter() - self._start_time,
         }
@@ -163,8 +174,15 @@ def read_history(history_file: Path, metric: str) -> dict[int, float]:
     return points
 
 
-def plot_runs(histories: dict[str, Path], output: Path, metric: str = "heldout/ce", title: str = "") -> None:
-    """One metric of several runs against step, one line per run (`{label: metrics.jsonl}`)."""
+def plot_runs(
+    histories: dict[str, Path],
+    output: Path,
+    metric: str = "heldout/ce",
+    title: str = "",
+    reference: dict[str, float] | None = None,
+) -> None:
+    """One metric of several runs against step, one line per run (`{label: metrics.jsonl}`), and
+    dashed horizontal `reference` lines ({label: value})."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -175,6 +193,8 @@ def plot_runs(histories: dict[str, Path], output: Path, metric: str = "heldout/c
         points = read_history(history_file, metric)
         steps = sorted(points)
         ax.plot(steps, [points[s] for s in steps], marker="o", ms=3, label=label)
+    for label, value in (reference or {}).items():
+        ax.axhline(value, ls="--", color="gray", lw=1, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel(metric)
     ax.set_title(title)

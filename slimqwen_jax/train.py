@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +30,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from slimqwen_jax import cli, data, loading, losses, pruning, sharding
+from slimqwen_jax import cli, data, evaluation, loading, losses, pruning, sharding
 from slimqwen_jax import stages as stages_lib
 from slimqwen_jax.checkpoint import TrainingCheckpoints
 from slimqwen_jax.config import RUNTIME_FIELDS, ConfigError, Qwen3NextConfig
@@ -498,15 +499,31 @@ def train_stage(run: Run, stage: stages_lib.Stage, cfg: Qwen3NextConfig, graphde
         in_shardings=(param_shardings, teacher_shardings, run.token_sharding, None),
     )
 
+    num_drafts = tc.eval_mtp_drafts if cfg.num_mtp_layers else 0
+    acceptance_step = jax.jit(
+        lambda params, tokens: evaluation.batch_statistics(
+            nnx.merge(graphdef, params), tokens, num_drafts=num_drafts, chunk_size=config.loss.chunk_size
+        ),
+        in_shardings=(param_shardings, run.token_sharding),
+    )
+
     def evaluate(step: int) -> dict[str, float]:
+        """The objective's terms on the held-out batches, and the teacher-forced MTP acceptance."""
         results = [eval_step(state.params, teacher_params, run.to_global(b), step - 1) for b in run.heldout]
-        return {k: float(np.mean([r[k] for r in results])) for k in HELDOUT_METRICS if k in results[0]}
+        metrics = {k: float(np.mean([r[k] for r in results])) for k in HELDOUT_METRICS if k in results[0]}
+        if num_drafts:
+            totals = None
+            for batch in run.heldout:
+                totals = evaluation.add_statistics(totals, acceptance_step(state.params, run.to_global(batch)))
+            rates = evaluation.summarize(totals)
+            metrics.update({f"mtp_acc_{j}": rates[f"teacher_forced_acc_{j}"] for j in range(1, num_drafts + 1)})
+        return metrics
 
     checkpoints = TrainingCheckpoints(stage.directory, max_to_keep=tc.keep_checkpoints)
     tokens_per_step = tc.global_batch_size * config.data.seq_len
     progress = ProgressLogger(stage.directory, total_steps=run.total_steps, start_step=state.step,
                               tokens_per_step=tokens_per_step, log_every=tc.log_every,
-                              is_main=jax.process_index() == 0)  # fmt: skip
+                              is_main=jax.process_index() == 0, end_step=stage.end_step)  # fmt: skip
     last_saved = state.step
     with jax.set_mesh(run.mesh):  # the context mesh of the expert-parallel MoE's shard_map
         try:
@@ -559,6 +576,12 @@ def prepare_run(config: ml_collections.ConfigDict) -> tuple[Run, list[stages_lib
     stages = stages_lib.plan_stages(config, cfg, Path(config.workdir).absolute())
     tc = config.train
     mesh = sharding.make_mesh(config.mesh)
+    batch_devices = math.prod(mesh.shape[a] for a in sharding.LOGICAL_RULES["batch"])
+    for name in ("global_batch_size", "eval_batch_size"):
+        if tc[name] % batch_devices:
+            raise ConfigError(
+                f"train.{name} ({tc[name]}) must be a multiple of the mesh's {batch_devices} batch shards"
+            )
 
     tokenizer = data.make_tokenizer(config.data.tokenizer)
     if tokenizer.vocab_size > cfg.vocab_size:
@@ -586,10 +609,12 @@ def run(config: ml_collections.ConfigDict) -> dict:
     run, stages = prepare_run(config)
     summaries, previous = [], None
     for stage in stages:
-        summary = {}
-        if TrainingCheckpoints(stage.directory).latest_step() != stage.end_step:
-            summary = train_stage(run, stage, *stage_start(run, stage, previous))
-        summaries.append(summary)
+        if TrainingCheckpoints(stage.directory).latest_step() == stage.end_step:
+            log.info("%s: resumed at its last step %d; nothing left to do", stage.name, stage.end_step)
+            summary_file = stage.directory / "summary.json"
+            summaries.append(json.loads(summary_file.read_text()) if summary_file.exists() else {})
+        else:
+            summaries.append(train_stage(run, stage, *stage_start(run, stage, previous)))
         previous = stage
     if len(stages) > 1 and jax.process_index() == 0:
         write_run_report(Path(run.config.workdir).absolute(), stages, summaries)
@@ -609,8 +634,7 @@ def dry_run(config: ml_collections.ConfigDict) -> list[dict]:
 
 def write_run_report(workdir: Path, stages: Sequence[stages_lib.Stage], summaries: Sequence[dict]) -> None:
     """workdir/summary.json (each stage's final metrics) and loss_curve.png (held-out CE across stages)."""
-    report = {stage.name: summary or json.loads((stage.directory / "summary.json").read_text())
-              for stage, summary in zip(stages, summaries)}  # fmt: skip
+    report = {stage.name: summary for stage, summary in zip(stages, summaries)}
     (workdir / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
     histories = {stage.name: stage.directory / "metrics.jsonl" for stage in stages}
     plot_runs(histories, workdir / "loss_curve.png", "heldout/ce", "held-out CE across the stages")

@@ -15,7 +15,7 @@ from flax import nnx
 from test_train import final_params
 from tool_runs import DATA_CACHE_DIR, REPO, run_tool, start_tool
 
-from slimqwen_jax import data, losses, pruning, stages, train
+from slimqwen_jax import data, losses, pipeline, pruning, stages, train
 from slimqwen_jax.checkpoint import load_checkpoint, save_checkpoint
 from slimqwen_jax.config import ConfigError, qwen3_next_80b_a3b, slimqwen_23a2b, tiny
 from slimqwen_jax.model import Qwen3NextForCausalLM
@@ -26,10 +26,12 @@ from slimqwen_jax.testing import load_config_file
 # (3 linear + 1 full left) and cuts the width 32 -> 16.
 SOURCE = tiny(hidden_size=32, head_dim=8, linear_key_head_dim=8, linear_value_head_dim=8, num_hidden_layers=6,
               num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=16)  # fmt: skip
+STAGED_RUN_MODEL = {k: getattr(SOURCE, k) for k in (
+    "hidden_size", "head_dim", "linear_key_head_dim", "linear_value_head_dim", "num_hidden_layers", "num_experts",
+    "moe_intermediate_size", "shared_expert_intermediate_size", "num_attention_heads", "linear_num_key_heads",
+    "linear_num_value_heads")}  # fmt: skip
 STAGED_RUN = [
-    *(f"--config.model.{k}={getattr(SOURCE, k)}" for k in ("hidden_size", "head_dim", "linear_key_head_dim",
-      "linear_value_head_dim", "num_hidden_layers", "num_experts", "moe_intermediate_size",
-      "shared_expert_intermediate_size", "num_attention_heads", "linear_num_key_heads", "linear_num_value_heads")),
+    *(f"--config.model.{k}={v}" for k, v in STAGED_RUN_MODEL.items()),
     "--config.stages[0].steps=4", "--config.stages[0].depth.num_layers_to_remove=1",
     "--config.stages[0].experts.num_experts=2", "--config.stages[0].experts.num_experts_per_tok=2",
     "--config.stages[0].width.hidden_size=0",
@@ -219,13 +221,15 @@ def test_sigkill_around_a_stage_transition_resumes_bitwise(straight, teacher, tm
         process.send_signal(signal.SIGKILL)
         output, _ = process.communicate()
         assert process.returncode == -signal.SIGKILL, f"the run finished before it could be killed:\n{output}"
+        return output
 
     kill_when(lambda: (stage_2 / "pruning.json").exists())
     assert not (stage_2 / "checkpoints").exists()
-    kill_when(lambda: (stage_2 / "checkpoints" / "8").exists())
+    output = kill_when(lambda: (stage_2 / "checkpoints" / "8").exists())
+    assert "stage_2: reusing calibration statistics" in output  # back to stage 1's end, pruned again
     assert not (stage_2 / "checkpoints" / "20").exists()
     code, output = run_staged(workdir, teacher)
-    assert code == 0 and "resumed" in output and "reusing calibration statistics" in output, output
+    assert code == 0 and "resumed from" in output and "stage_2/checkpoints/8" in output, output
     for a, b in zip(final_params(straight[0] / "stage_2", 20), final_params(stage_2, 20), strict=True):
         np.testing.assert_array_equal(a, b)
 
@@ -264,3 +268,32 @@ def test_the_23a2b_dry_run_matches_the_paper_and_the_docs(capsys):
     for line in printed.splitlines():
         if line.startswith("stage_"):
             assert line in documented, line
+
+
+@pytest.mark.slow
+def test_pipeline_runs_teacher_stages_and_baseline_and_reports(tmp_path):
+    """The main job's command in miniature: teacher pretraining, the staged student, the from-scratch
+    baseline, the report; rerun, it reuses the teacher and redoes nothing."""
+    config = staged_config(tmp_path / "pipeline", Path("unused"))
+    config.workdir = str(tmp_path / "pipeline")
+    config.pipeline.teacher.model.update(STAGED_RUN_MODEL)
+    config.pipeline.teacher.data.seq_len, config.pipeline.teacher.data.cache_dir = 32, DATA_CACHE_DIR
+    # In process the mesh spans the 8 fake devices: batches of 8.
+    config.train.update(global_batch_size=8, eval_batch_size=8)
+    config.pipeline.teacher.train.update(steps=6, global_batch_size=8, eval_batches=2, eval_batch_size=8,
+                                         eval_every=6, checkpoint_every=6, log_every=3)  # fmt: skip
+    table = pipeline.run(config)
+    root = tmp_path / "pipeline"
+    rows = json.loads((root / "report.json").read_text())
+    assert [r["run"] for r in rows] == ["teacher", "pruned + KD", "from scratch"]
+    assert [(r["layers"], r["hidden"], r["experts"]) for r in rows] == [(6, 32, 4), (4, 16, 2), (4, 16, 2)]
+    assert rows[1]["tokens"] == rows[2]["tokens"] == sum(STAGE_STEPS) * 8 * 32
+    assert rows[0]["top1_agreement"] == 1.0 and (root / "report.png").stat().st_size > 0
+    assert table in (root / "report.md").read_text() and "from scratch" in table
+    assert (
+        load_checkpoint(root / "from_scratch" / "stage_1" / "checkpoints" / str(sum(STAGE_STEPS))).config.hidden_size
+        == 16
+    )
+    before = (root / "student" / "stage_2" / "metrics.jsonl").read_text()
+    assert pipeline.run(config) == table  # everything done: the report is rewritten, nothing retrained
+    assert (root / "student" / "stage_2" / "metrics.jsonl").read_text() == before

@@ -51,7 +51,7 @@ def final_params(workdir: Path, step: int) -> list[np.ndarray]:
 def test_every_config_loads_and_documents_its_command(path):
     module = load_config_file(path)
     config = module.get_config()
-    assert re.match(rf"python -m slimqwen_jax\.(train|prune|evaluate) --config configs/{path.name}", module.__doc__)
+    assert re.match(rf"python -m slimqwen_jax\.(train|prune|evaluate|pipeline) --config configs/{path.name}", module.__doc__)
     if not isinstance(config.model, str):  # evaluation configs name a model directory instead
         assert train.model_config(config).num_hidden_layers > 0
 
@@ -166,6 +166,9 @@ def test_distillation_run_logs_every_term_and_weight(tmp_path):
     assert lam == pytest.approx([1.0 - 0.25 * s / 4 for s in (1, 3)], abs=1e-6)  # logged at steps 2 and 4
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert 0.0 <= summary["heldout_top1_agreement"] <= 1.0 and summary["heldout_kd"] > 0
+    # Teacher-forced MTP acceptance (evaluation.batch_statistics): acc_1 >= acc_2 >= acc_3.
+    acceptance = [summary[f"heldout_mtp_acc_{j}"] for j in (1, 2, 3)]
+    assert 1.0 >= acceptance[0] >= acceptance[1] >= acceptance[2] >= 0.0
 
 
 @pytest.mark.parametrize(
