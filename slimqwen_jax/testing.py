@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
+from slimqwen_jax.checkpoint import load_checkpoint
 from slimqwen_jax.config import FULL_ATTENTION, Qwen3NextConfig
 from slimqwen_jax.model import CausalLMOutput, Qwen3NextForCausalLM
 
@@ -40,6 +41,12 @@ def forward(model: Qwen3NextForCausalLM, input_ids) -> CausalLMOutput:
 def random_tokens(batch: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:
     """Uniform token ids [B, T] (int32)."""
     return np.random.default_rng(seed).integers(0, vocab, (batch, length)).astype(np.int32)
+
+
+def checkpoint_params(directory: str | Path, step: int) -> list[np.ndarray]:
+    """Every parameter of `<directory>/checkpoints/<step>` (a training run or stage), in order."""
+    model = load_checkpoint(Path(directory) / "checkpoints" / str(step))
+    return [np.asarray(v[...]) for _, v in nnx.to_flat_state(nnx.state(model))]
 
 
 def load_config_file(path: str | Path) -> types.ModuleType:

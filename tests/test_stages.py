@@ -12,14 +12,13 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from test_train import final_params
 from tool_runs import DATA_CACHE_DIR, REPO, run_tool, start_tool
 
 from slimqwen_jax import data, losses, pipeline, pruning, stages, train
 from slimqwen_jax.checkpoint import load_checkpoint, save_checkpoint
 from slimqwen_jax.config import ConfigError, qwen3_next_80b_a3b, slimqwen_23a2b, tiny
 from slimqwen_jax.model import Qwen3NextForCausalLM
-from slimqwen_jax.testing import load_config_file
+from slimqwen_jax.testing import checkpoint_params, load_config_file
 
 # The tiny pipeline's student config, shrunk: a 6-layer source (3 linear + 1 full + 2 linear),
 # stage 1 removes the last layer and compresses 4 -> 2 experts, stage 2 removes one more layer
@@ -190,7 +189,9 @@ def test_stage_transition_equals_the_prune_cli_on_the_same_statistics(straight, 
                             f"--config.stats={workdir / 'stage_2' / 'calibration.npz'}", *spec)  # fmt: skip
     assert code == 0 and "reusing calibration statistics" in output, output
 
-    # The transition itself, in process, on a copy of the run without stage 2's checkpoints.
+    # The transition itself, in process (on the 8 fake devices: batches of 8), with stage 2's
+    # checkpoints moved away.
+    config.train.update(global_batch_size=8, eval_batch_size=8)
     run, planned = train.prepare_run(config)
     second = planned[1]
     moved = second.directory / "checkpoints"
@@ -230,7 +231,7 @@ def test_sigkill_around_a_stage_transition_resumes_bitwise(straight, teacher, tm
     assert not (stage_2 / "checkpoints" / "20").exists()
     code, output = run_staged(workdir, teacher)
     assert code == 0 and "resumed from" in output and "stage_2/checkpoints/8" in output, output
-    for a, b in zip(final_params(straight[0] / "stage_2", 20), final_params(stage_2, 20), strict=True):
+    for a, b in zip(checkpoint_params(straight[0] / "stage_2", 20), checkpoint_params(stage_2, 20), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -279,9 +280,9 @@ def test_pipeline_runs_teacher_stages_and_baseline_and_reports(tmp_path):
     config.pipeline.teacher.model.update(STAGED_RUN_MODEL)
     config.pipeline.teacher.data.seq_len, config.pipeline.teacher.data.cache_dir = 32, DATA_CACHE_DIR
     # In process the mesh spans the 8 fake devices: batches of 8.
-    config.train.update(global_batch_size=8, eval_batch_size=8)
+    config.train.update(global_batch_size=8, eval_batch_size=8, eval_mtp_drafts=0)
     config.pipeline.teacher.train.update(steps=6, global_batch_size=8, eval_batches=2, eval_batch_size=8,
-                                         eval_every=6, checkpoint_every=6, log_every=3)  # fmt: skip
+                                         eval_every=6, checkpoint_every=6, log_every=3, eval_mtp_drafts=0)  # fmt: skip
     table = pipeline.run(config)
     root = tmp_path / "pipeline"
     rows = json.loads((root / "report.json").read_text())
