@@ -203,3 +203,13 @@ def test_learning_rate_schedules(schedule):
     assert float(lr(110)) == pytest.approx(end, abs=1e-6)
     if schedule == "wsd":
         assert float(lr(60)) == pytest.approx(1.0) and float(lr(85)) == pytest.approx(0.55)
+
+
+def test_a_stage_can_rewarm_the_learning_rate():
+    """with_rewarmups: a linear ramp 1/n .. 1 over the stage's first n global steps, the base
+    schedule elsewhere (other stages continue without a ramp)."""
+    base = lambda count: 0.5 + 0.0 * count  # noqa: E731
+    lr = train.with_rewarmups(base, [(10, 4)])
+    values = [float(lr(step)) for step in range(8, 16)]
+    assert values == pytest.approx([0.5, 0.5, 0.125, 0.25, 0.375, 0.5, 0.5, 0.5])
+    assert train.with_rewarmups(base, []) is base
