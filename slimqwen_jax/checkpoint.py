@@ -7,6 +7,8 @@ model config as JSON). The training loop's CheckpointManager writes the same two
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from pathlib import Path
 
@@ -16,6 +18,8 @@ from flax import nnx
 
 from slimqwen_jax.config import Qwen3NextConfig
 from slimqwen_jax.model import Qwen3NextForCausalLM, abstract_model
+
+log = logging.getLogger("slimqwen_jax.checkpoint")
 
 PARAMS_ITEM = "params"
 CONFIG_ITEM = "config"
@@ -85,6 +89,32 @@ class TrainingCheckpoints:
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def set_aside_damaged(self, step: int, error: BaseException) -> Path:
+        """Move a damaged step directory to `<step>.damaged` (or `.damaged.1`, ...): kept for
+        inspection, out of the way of resume and of the save that will redo that step."""
+        source = self.step_directory(step)
+        target = source.with_name(f"{step}.damaged")
+        suffix = 0
+        while target.exists():
+            suffix += 1
+            target = source.with_name(f"{step}.damaged.{suffix}")
+        source.rename(target)
+        self._manager.reload()
+        reason = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+        log.warning("checkpoint step %d is damaged (%s); moved it to %s, trying the one before", step, reason, target)
+        return target
+
+    def run_config(self, step: int) -> dict | None:
+        """The run config a step was saved with (its train_state JSON), None if unreadable."""
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(train_state=ocp.args.JsonRestore()))
+            return json.loads(restored["train_state"]["config"])
+        except Exception:  # noqa: BLE001  (a damaged step: `restore` in the trainer sets it aside)
+            return None
 
     def step_directory(self, step: int) -> Path:
         return self.directory / str(step)

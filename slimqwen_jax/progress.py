@@ -65,7 +65,11 @@ class ProgressLogger:
             from tensorboardX import SummaryWriter
 
             workdir.mkdir(parents=True, exist_ok=True)
-            self._writer = SummaryWriter(str(workdir / "tensorboard"))
+            drop_history_after(self.history_file, start_step)
+            # A resumed run replays the steps after its checkpoint: drop their old events too.
+            self._writer = SummaryWriter(
+                str(workdir / "tensorboard"), purge_step=start_step + 1 if start_step else None
+            )
         self._start_time = self._last_time = time.perf_counter()
         self._last_step = start_step
         self._first_interval = True
@@ -162,6 +166,18 @@ def plot_loss_curves(history_file: Path, output: Path, reference: dict[str, floa
     fig.tight_layout()
     fig.savefig(output, dpi=120)
     plt.close(fig)
+
+
+def drop_history_after(history_file: Path, step: int) -> None:
+    """Keep only the `metrics.jsonl` entries up to `step` (a resume from `step` logs the rest again)."""
+    if not history_file.exists():
+        return
+    lines = history_file.read_text().splitlines()
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        temporary = history_file.with_suffix(".jsonl.tmp")
+        temporary.write_text("".join(line + "\n" for line in kept))
+        temporary.replace(history_file)
 
 
 def read_history(history_file: Path, metric: str) -> dict[int, float]:

@@ -27,7 +27,15 @@ from slimqwen_jax.checkpoint import save_checkpoint
 from slimqwen_jax.config import ConfigError, Qwen3NextConfig
 from slimqwen_jax.hf import CheckpointMismatchError
 from slimqwen_jax.model import Qwen3NextForCausalLM
-from slimqwen_jax.pruning import CalibrationStats, PruneSpec, PruningError, calibrate, count_parameters, prune
+from slimqwen_jax.pruning import (
+    CalibrationStats,
+    PruneSpec,
+    PruningError,
+    calibrate,
+    count_parameters,
+    prune,
+    validate,
+)
 from slimqwen_jax.pruning.param_count import architecture_table, format_count
 from slimqwen_jax.pruning.state import abstract_params, build_model
 
@@ -112,6 +120,7 @@ def run(config: ml_collections.ConfigDict) -> tuple[Qwen3NextConfig, nnx.State]:
         print(f"dry run of {config.source or 'config.model'} on abstract parameters (shapes only); nothing is written")
     else:
         check_outputs(config)
+        validate(source_config(config), spec)  # from config.json alone: before any load or calibration
         model = load_source(config)
         cfg, params = model.config, nnx.state(model, nnx.Param)
         stats = statistics(config, model) if spec.needs_stats(cfg) else None

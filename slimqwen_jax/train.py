@@ -227,23 +227,64 @@ def initial_params(cfg: Qwen3NextConfig, init_from: str, seed: int, param_shardi
 
 
 def restore(checkpoints: TrainingCheckpoints, tx, mesh, run_cfg: Qwen3NextConfig, *, check_architecture: bool):
-    """(config, graphdef, state, shardings) of the latest checkpoint in `checkpoints`, with the run's
-    run-time fields (`run_cfg`: dtypes, kernels). With `check_architecture` the stored architecture
-    must be `run_cfg`'s (a workdir of another model is refused, never touched); otherwise it is
-    whatever the checkpoint holds (a stage after pruning)."""
-    step = checkpoints.latest_step()
-    stored = checkpoints.model_config(step)
-    problems = architecture_mismatch(run_cfg, stored) if check_architecture else []
-    if problems:
+    """(config, graphdef, state, shardings) of the newest intact checkpoint in `checkpoints`, with
+    the run's run-time fields (`run_cfg`: dtypes, kernels). A damaged checkpoint (unreadable
+    config, metadata or arrays) is moved aside as `<step>.damaged`, never deleted, and the next
+    older one is tried. With `check_architecture` the stored architecture must be `run_cfg`'s (a
+    workdir of another model is refused, never touched); otherwise it is whatever the checkpoint
+    holds (a stage after pruning)."""
+    for step in sorted(checkpoints.all_steps(), reverse=True):
+        try:
+            stored = checkpoints.model_config(step)
+        except Exception as error:  # noqa: BLE001  (any damage: JSON, tensorstore, missing items)
+            checkpoints.set_aside_damaged(step, error)
+            continue
+        problems = architecture_mismatch(run_cfg, stored) if check_architecture else []
+        if problems:
+            raise TrainError(
+                f"{checkpoints.directory.parent} holds a checkpoint of a different architecture (step {step}); "
+                "refusing to touch it. Use another workdir or the matching config:\n  " + "\n  ".join(problems)
+            )
+        cfg = stored.replace(**{k: getattr(run_cfg, k) for k in RUNTIME_FIELDS})
+        graphdef, abstract_params, abstract_opt, param_shardings, opt_shardings = abstract_state(cfg, tx, mesh)
+        try:
+            params, opt_state, saved = checkpoints.restore(step, abstract_params, abstract_opt)
+        except Exception as error:  # noqa: BLE001
+            checkpoints.set_aside_damaged(step, error)
+            continue
+        log.info("resumed from %s at step %d", checkpoints.step_directory(step), step)
+        return cfg, graphdef, TrainState(step, params, opt_state, saved["data"]), (param_shardings, opt_shardings)
+    raise TrainError(
+        f"no intact checkpoint left in {checkpoints.directory} (the damaged ones are kept as <step>.damaged); "
+        "move the workdir away to start over"
+    )
+
+
+# Run-config fields that fix the order of the training data: a resume must not change them.
+DATA_ORDER_FIELDS = ("data.source", "data.paths", "data.tokenizer", "data.seq_len", "data.shuffle_seed",
+                     "train.global_batch_size")  # fmt: skip
+
+
+def check_same_data_order(config: ml_collections.ConfigDict, checkpoints: TrainingCheckpoints) -> None:
+    """Refuse to resume with settings that change the data order the checkpoint continues."""
+    saved = checkpoints.run_config(checkpoints.latest_step())
+    if saved is None:
+        return
+
+    def value(tree, path):
+        for part in path.split("."):
+            tree = tree.get(part) if isinstance(tree, dict) else None
+        return tree
+
+    current = json.loads(config.to_json())
+    changed = [f"{path}: {value(saved, path)!r} -> {value(current, path)!r}" for path in DATA_ORDER_FIELDS
+               if value(saved, path) != value(current, path)]  # fmt: skip
+    if changed:
         raise TrainError(
-            f"{checkpoints.directory.parent} holds a checkpoint of a different architecture (step {step}); "
-            "refusing to touch it. Use another workdir or the matching config:\n  " + "\n  ".join(problems)
+            f"{checkpoints.directory} was written with another data order; resuming would not continue it:\n  "
+            + "\n  ".join(changed)
+            + "\nUse the original values, or another workdir for the new ones"
         )
-    cfg = stored.replace(**{k: getattr(run_cfg, k) for k in RUNTIME_FIELDS})
-    graphdef, abstract_params, abstract_opt, param_shardings, opt_shardings = abstract_state(cfg, tx, mesh)
-    params, opt_state, saved = checkpoints.restore(step, abstract_params, abstract_opt)
-    log.info("resumed from %s at step %d", checkpoints.step_directory(step), step)
-    return cfg, graphdef, TrainState(step, params, opt_state, saved["data"]), (param_shardings, opt_shardings)
 
 
 def initial_state(config: ml_collections.ConfigDict, cfg: Qwen3NextConfig, tx, mesh):
@@ -356,8 +397,18 @@ def check_run_config(config: ml_collections.ConfigDict) -> None:
     """Refuse, before any work, a run config whose problems need no model or data to see."""
     tc = config.train
     problems = losses.check_loss_config(config.loss, has_teacher=bool(config.teacher))
-    if tc.global_batch_size % (tc.grad_accum_steps * jax.process_count()):
+    positive = ("global_batch_size", "grad_accum_steps", "log_every", "eval_every", "eval_batch_size",
+                "checkpoint_every", "keep_checkpoints")  # fmt: skip
+    problems += [f"train.{name} must be >= 1, got {tc[name]}" for name in positive if not tc[name] >= 1]
+    if tc.eval_batches < 0 or tc.eval_mtp_drafts < 0:
+        problems.append(
+            f"train.eval_batches and train.eval_mtp_drafts must be >= 0, got {tc.eval_batches}, {tc.eval_mtp_drafts}"
+        )
+    if not problems and tc.global_batch_size % (tc.grad_accum_steps * jax.process_count()):
         problems.append("train.global_batch_size must be a multiple of train.grad_accum_steps x process count")
+    workdir = Path(config.workdir)
+    if workdir.exists() and not workdir.is_dir():
+        problems.append(f"workdir {workdir} is a file, not a directory")
     if problems:
         raise ConfigError("bad run config:\n  " + "\n  ".join(problems))
 
@@ -393,6 +444,7 @@ def stage_start(run: Run, stage: stages_lib.Stage, previous: stages_lib.Stage | 
     checkpoints = TrainingCheckpoints(stage.directory)
     first = previous is None
     if checkpoints.latest_step() is not None:
+        check_same_data_order(run.config, checkpoints)
         return restore(
             checkpoints,
             run.tx,
@@ -406,6 +458,11 @@ def stage_start(run: Run, stage: stages_lib.Stage, previous: stages_lib.Stage | 
         start = restore(
             TrainingCheckpoints(previous.directory), run.tx, run.mesh, run.model_cfg, check_architecture=False
         )
+        if start[2].step != previous.end_step:  # its last checkpoint was damaged and set aside
+            raise TrainError(
+                f"{previous.name} must end at step {previous.end_step} but its newest intact checkpoint is step "
+                f"{start[2].step}; rerun the same command to redo {previous.name} from there"
+            )
     if stage.spec.is_identity(start[0]):
         return start
     return prune_state(run, stage, *start)
@@ -524,7 +581,16 @@ def train_stage(run: Run, stage: stages_lib.Stage, cfg: Qwen3NextConfig, graphde
     progress = ProgressLogger(stage.directory, total_steps=run.total_steps, start_step=state.step,
                               tokens_per_step=tokens_per_step, log_every=tc.log_every,
                               is_main=jax.process_index() == 0, end_step=stage.end_step)  # fmt: skip
-    last_saved = state.step
+
+    def stop(reason: str):
+        checkpoints.wait_until_finished()
+        latest = checkpoints.latest_step()
+        last_good = checkpoints.step_directory(latest) if latest is not None else f"none in {stage.directory}"
+        raise TrainError(
+            f"{reason}; stopped without saving. The last good checkpoint is {last_good}: lower the learning "
+            "rate or tighten clip_norm, then rerun"
+        )
+
     with jax.set_mesh(run.mesh):  # the context mesh of the expert-parallel MoE's shard_map
         try:
             for step in range(state.step + 1, stage.end_step + 1):
@@ -533,23 +599,25 @@ def train_stage(run: Run, stage: stages_lib.Stage, cfg: Qwen3NextConfig, graphde
                     state.params, state.opt_state, teacher_params, batch, step - 1
                 )
                 state.step = step
-                loss = float(metrics["loss"])
-                if not np.isfinite(loss):
-                    last_good = f"step {last_saved} in {checkpoints.directory}" if last_saved else "none (none saved)"
-                    raise TrainError(
-                        f"non-finite loss ({loss}) at step {step}; stopped without saving. "
-                        f"The last good checkpoint is {last_good}"
-                    )
+                # The loss is that of the parameters before the step, param_norm that of the updated
+                # ones: a step whose update overflowed never becomes a checkpoint either.
+                loss, param_norm = float(metrics["loss"]), float(metrics["param_norm"])
+                if not (np.isfinite(loss) and np.isfinite(param_norm)):
+                    stop(f"non-finite values at step {step} (loss {loss}, parameter norm {param_norm})")
                 progress.train(step, metrics, float(run.schedule(step - 1)))
                 if step % tc.eval_every == 0 or step == stage.end_step:
                     progress.heldout(step, evaluate(step))
                 if step % tc.checkpoint_every == 0 or step == stage.end_step:
+                    # Only parameters whose own loss is finite become a checkpoint: an update can
+                    # explode them while staying finite (the next step's loss would be the first sign).
+                    probe = float(eval_step(state.params, teacher_params, batch, step - 1)["loss"])
+                    if not np.isfinite(probe):
+                        stop(f"a non-finite loss ({probe}) of the parameters updated at step {step}")
                     state.data_state = run.train_batches.get_state()
                     train_state = {"step": step, "seed": config.seed, "data": state.data_state,
                                    "config": config.to_json()}  # fmt: skip
                     train_state = json.loads(json.dumps(train_state, default=_json_default))
                     checkpoints.save(step, state.params, state.opt_state, cfg, train_state)
-                    last_saved = step
         finally:
             checkpoints.wait_until_finished()
             checkpoints.close()
@@ -609,12 +677,19 @@ def run(config: ml_collections.ConfigDict) -> dict:
     run, stages = prepare_run(config)
     summaries, previous = [], None
     for stage in stages:
-        if TrainingCheckpoints(stage.directory).latest_step() == stage.end_step:
+        latest = TrainingCheckpoints(stage.directory).latest_step()
+        if latest is not None and latest > stage.end_step:
+            raise TrainError(
+                f"{stage.directory} already holds step {latest}, past this run's last step {stage.end_step} for "
+                f"{stage.name}; raise train.steps (or the stage's steps) to continue, or use another workdir"
+            )
+        start = stage_start(run, stage, previous)  # restores even a finished stage: damage shows here
+        if start[2].step == stage.end_step:
             log.info("%s: resumed at its last step %d; nothing left to do", stage.name, stage.end_step)
             summary_file = stage.directory / "summary.json"
             summaries.append(json.loads(summary_file.read_text()) if summary_file.exists() else {})
         else:
-            summaries.append(train_stage(run, stage, *stage_start(run, stage, previous)))
+            summaries.append(train_stage(run, stage, *start))
         previous = stage
     if len(stages) > 1 and jax.process_index() == 0:
         write_run_report(Path(run.config.workdir).absolute(), stages, summaries)

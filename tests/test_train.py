@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flax import nnx
-from tool_runs import REPO, run_tool, start_tool
+from tool_runs import REPO, TINY_RUN, run_tool, start_tool
 
 from slimqwen_jax import hf, train
 from slimqwen_jax.checkpoint import save_checkpoint
@@ -18,15 +18,6 @@ from slimqwen_jax.model import Qwen3NextForCausalLM
 from slimqwen_jax.testing import checkpoint_params, load_config_file
 
 CONFIGS = sorted((REPO / "configs").glob("*.py"))
-
-# A tiny run on top of the quickstart config: every layer kind, MoE and MTP, a few seconds a step.
-TINY_RUN = [
-    "--config.model.hidden_size=32", "--config.model.head_dim=8", "--config.model.linear_key_head_dim=8",
-    "--config.model.linear_value_head_dim=8", "--config.model.moe_intermediate_size=16",
-    "--config.model.shared_expert_intermediate_size=16", "--config.model.num_experts=4",
-    "--config.data.seq_len=32", "--config.train.global_batch_size=4", "--config.train.eval_batches=2",
-    "--config.train.eval_batch_size=4", "--config.train.log_every=2", "--config.optimizer.warmup_steps=2",
-]  # fmt: skip
 
 
 def run_train(workdir: Path, *overrides: str, steps: int = 6, checkpoint_every: int = 3, wait: bool = True):
@@ -124,14 +115,19 @@ def test_workdir_of_another_architecture_is_refused_and_kept(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    # Warm up normally for 2 steps, then a learning rate that blows the parameters up.
+    # Step 1 at a sane learning rate (checkpointed), then one that blows the parameters up: the
+    # update of step 2 stays finite but its loss does not, so step 2 never becomes a checkpoint.
     code, output = run_train(
         tmp_path, "--config.optimizer.schedule=constant", "--config.optimizer.init_lr=1e-3",
-        "--config.optimizer.peak_lr=1e12", "--config.optimizer.clip_norm=1e12", steps=10, checkpoint_every=2,
+        "--config.optimizer.peak_lr=1e12", "--config.optimizer.clip_norm=1e12", steps=10, checkpoint_every=1,
     )  # fmt: skip
-    assert code == 1 and "non-finite loss" in output and "last good checkpoint is step" in output, output
+    assert code == 1 and "non-finite" in output and "Traceback" not in output, output
     saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir())
-    assert saved and all(np.isfinite(a).all() for a in checkpoint_params(tmp_path, saved[-1]))
+    assert saved == [1] and f"last good checkpoint is {tmp_path / 'checkpoints' / '1'}" in output, output
+    assert all(np.isfinite(a).all() for a in checkpoint_params(tmp_path, 1))
+    # The named checkpoint really is good: rerun with a sane learning rate, it resumes and finishes.
+    code, output = run_train(tmp_path, "--config.optimizer.peak_lr=1e-3", steps=10, checkpoint_every=5)
+    assert code == 0 and "at step 1" in output, output
 
 
 # ---------------------------------------------------------------------------- distillation

@@ -14,6 +14,15 @@ DATA_CACHE_DIR = tempfile.mkdtemp(prefix="slimqwen-jax-test-data-")
 atexit.register(shutil.rmtree, DATA_CACHE_DIR, ignore_errors=True)
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
+# A tiny run on top of the quickstart config: every layer kind, MoE and MTP, a few seconds a step.
+TINY_RUN = [
+    "--config.model.hidden_size=32", "--config.model.head_dim=8", "--config.model.linear_key_head_dim=8",
+    "--config.model.linear_value_head_dim=8", "--config.model.moe_intermediate_size=16",
+    "--config.model.shared_expert_intermediate_size=16", "--config.model.num_experts=4",
+    "--config.data.seq_len=32", "--config.train.global_batch_size=4", "--config.train.eval_batches=2",
+    "--config.train.eval_batch_size=4", "--config.train.log_every=2", "--config.optimizer.warmup_steps=2",
+]  # fmt: skip
+
 
 def one_device_env() -> dict[str, str]:
     """This process's environment with XLA on one CPU device and the repository importable."""
