@@ -654,6 +654,7 @@ def prepare_run(config: ml_collections.ConfigDict) -> tuple[Run, list[stages_lib
     tokenizer = data.make_tokenizer(config.data.tokenizer)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is {cfg.vocab_size}")
+    data.check_token_ids(config.data, cfg.vocab_size)
     train_batches = data.train_iterator(config.data, tokenizer, batch_size=tc.global_batch_size // jax.process_count())
     heldout = data.heldout_batches(config.data, tokenizer, batch_size=tc.eval_batch_size, num_batches=tc.eval_batches)
 

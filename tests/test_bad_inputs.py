@@ -112,3 +112,15 @@ def test_the_prune_cli_checks_the_spec_from_config_json_before_loading(tmp_path)
     assert code == 1 and "num_layers_to_remove is 9" in output and "width.hidden_size is 100" in output, output
     assert "calibrating" not in output and "Traceback" not in output
     assert list(tmp_path.iterdir()) == []  # no checkpoint, no statistics file
+
+
+@pytest.mark.parametrize("bad_id", [260, -1], ids=["past-the-vocabulary", "negative"])  # model vocabulary: 260
+def test_token_ids_outside_the_vocabulary_are_refused_before_training(tmp_path, bad_id):
+    tokens = np.arange(4000, dtype=np.int64) % 256
+    tokens[1234] = bad_id
+    np.save(tmp_path / "tokens.npy", tokens)
+    code, output = run_train(
+        tmp_path / "run", "--config.data.source=tokens", f"--config.data.paths={tmp_path / 'tokens.npy'}"
+    )
+    assert code == 1 and f"token ids span [{min(bad_id, 0)}, {max(bad_id, 255)}]" in output, output
+    assert "Traceback" not in output and not (tmp_path / "run").exists()

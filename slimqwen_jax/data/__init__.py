@@ -3,6 +3,7 @@
 from slimqwen_jax.data.pipeline import (
     WindowSource,
     calibration_samples,
+    check_token_ids,
     default_data_config,
     heldout_batches,
     pack_documents,
@@ -20,6 +21,7 @@ __all__ = [
     "HFTokenizer",
     "WindowSource",
     "calibration_samples",
+    "check_token_ids",
     "default_data_config",
     "heldout_batches",
     "make_tokenizer",

@@ -148,6 +148,20 @@ def token_stream(data_cfg: Any, split: str, tokenizer: Tokenizer) -> np.ndarray:
     return np.load(paths[split], mmap_mode="r")
 
 
+def check_token_ids(data_cfg: Any, vocab_size: int) -> None:
+    """A `tokens` source's ids must index the model's vocabulary (one streaming pass over the
+    memory map); raise DataError naming the file and the range otherwise."""
+    if data_cfg.source != "tokens":
+        return
+    tokens = sources.load_token_file(data_cfg.paths, data_cfg.token_dtype)
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= vocab_size:
+        raise DataError(
+            f"{data_cfg.paths}: token ids span [{low}, {high}], outside the model's vocabulary 0..{vocab_size - 1}; "
+            "re-tokenize with the model's tokenizer"
+        )
+
+
 # ---------------------------------------------------------------------------- windows
 class WindowSource(grain.sources.RandomAccessDataSource):
     """Random access to the fixed-length windows of a token stream: item i is int32 [L + 1]."""
