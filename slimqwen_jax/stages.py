@@ -180,9 +180,9 @@ def apply_baseline(config: ml_collections.ConfigDict, source: Qwen3NextConfig) -
 # ---------------------------------------------------------------------------- planning
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    """One stage of a run: its pruning spec, its global step range [start_step, end_step), where it
-    writes, and the architecture it trains (exact shapes; with depth `similarity` the layer choice
-    is a placeholder until the stage calibrates)."""
+    """One stage of a run: its pruning spec, the global steps it trains (start_step, end_step]
+    (1-based, as logged), where it writes, and the architecture it trains (exact shapes; with depth
+    `similarity` the layer choice is a placeholder until the stage calibrates)."""
 
     index: int
     spec: PruneSpec
