@@ -12,7 +12,7 @@ import ml_collections
 from slimqwen_jax.config import tiny
 from slimqwen_jax.data import default_data_config
 from slimqwen_jax.losses import loss_config
-from slimqwen_jax.train import optimizer_config
+from slimqwen_jax.steps import optimizer_config
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -21,7 +21,7 @@ from slimqwen_jax.config import qwen3_next_80b_a3b, slimqwen_23a2b
 from slimqwen_jax.data import default_data_config
 from slimqwen_jax.losses import loss_config
 from slimqwen_jax.stages import calibration_config, depth_first
-from slimqwen_jax.train import optimizer_config
+from slimqwen_jax.steps import optimizer_config
 
 GLOBAL_BATCH, SEQ_LEN = 1024, 4096
 TOKENS = 400 * 10**9

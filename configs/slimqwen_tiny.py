@@ -21,7 +21,7 @@ from slimqwen_jax.config import tiny
 from slimqwen_jax.data import default_data_config
 from slimqwen_jax.losses import loss_config
 from slimqwen_jax.stages import calibration_config, depth_first
-from slimqwen_jax.train import optimizer_config
+from slimqwen_jax.steps import optimizer_config
 
 TEACHER = tiny(
     vocab_size=260, hidden_size=96, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2, head_dim=32,

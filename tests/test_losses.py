@@ -11,7 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
-from slimqwen_jax import losses, train
+from slimqwen_jax import losses, steps
 from slimqwen_jax.config import tiny
 from slimqwen_jax.losses import HeadInputs
 from slimqwen_jax.model import Qwen3NextForCausalLM, abstract_model
@@ -213,15 +213,15 @@ def step_fn(cfg, tx, loss_cfg, teacher_cfg=None, grad_accum_steps=1):
     graphdef = graphdef_of(cfg)
     teacher_graphdef = None if teacher_cfg is None else graphdef_of(teacher_cfg)
     config = ml_collections.ConfigDict(dict(loss=loss_cfg))
-    loss_fn = train.make_loss_fn(
-        graphdef, train.make_objective(config, cfg), with_mtp=not losses.is_always_zero(loss_cfg.beta),
+    loss_fn = steps.make_loss_fn(
+        graphdef, steps.make_objective(config, cfg), with_mtp=not losses.is_always_zero(loss_cfg.beta),
         teacher_graphdef=teacher_graphdef, teacher_mtp=teacher_cfg is not None and teacher_cfg.num_mtp_layers > 0,
     )  # fmt: skip
     replicated = jax.sharding.NamedSharding(
         jax.sharding.Mesh(jax.devices()[:1], ("batch",)), jax.sharding.PartitionSpec()
     )
-    weights = train.loss_weights_fn(loss_cfg, 10)
-    return jax.jit(train.make_train_step(loss_fn, tx, weights, grad_accum_steps, replicated))
+    weights = steps.loss_weights_fn(loss_cfg, 10)
+    return jax.jit(steps.make_train_step(loss_fn, tx, weights, grad_accum_steps, replicated))
 
 
 def params_of(cfg, seed):

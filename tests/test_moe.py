@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from slimqwen_jax import losses, moe, sharding, train
+from slimqwen_jax import losses, moe, sharding, steps
 from slimqwen_jax.config import ConfigError, tiny
 from slimqwen_jax.model import Qwen3NextForCausalLM
 from slimqwen_jax.testing import max_relative_error
@@ -152,7 +152,7 @@ def test_block_uses_the_context_mesh_and_sows_routing_metrics():
 def lm_loss(graphdef, cfg):
     """The trainer's pretraining loss (CE + 0.3 x MTP CE + aux) as (params, tokens) -> (loss, metrics)."""
     objective = losses.distillation_objective(aux_coef=cfg.router_aux_loss_coef, chunk_size=16)
-    loss_fn = train.make_loss_fn(graphdef, objective, with_mtp=True)
+    loss_fn = steps.make_loss_fn(graphdef, objective, with_mtp=True)
     return lambda params, tokens: loss_fn(params, None, tokens, {"lam": 0.0, "beta": 0.3})
 
 

@@ -7,7 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
-from slimqwen_jax import losses, train
+from slimqwen_jax import losses, steps
 from slimqwen_jax.config import tiny
 from slimqwen_jax.model import Qwen3NextForCausalLM, abstract_model
 from slimqwen_jax.pruning import (
@@ -36,10 +36,10 @@ TOKENS = random_tokens(4, 25, CFG.vocab_size, seed=3)
 
 def train_step(cfg, tx):
     objective = losses.distillation_objective(aux_coef=cfg.router_aux_loss_coef, chunk_size=32)
-    loss_fn = train.make_loss_fn(abstract_model(cfg)[0], objective, with_mtp=True)
+    loss_fn = steps.make_loss_fn(abstract_model(cfg)[0], objective, with_mtp=True)
     replicated = jax.sharding.NamedSharding(jax.sharding.Mesh(jax.devices()[:1], ("b",)), jax.sharding.PartitionSpec())
     weights = lambda step: {"lam": 0.0, "beta": 0.3}  # noqa: E731
-    return jax.jit(train.make_train_step(loss_fn, tx, weights, 1, replicated))
+    return jax.jit(steps.make_train_step(loss_fn, tx, weights, 1, replicated))
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def trained():
     """A model, its AdamW state after two steps (nonzero moments), and calibration statistics."""
     model = Qwen3NextForCausalLM(CFG, rngs=nnx.Rngs(0))
     params = nnx.state(model, nnx.Param)
-    tx, _ = train.make_optimizer(train.optimizer_config(warmup_steps=0, peak_lr=1e-2), total_steps=10)
+    tx, _ = steps.make_optimizer(steps.optimizer_config(warmup_steps=0, peak_lr=1e-2), total_steps=10)
     opt_state = tx.init(params)
     step = train_step(CFG, tx)
     for i in range(2):

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from slimqwen_jax import losses, sharding, train
+from slimqwen_jax import losses, sharding, steps, train
 from slimqwen_jax.config import tiny
 from slimqwen_jax.model import Qwen3NextForCausalLM
 
@@ -78,12 +78,12 @@ def test_sharded_train_steps_match_one_device(mesh_shape, moe_backend):
             Qwen3NextForCausalLM(teacher_cfg.replace(moe_backend=backend), rngs=nnx.Rngs(1)), nnx.Param
         )
         teacher_params = jax.device_put(teacher_params, sharding.state_shardings(teacher_params, mesh))
-        loss_fn = train.make_loss_fn(
+        loss_fn = steps.make_loss_fn(
             graphdef, losses.distillation_objective(aux_coef=cfg.router_aux_loss_coef, chunk_size=loss.chunk_size),
             with_mtp=True, teacher_graphdef=teacher_graphdef, teacher_mtp=True,
         )  # fmt: skip
         micro = NamedSharding(mesh, PartitionSpec(None, sharding.LOGICAL_RULES["batch"]))
-        step = jax.jit(train.make_train_step(loss_fn, tx, train.loss_weights_fn(loss, 4), 1, micro),
+        step = jax.jit(steps.make_train_step(loss_fn, tx, steps.loss_weights_fn(loss, 4), 1, micro),
                        out_shardings=(param_shardings, opt_shardings, None))  # fmt: skip
         with jax.set_mesh(mesh):
             for i, batch in enumerate(tokens):

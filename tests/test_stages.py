@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 from tool_runs import DATA_CACHE_DIR, REPO, run_tool, start_tool
 
-from slimqwen_jax import data, losses, pipeline, pruning, stages, train
+from slimqwen_jax import data, losses, pipeline, pruning, stages, steps, train
 from slimqwen_jax.checkpoint import load_checkpoint, save_checkpoint
 from slimqwen_jax.config import ConfigError, qwen3_next_80b_a3b, slimqwen_23a2b, tiny
 from slimqwen_jax.model import Qwen3NextForCausalLM
@@ -155,17 +155,17 @@ def test_stages_prune_between_them_and_schedules_run_on_the_global_step(straight
 
     config = staged_config(workdir, teacher)
     total = sum(STAGE_STEPS)
-    lr = train.learning_rate_schedule(config.optimizer, total)
+    lr = steps.learning_rate_schedule(config.optimizer, total)
     lam = losses.weight_schedule(config.loss.lam, total)
     beta = losses.weight_schedule(config.loss.beta, total)
-    steps = {**history(workdir, "stage_1"), **history(workdir, "stage_2")}
-    assert sorted(steps) == list(range(1, total + 1))
+    logged = {**history(workdir, "stage_1"), **history(workdir, "stage_2")}
+    assert sorted(logged) == list(range(1, total + 1))
     for step in (4, 5, 6):  # the last step of stage 1 and the first two of stage 2
-        entry = steps[step]
+        entry = logged[step]
         assert entry["train/learning_rate"] == pytest.approx(float(lr(step - 1)), rel=1e-6)
         assert entry["train/lam"] == pytest.approx(float(lam(step - 1)), rel=1e-6)
         assert entry["train/beta"] == pytest.approx(float(beta(step - 1)), rel=1e-6)
-    assert steps[5]["train/learning_rate"] > 0.5 * float(lr(3))  # no re-warmup from zero
+    assert logged[5]["train/learning_rate"] > 0.5 * float(lr(3))  # no re-warmup from zero
 
 
 def test_stage_transition_equals_the_prune_cli_on_the_same_statistics(straight, teacher, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 from tool_runs import REPO, TINY_RUN, run_tool, start_tool
 
-from slimqwen_jax import hf, train
+from slimqwen_jax import hf, steps, train
 from slimqwen_jax.checkpoint import save_checkpoint
 from slimqwen_jax.config import tiny
 from slimqwen_jax.model import Qwen3NextForCausalLM
@@ -193,7 +193,7 @@ def test_learning_rate_schedules(schedule):
     opt = train.ml_collections.ConfigDict(
         dict(schedule=schedule, init_lr=0.0, peak_lr=1.0, end_lr=0.1, warmup_steps=10, decay_fraction=0.5)
     )
-    lr = train.learning_rate_schedule(opt, 110)
+    lr = steps.learning_rate_schedule(opt, 110)
     assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(0.5) and float(lr(10)) == pytest.approx(1.0)
     end = {"cosine": 0.1, "wsd": 0.1, "constant": 1.0}[schedule]
     assert float(lr(110)) == pytest.approx(end, abs=1e-6)
@@ -205,7 +205,7 @@ def test_a_stage_can_rewarm_the_learning_rate():
     """with_rewarmups: a linear ramp 1/n .. 1 over the stage's first n global steps, the base
     schedule elsewhere (other stages continue without a ramp)."""
     base = lambda count: 0.5 + 0.0 * count  # noqa: E731
-    lr = train.with_rewarmups(base, [(10, 4)])
+    lr = steps.with_rewarmups(base, [(10, 4)])
     values = [float(lr(step)) for step in range(8, 16)]
     assert values == pytest.approx([0.5, 0.5, 0.125, 0.25, 0.375, 0.5, 0.5, 0.5])
-    assert train.with_rewarmups(base, []) is base
+    assert steps.with_rewarmups(base, []) is base

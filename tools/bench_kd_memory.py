@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from slimqwen_jax import losses, train
+from slimqwen_jax import losses, steps
 from slimqwen_jax.config import tiny
 from slimqwen_jax.model import abstract_model
 
@@ -83,14 +83,14 @@ def compiled_step(student, teacher, objective, batch: int, seq_len: int):
     loss = losses.loss_config(distillation=True)
     graphdef, params = abstract_model(student)
     teacher_graphdef, teacher_params = abstract_model(teacher)
-    loss_fn = train.make_loss_fn(
+    loss_fn = steps.make_loss_fn(
         graphdef, objective, with_mtp=True, teacher_graphdef=teacher_graphdef, teacher_mtp=True
     )
     tx = optax.adamw(1e-4)
     replicated = jax.sharding.NamedSharding(
         jax.sharding.Mesh(jax.devices()[:1], ("batch",)), jax.sharding.PartitionSpec()
     )
-    step = train.make_train_step(loss_fn, tx, train.loss_weights_fn(loss, 1000), 1, replicated)
+    step = steps.make_train_step(loss_fn, tx, steps.loss_weights_fn(loss, 1000), 1, replicated)
     shapes = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)  # noqa: E731
     tokens = jax.ShapeDtypeStruct((batch, seq_len + 1), jnp.int32)
     args = (shapes(params), jax.eval_shape(tx.init, shapes(params)), shapes(teacher_params), tokens, 0)
