@@ -31,8 +31,8 @@ from slimqwen_jax.pruning import (
     CalibrationStats,
     PruneSpec,
     PruningError,
-    calibrate,
     count_parameters,
+    load_or_calibrate,
     prune,
     validate,
 )
@@ -83,31 +83,8 @@ def check_outputs(config: ml_collections.ConfigDict) -> None:
 
 def statistics(config: ml_collections.ConfigDict, model: Qwen3NextForCausalLM) -> CalibrationStats:
     """Reuse the statistics file `config.stats` if it exists, else calibrate and write it."""
-    path = Path(config.stats or f"{config.output}.calibration.npz")
-    if path.exists():
-        stats = CalibrationStats.load(path)
-        source = Qwen3NextConfig.from_dict(stats.meta["config"]).architecture()
-        if source != model.config.architecture():
-            raise PruningError(f"calibration statistics {path} were computed on another architecture")
-        log.info("reusing calibration statistics %s (%d tokens)", path, stats.num_tokens)
-        return stats
-    cal = config.calibration
-    tokenizer = data.make_tokenizer(config.data.tokenizer)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ConfigError(
-            f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {model.config.vocab_size}"
-        )
-    samples = data.calibration_samples(
-        config.data, tokenizer, num_samples=cal.num_samples, seq_len=cal.seq_len, seed=cal.seed
-    )
-    log.info("calibrating on %d sequences of %d tokens", *samples.shape)
-    stats = calibrate(model, samples, batch_size=cal.batch_size, log_every=cal.log_every)
-    log.info(
-        "calibration: %s tok/s (steady state), %.1f s", f"{stats.meta['tokens_per_second']:,.0f}", stats.meta["seconds"]
-    )
-    stats.save(path)
-    log.info("wrote calibration statistics %s", path)
-    return stats
+    path = config.stats or f"{config.output}.calibration.npz"
+    return load_or_calibrate(path, model, config.data, config.calibration, name="prune")
 
 
 def run(config: ml_collections.ConfigDict) -> tuple[Qwen3NextConfig, nnx.State]:

@@ -70,23 +70,21 @@ class Teacher:
     params: nnx.State
 
 
+def targets_teacher_mtp(config: ml_collections.ConfigDict, cfg: Qwen3NextConfig) -> bool:
+    """Whether the student's MTP terms are computed and MTP-KD targets the teacher's MTP head."""
+    uses_mtp = cfg.num_mtp_layers > 0 and not losses.is_always_zero(config.loss.beta)
+    return uses_mtp and config.loss.mtp_kd_target == "teacher_mtp"
+
+
 def needs_teacher_mtp(config: ml_collections.ConfigDict, cfg: Qwen3NextConfig) -> bool:
-    """Whether the loss reads the teacher's MTP module: MTP-KD with the `teacher_mtp` target."""
-    loss = config.loss
-    return (
-        cfg.num_mtp_layers > 0
-        and not losses.is_always_zero(loss.beta)
-        and not losses.is_always_zero(loss.lam)
-        and loss.mtp_kd_target == "teacher_mtp"
-    )
+    """Whether the loss needs the teacher's MTP module: MTP-KD from it with a nonzero weight."""
+    return targets_teacher_mtp(config, cfg) and not losses.is_always_zero(config.loss.lam)
 
 
 def teacher_mtp_available(config: ml_collections.ConfigDict, cfg: Qwen3NextConfig, teacher: Qwen3NextConfig) -> bool:
-    """Whether to run the teacher's MTP module: the student's MTP terms are computed, the target is
-    `teacher_mtp` and the teacher has an MTP module as deep as the student's."""
-    uses_mtp = cfg.num_mtp_layers > 0 and not losses.is_always_zero(config.loss.beta)
-    deep_enough = teacher.num_mtp_layers >= cfg.num_mtp_layers
-    return uses_mtp and config.loss.mtp_kd_target == "teacher_mtp" and deep_enough
+    """Whether to run the teacher's MTP module: it is targeted and as deep as the student's (with
+    lam 0 throughout a shallower one is allowed; MTP-KD is then not reported)."""
+    return targets_teacher_mtp(config, cfg) and teacher.num_mtp_layers >= cfg.num_mtp_layers
 
 
 def teacher_config(config: ml_collections.ConfigDict, cfg: Qwen3NextConfig) -> Qwen3NextConfig | None:
@@ -306,31 +304,14 @@ def stage_start(run: Run, stage: stages_lib.Stage, previous: stages_lib.Stage | 
     return prune_state(run, stage, *start)
 
 
-def stage_statistics(run: Run, stage: stages_lib.Stage, model: Qwen3NextForCausalLM) -> pruning.CalibrationStats:
-    """Calibration statistics of the current student, saved in the stage directory and reused."""
-    path = stage.directory / "calibration.npz"
-    if path.exists():
-        stats = pruning.CalibrationStats.load(path)
-        if Qwen3NextConfig.from_dict(stats.meta["config"]).architecture() == model.config.architecture():
-            log.info("%s: reusing calibration statistics %s", stage.name, path)
-            return stats
-        raise TrainError(f"{path} holds statistics of another architecture; move it away to recalibrate")
-    cal = run.config.calibration
-    samples = data.calibration_samples(
-        run.config.data, run.tokenizer, num_samples=cal.num_samples, seq_len=cal.seq_len, seed=cal.seed
-    )
-    log.info("%s: calibrating the student on %d sequences of %d tokens", stage.name, *samples.shape)
-    stats = pruning.calibrate(model, samples, batch_size=cal.batch_size, log_every=cal.log_every)
-    if jax.process_index() == 0:
-        stats.save(path)
-    return stats
-
-
 def prune_state(run: Run, stage: stages_lib.Stage, cfg, graphdef, state: TrainState, shardings):
     """Calibrate the current student, prune its parameters and Adam moments with one decision, and
     place them on the mesh for the pruned architecture. Writes the stage's pruning report."""
     del shardings
-    stats = stage_statistics(run, stage, nnx.merge(graphdef, state.params))
+    model = nnx.merge(graphdef, state.params)
+    stats = pruning.load_or_calibrate(
+        stage.directory / "calibration.npz", model, run.config.data, run.config.calibration, name=stage.name
+    )
     decision = pruning.decide(cfg, state.params, stage.spec, stats)
     params = pruning.apply_decision(decision, state.params)
     opt_state = pruning.prune_optimizer_state(decision, state.opt_state, run.tx)

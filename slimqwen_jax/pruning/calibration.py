@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from slimqwen_jax import data
 from slimqwen_jax.config import Qwen3NextConfig
 from slimqwen_jax.layers import Calibration
 from slimqwen_jax.model import Qwen3NextForCausalLM
@@ -209,3 +210,36 @@ def calibrate(
         "seconds": elapsed,
     }
     return CalibrationStats(totals, num_samples * seq_len, meta)
+
+
+def load_or_calibrate(
+    path: str | Path, model: Qwen3NextForCausalLM, data_cfg, calibration_cfg, *, name: str = "calibration"
+) -> CalibrationStats:
+    """The statistics file `path` if it exists (refused if computed on another architecture), else
+    `model` calibrated on `calibration_cfg.num_samples` windows of the data pipeline, saved there
+    (on the main process). `name` prefixes the log lines (the tool or stage asking)."""
+    path = Path(path)
+    if path.exists():
+        stats = CalibrationStats.load(path)
+        if Qwen3NextConfig.from_dict(stats.meta["config"]).architecture() != model.config.architecture():
+            raise PruningError(f"calibration statistics {path} were computed on another architecture; move it away")
+        log.info("%s: reusing calibration statistics %s (%d tokens)", name, path, stats.num_tokens)
+        return stats
+    tokenizer = data.make_tokenizer(data_cfg.tokenizer)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise PruningError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {model.config.vocab_size}"
+        )
+    cal = calibration_cfg
+    samples = data.calibration_samples(
+        data_cfg, tokenizer, num_samples=cal.num_samples, seq_len=cal.seq_len, seed=cal.seed
+    )
+    log.info("%s: calibrating on %d sequences of %d tokens", name, *samples.shape)
+    stats = calibrate(model, samples, batch_size=cal.batch_size, log_every=cal.log_every)
+    log.info(
+        "%s: %s tok/s (steady state), %.1f s", name, f"{stats.meta['tokens_per_second']:,.0f}", stats.meta["seconds"]
+    )
+    if jax.process_index() == 0:
+        stats.save(path)
+        log.info("%s: wrote calibration statistics %s", name, path)
+    return stats
