@@ -7,14 +7,17 @@ model config as JSON). The training loop's CheckpointManager writes the same two
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from slimqwen_jax.config import Qwen3NextConfig
 from slimqwen_jax.model import Qwen3NextForCausalLM, abstract_model
@@ -60,16 +63,31 @@ def load_checkpoint_config(directory: str | os.PathLike, **runtime) -> Qwen3Next
 
 
 def load_checkpoint(directory: str | os.PathLike, **runtime) -> Qwen3NextForCausalLM:
-    """Restore a model written by `save_checkpoint` (or a training checkpoint step directory)."""
+    """Restore a model written by `save_checkpoint` (or a training checkpoint step directory) onto
+    this process's first device, whatever mesh or number of processes wrote it."""
     directory = Path(directory).absolute()
     cfg = load_checkpoint_config(directory, **runtime)
     graphdef, params = abstract_model(cfg)
-    target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), params)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=device), params)
     restored = _checkpointer().restore(
         directory, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(target)})
     )
     nnx.replace_by_pure_dict(params, restored[PARAMS_ITEM].to_pure_dict())
     return nnx.merge(graphdef, params)
+
+
+def sync_processes(name: str) -> None:
+    """A barrier across processes (every process must call it with the same `name`); free with one."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def on_every_process(ok: bool) -> bool:
+    """Whether `ok` holds on every process (collective); `ok` itself with one process."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
 class TrainingCheckpoints:
@@ -82,6 +100,7 @@ class TrainingCheckpoints:
 
     def __init__(self, workdir: str | os.PathLike, max_to_keep: int | None = 3):
         self.directory = Path(workdir).absolute() / "checkpoints"
+        logging.getLogger("absl").addFilter(_ORBAX_TRACEBACKS)  # orbax logs through absl
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=False, cleanup_tmp_directories=True),
@@ -102,7 +121,9 @@ class TrainingCheckpoints:
         while target.exists():
             suffix += 1
             target = source.with_name(f"{step}.damaged.{suffix}")
-        source.rename(target)
+        if jax.process_index() == 0:  # the others wait until it is out of the way
+            source.rename(target)
+        sync_processes(f"set aside checkpoint {step}")
         self._manager.reload()
         reason = f"{type(error).__name__}: {error}".splitlines()[0][:300]
         log.warning("checkpoint step %d is damaged (%s); moved it to %s, trying the one before", step, reason, target)
@@ -151,7 +172,31 @@ class TrainingCheckpoints:
         return restored[PARAMS_ITEM], restored["opt_state"], restored["train_state"]
 
     def wait_until_finished(self) -> None:
+        """Wait for the save in flight; raises its error (OSError for a full disk, ...)."""
         self._manager.wait_until_finished()
 
+    def last_complete(self) -> str:
+        """Where a rerun resumes: the newest complete step directory, once the save in flight (if
+        any) has ended. For messages about a run that stops: that save's own error is not raised."""
+        with contextlib.suppress(Exception):
+            self._manager.wait_until_finished()
+        self._manager.reload()
+        latest = self._manager.latest_step()
+        return str(self.step_directory(latest)) if latest is not None else f"none in {self.directory}"
+
     def close(self) -> None:
-        self._manager.close()
+        """Close the manager; a failed save has raised from `wait_until_finished` already."""
+        with contextlib.suppress(Exception):
+            self._manager.close()
+
+
+class _OrbaxTracebacksReportedByCaller(logging.Filter):
+    """Drops orbax's log records that carry a traceback: orbax logs a failed background write in
+    each of its threads, and the same error reaches the caller (`wait_until_finished`, `save`,
+    `restore`), which reports it once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+_ORBAX_TRACEBACKS = _OrbaxTracebacksReportedByCaller()

@@ -37,7 +37,8 @@ def routing_scalars(metrics: dict) -> dict[str, float]:
 
 
 class ProgressLogger:
-    """Logs every `log_every` steps; held-out losses whenever given. Only the main process writes."""
+    """Logs every `log_every` steps; held-out losses whenever given. Only the main process writes
+    (log lines, tensorboard, metrics.jsonl); every process keeps its summary."""
 
     def __init__(
         self,
@@ -100,6 +101,8 @@ class ProgressLogger:
         scalars.update({"train/learning_rate": learning_rate, "perf/tokens_per_sec": tokens_per_sec})
         scalars.update(routing_scalars(metrics))
         self._record(step, scalars)
+        if not self.is_main:
+            return
         eta = (self.total_steps - step) * seconds / max(steps, 1)
         parts = " ".join(f"{k} {float(metrics[k]):.4f}" for k in _LOGGED_TERMS if k in metrics)
         if "kd" in metrics:
@@ -115,6 +118,8 @@ class ProgressLogger:
     def heldout(self, step: int, metrics: dict[str, float]) -> None:
         """Record held-out metrics as `heldout/<name>`."""
         self._record(step, {f"heldout/{k}": v for k, v in metrics.items()})
+        if not self.is_main:
+            return
         parts = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "ce")
         log.info(
             "step %d/%d | held-out loss %.4f%s", step, self.total_steps, metrics["ce"], f" ({parts})" * bool(parts)

@@ -31,7 +31,7 @@ from ml_collections import config_flags
 
 from slimqwen_jax import cli, data, evaluation, loading, losses, pruning, sharding, steps
 from slimqwen_jax import stages as stages_lib
-from slimqwen_jax.checkpoint import TrainingCheckpoints
+from slimqwen_jax.checkpoint import TrainingCheckpoints, on_every_process
 from slimqwen_jax.config import RUNTIME_FIELDS, ConfigError, Qwen3NextConfig
 from slimqwen_jax.hf import CheckpointMismatchError
 from slimqwen_jax.model import Qwen3NextForCausalLM, abstract_model
@@ -147,13 +147,11 @@ def abstract_state(cfg: Qwen3NextConfig, tx, mesh):
 
 
 def initial_params(cfg: Qwen3NextConfig, init_from: str, seed: int, param_shardings):
-    """Parameters from `init_from` (HF directory or our checkpoint) or a seeded random init."""
+    """Parameters from `init_from` (HF directory or our checkpoint, checked by `check_init_from`)
+    or a seeded random init."""
     if not init_from:
         init = lambda: nnx.state(Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(seed)), nnx.Param)  # noqa: E731
         return jax.jit(init, out_shardings=param_shardings)()
-    problems = architecture_mismatch(cfg, loading.load_model_config(init_from, role="init_from"))
-    if problems:
-        raise TrainError(f"init_from {init_from} does not match config.model:\n  " + "\n  ".join(problems))
     model = loading.load_model(init_from, role="init_from", **{k: getattr(cfg, k) for k in RUNTIME_FIELDS})
     return jax.device_put(nnx.state(model, nnx.Param), param_shardings)
 
@@ -181,8 +179,12 @@ def restore(checkpoints: TrainingCheckpoints, tx, mesh, run_cfg: Qwen3NextConfig
         graphdef, abstract_params, abstract_opt, param_shardings, opt_shardings = abstract_state(cfg, tx, mesh)
         try:
             params, opt_state, saved = checkpoints.restore(step, abstract_params, abstract_opt)
-        except Exception as error:  # noqa: BLE001
-            checkpoints.set_aside_damaged(step, error)
+            error = None
+        except Exception as exception:  # noqa: BLE001
+            error = exception
+        # Each process reads its own shards: a damaged one may show on one process only.
+        if not on_every_process(error is None):
+            checkpoints.set_aside_damaged(step, error or RuntimeError("unreadable on another process"))
             continue
         log.info("resumed from %s at step %d", checkpoints.step_directory(step), step)
         return cfg, graphdef, TrainState(step, params, opt_state, saved["data"]), (param_shardings, opt_shardings)
@@ -229,24 +231,53 @@ def initial_state(config: ml_collections.ConfigDict, cfg: Qwen3NextConfig, tx, m
 
 
 # ---------------------------------------------------------------------------- checks
+def optimizer_problems(opt: ml_collections.ConfigDict) -> list[str]:
+    """Every unusable field of `config.optimizer`, one line each."""
+    problems = [f"optimizer.{name} must be >= 0, got {opt[name]}" for name in
+                ("init_lr", "end_lr", "warmup_steps", "weight_decay") if not opt[name] >= 0]  # fmt: skip
+    problems += [f"optimizer.{name} must be > 0, got {opt[name]}" for name in ("peak_lr", "eps", "clip_norm")
+                 if not opt[name] > 0]  # fmt: skip
+    problems += [f"optimizer.{name} must be in [0, 1), got {opt[name]}" for name in ("b1", "b2")
+                 if not 0 <= opt[name] < 1]  # fmt: skip
+    if not 0 < opt.decay_fraction <= 1:
+        problems.append(f"optimizer.decay_fraction must be in (0, 1], got {opt.decay_fraction}")
+    if not problems:  # the schedule's own check names the valid schedules
+        try:
+            steps.learning_rate_schedule(opt, 1)
+        except ConfigError as error:
+            problems.append(str(error))
+    return problems
+
+
 def check_run_config(config: ml_collections.ConfigDict) -> None:
-    """Refuse, before any work, a run config whose problems need no model or data to see."""
+    """Refuse, before any work, a run config whose problems need no model or data to see; one
+    ConfigError names them all."""
     tc = config.train
     problems = losses.check_loss_config(config.loss, has_teacher=bool(config.teacher))
-    positive = ("global_batch_size", "grad_accum_steps", "log_every", "eval_every", "eval_batch_size",
-                "checkpoint_every", "keep_checkpoints")  # fmt: skip
+    positive = ("global_batch_size", "grad_accum_steps", "log_every", "eval_every", "eval_batches",
+                "eval_batch_size", "checkpoint_every", "keep_checkpoints")  # fmt: skip
     problems += [f"train.{name} must be >= 1, got {tc[name]}" for name in positive if not tc[name] >= 1]
-    if tc.eval_batches < 0 or tc.eval_mtp_drafts < 0:
-        problems.append(
-            f"train.eval_batches and train.eval_mtp_drafts must be >= 0, got {tc.eval_batches}, {tc.eval_mtp_drafts}"
-        )
+    if tc.eval_mtp_drafts < 0:
+        problems.append(f"train.eval_mtp_drafts must be >= 0, got {tc.eval_mtp_drafts}")
     if not problems and tc.global_batch_size % (tc.grad_accum_steps * jax.process_count()):
         problems.append("train.global_batch_size must be a multiple of train.grad_accum_steps x process count")
+    problems += optimizer_problems(config.optimizer)
+    problems += [f"data.{problem}" for problem in data.data_config_problems(config.data)]
     workdir = Path(config.workdir)
     if workdir.exists() and not workdir.is_dir():
         problems.append(f"workdir {workdir} is a file, not a directory")
     if problems:
         raise ConfigError("bad run config:\n  " + "\n  ".join(problems))
+
+
+def check_init_from(config: ml_collections.ConfigDict, cfg: Qwen3NextConfig, first: stages_lib.Stage) -> None:
+    """`init_from`, when the first stage will start from it (no checkpoint of its own yet), must
+    exist and hold `cfg`'s architecture; its config alone is read."""
+    if not config.init_from or TrainingCheckpoints(first.directory).latest_step() is not None:
+        return
+    problems = architecture_mismatch(cfg, loading.load_model_config(config.init_from, role="init_from"))
+    if problems:
+        raise TrainError(f"init_from {config.init_from} does not match config.model:\n  " + "\n  ".join(problems))
 
 
 # ---------------------------------------------------------------------------- the run
@@ -270,7 +301,12 @@ class Run:
         return sharding.batch_sharding(self.mesh, 2)
 
     def to_global(self, batch: np.ndarray) -> jax.Array:
+        """The global train batch [B, L + 1] from this process's own rows [B / processes, L + 1]."""
         return jax.make_array_from_process_local_data(self.token_sharding, batch)
+
+    def heldout_to_global(self, batch: np.ndarray) -> jax.Array:
+        """A global held-out batch [B, L + 1] from the whole batch, which every process holds."""
+        return jax.make_array_from_callback(batch.shape, self.token_sharding, lambda index: batch[index])
 
 
 def stage_start(run: Run, stage: stages_lib.Stage, previous: stages_lib.Stage | None):
@@ -385,12 +421,13 @@ def train_stage(run: Run, stage: stages_lib.Stage, cfg: Qwen3NextConfig, graphde
 
     def evaluate(step: int) -> dict[str, float]:
         """The objective's terms on the held-out batches, and the teacher-forced MTP acceptance."""
-        results = [eval_step(state.params, teacher_params, run.to_global(b), step - 1) for b in run.heldout]
+        batches = [run.heldout_to_global(b) for b in run.heldout]
+        results = [eval_step(state.params, teacher_params, b, step - 1) for b in batches]
         metrics = {k: float(np.mean([r[k] for r in results])) for k in HELDOUT_METRICS if k in results[0]}
         if num_drafts:
             totals = None
-            for batch in run.heldout:
-                totals = evaluation.add_statistics(totals, acceptance_step(state.params, run.to_global(batch)))
+            for batch in batches:
+                totals = evaluation.add_statistics(totals, acceptance_step(state.params, batch))
             rates = evaluation.summarize(totals)
             metrics.update({f"mtp_acc_{j}": rates[f"teacher_forced_acc_{j}"] for j in range(1, num_drafts + 1)})
         return metrics
@@ -401,19 +438,19 @@ def train_stage(run: Run, stage: stages_lib.Stage, cfg: Qwen3NextConfig, graphde
                               tokens_per_step=tokens_per_step, log_every=tc.log_every,
                               is_main=jax.process_index() == 0, end_step=stage.end_step)  # fmt: skip
 
-    def stop(reason: str):
-        checkpoints.wait_until_finished()
-        latest = checkpoints.latest_step()
-        last_good = checkpoints.step_directory(latest) if latest is not None else f"none in {stage.directory}"
-        raise TrainError(
-            f"{reason}; stopped without saving. The last good checkpoint is {last_good}: lower the learning "
-            "rate or tighten clip_norm, then rerun"
-        )
+    def stop(reason: str, advice: str):
+        raise TrainError(f"{reason}. The last good checkpoint is {checkpoints.last_complete()}: {advice}")
 
     with jax.set_mesh(run.mesh):  # the context mesh of the expert-parallel MoE's shard_map
         try:
-            for step in range(state.step + 1, stage.end_step + 1):
-                batch = run.to_global(next(run.train_batches))
+            first_step = state.step + 1
+            for step in range(first_step, stage.end_step + 1):
+                local_batch = next(run.train_batches)  # [B / processes, L + 1]: this process's own rows
+                if step == first_step:
+                    log.info("process %d/%d reads its own shard of the train windows: first batch %s, rows %s",
+                             jax.process_index(), jax.process_count(), list(local_batch.shape),
+                             " ".join(data.row_digests(local_batch)))  # fmt: skip
+                batch = run.to_global(local_batch)
                 state.params, state.opt_state, metrics = train_step(
                     state.params, state.opt_state, teacher_params, batch, step - 1
                 )
@@ -422,7 +459,8 @@ def train_stage(run: Run, stage: stages_lib.Stage, cfg: Qwen3NextConfig, graphde
                 # ones: a step whose update overflowed never becomes a checkpoint either.
                 loss, param_norm = float(metrics["loss"]), float(metrics["param_norm"])
                 if not (np.isfinite(loss) and np.isfinite(param_norm)):
-                    stop(f"non-finite values at step {step} (loss {loss}, parameter norm {param_norm})")
+                    stop(f"non-finite values at step {step} (loss {loss}, parameter norm {param_norm}); stopped "
+                         "without saving", "lower the learning rate or tighten clip_norm, then rerun")  # fmt: skip
                 progress.train(step, metrics, float(run.schedule(step - 1)))
                 if step % tc.eval_every == 0 or step == stage.end_step:
                     progress.heldout(step, evaluate(step))
@@ -431,14 +469,20 @@ def train_stage(run: Run, stage: stages_lib.Stage, cfg: Qwen3NextConfig, graphde
                     # explode them while staying finite (the next step's loss would be the first sign).
                     probe = float(eval_step(state.params, teacher_params, batch, step - 1)["loss"])
                     if not np.isfinite(probe):
-                        stop(f"a non-finite loss ({probe}) of the parameters updated at step {step}")
+                        stop(f"a non-finite loss ({probe}) of the parameters updated at step {step}; stopped "
+                             "without saving", "lower the learning rate or tighten clip_norm, then rerun")  # fmt: skip
                     state.data_state = run.train_batches.get_state()
                     train_state = {"step": step, "seed": config.seed, "data": state.data_state,
                                    "config": config.to_json()}  # fmt: skip
                     train_state = json.loads(json.dumps(train_state, default=_json_default))
                     checkpoints.save(step, state.params, state.opt_state, cfg, train_state)
+            checkpoints.wait_until_finished()  # a failed write of the last save shows here
+        except KeyboardInterrupt:
+            stop(f"interrupted (Ctrl-C) after step {state.step}", "rerun the same command to resume")
+        except OSError as error:  # a full disk or a lost mount, in a save (orbax's writer threads) or a log file
+            stop(f"cannot write {error.filename or stage.directory}: {error.strerror or error}",
+                 "free space (or fix the directory), then rerun the same command to resume")  # fmt: skip
         finally:
-            checkpoints.wait_until_finished()
             checkpoints.close()
             progress.close()
     summary = progress.summary()
@@ -461,6 +505,7 @@ def prepare_run(config: ml_collections.ConfigDict) -> tuple[Run, list[stages_lib
     check_run_config(config)
     teacher_cfg = teacher_config(config, cfg)
     stages = stages_lib.plan_stages(config, cfg, Path(config.workdir).absolute())
+    check_init_from(config, cfg, stages[0])
     tc = config.train
     mesh = sharding.make_mesh(config.mesh)
     batch_devices = math.prod(mesh.shape[a] for a in sharding.LOGICAL_RULES["batch"])
@@ -479,6 +524,9 @@ def prepare_run(config: ml_collections.ConfigDict) -> tuple[Run, list[stages_lib
 
     teacher = load_teacher(config, teacher_cfg, mesh) if teacher_cfg is not None else None
     total_steps = stages[-1].end_step
+    if config.optimizer.warmup_steps > total_steps:
+        log.warning("optimizer.warmup_steps (%d) exceeds the run's %d steps: the learning rate never reaches "
+                    "peak_lr", config.optimizer.warmup_steps, total_steps)  # fmt: skip
     rewarmups = [(stage.start_step, stage.warmup_steps) for stage in stages if stage.warmup_steps]
     tx, schedule = steps.make_optimizer(config.optimizer, total_steps, rewarmups)
     return Run(config, cfg, mesh, tokenizer, train_batches, heldout, teacher, tx, schedule, total_steps), stages
@@ -549,20 +597,45 @@ def _json_default(value):
 
 
 def define_flags() -> None:
-    """--config (the config file plus --config.key=value overrides) and --distributed."""
+    """--config (the config file plus --config.key=value overrides) and the multi-process flags."""
     config_flags.DEFINE_config_file("config", None, "Training config file (configs/<name>.py).", lock_config=True)
-    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host TPU/GPU).")
+    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host TPU/GPU/CPU).")
+    flags.DEFINE_string("coordinator_address", None, "With --distributed: host:port of process 0 (default: detected).")
+    flags.DEFINE_integer("num_processes", None, "With --distributed: the number of processes (default: detected).")
+    flags.DEFINE_integer("process_id", None, "With --distributed: this process's index (default: detected).")
+
+
+def initialize_distributed(
+    distributed: bool, coordinator_address: str | None, num_processes: int | None, process_id: int | None
+) -> None:
+    """`jax.distributed.initialize` with the given coordinator, process count and index; any left
+    unset are detected from the environment (TPU pods, SLURM, ...). Raises TrainError for explicit
+    settings without --distributed, or an index outside [0, num_processes)."""  # fmt: skip
+    explicit = {"coordinator_address": coordinator_address, "num_processes": num_processes, "process_id": process_id}
+    given = [f"--{name}" for name, value in explicit.items() if value is not None]
+    if not distributed:
+        if given:
+            raise TrainError(f"{', '.join(given)} need --distributed")
+        return
+    if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
+        raise TrainError(f"--process_id must be in [0, --num_processes={num_processes}), got {process_id}")
+    jax.distributed.initialize(**explicit)
+    log.info("process %d of %d, %d local devices of %d", jax.process_index(), jax.process_count(),
+             jax.local_device_count(), jax.device_count())  # fmt: skip
 
 
 def main(argv: list[str]) -> None:
     del argv
     cli.setup_logging()
-    if flags.FLAGS.distributed:
-        jax.distributed.initialize()
+    fl = flags.FLAGS
     try:
-        run(flags.FLAGS.config)
+        initialize_distributed(fl.distributed, fl.coordinator_address, fl.num_processes, fl.process_id)
+        run(fl.config)
     except RUN_ERRORS as error:
         log.error("error: %s", error)
+        sys.exit(1)
+    except KeyboardInterrupt:  # before training (a stage's loop reports where it stopped)
+        log.error("error: interrupted (Ctrl-C) before training started; nothing was saved")
         sys.exit(1)
 
 

@@ -1,4 +1,5 @@
-"""How the tests start `python -m slimqwen_jax.<tool>`: a subprocess on one CPU device with the
+"""How the tests start `python -m slimqwen_jax.<tool>`: a subprocess on one CPU device (or as many as
+asked) with the
 session's XLA flags and compilation cache (conftest.py), all runs sharing one tokenized-data cache."""
 
 import atexit
@@ -24,26 +25,30 @@ TINY_RUN = [
 ]  # fmt: skip
 
 
-def one_device_env() -> dict[str, str]:
-    """This process's environment with XLA on one CPU device and the repository importable."""
+def one_device_env(devices: int = 1) -> dict[str, str]:
+    """This process's environment with XLA on `devices` CPU devices and the repository importable."""
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(_DEVICE_COUNT_FLAG)]
-    return {**os.environ, "XLA_FLAGS": " ".join([*flags, f"{_DEVICE_COUNT_FLAG}=1"]), "PYTHONPATH": str(REPO)}
+    return {**os.environ, "XLA_FLAGS": " ".join([*flags, f"{_DEVICE_COUNT_FLAG}={devices}"]), "PYTHONPATH": str(REPO)}
 
 
-def start_tool(tool: str, config: str, *overrides: str) -> subprocess.Popen:
-    """Start `python -m slimqwen_jax.<tool> --config configs/<config>` with the shared data cache;
-    stdout and stderr together in `.stdout`."""
+def start_tool(tool: str, config: str, *overrides: str, devices: int = 1, fault: tuple[str, int] | None = None
+               ) -> subprocess.Popen:  # fmt: skip
+    """Start `python -m slimqwen_jax.<tool> --config configs/<config>` on `devices` CPU devices with
+    the shared data cache; stdout and stderr together in `.stdout`. `fault`: (kind, step) injected
+    while that checkpoint step is written (inject_fault.py)."""
+    injection = [str(REPO / "tests" / "inject_fault.py"), fault[0], str(fault[1])] if fault else []
     command = [
-        sys.executable, "-m", f"slimqwen_jax.{tool}", "--config", str(REPO / "configs" / config),
+        sys.executable, *injection, "-m", f"slimqwen_jax.{tool}", "--config", str(REPO / "configs" / config),
         f"--config.data.cache_dir={DATA_CACHE_DIR}", *overrides,
     ]  # fmt: skip
     return subprocess.Popen(
-        command, cwd=REPO, env=one_device_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command, cwd=REPO, env=one_device_env(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
 
 
-def run_tool(tool: str, config: str, *overrides: str) -> tuple[int, str]:
+def run_tool(tool: str, config: str, *overrides: str, devices: int = 1, fault: tuple[str, int] | None = None
+             ) -> tuple[int, str]:  # fmt: skip
     """Run `start_tool` to the end: (exit code, output)."""
-    process = start_tool(tool, config, *overrides)
+    process = start_tool(tool, config, *overrides, devices=devices, fault=fault)
     output, _ = process.communicate(timeout=600)
     return process.returncode, output

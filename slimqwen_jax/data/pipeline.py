@@ -55,8 +55,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     )
 
 
-def validate_data_config(data_cfg: Any) -> None:
-    """Raise one DataError naming every unusable field of `data_cfg`."""
+def data_config_problems(data_cfg: Any) -> list[str]:
+    """Every unusable field of `data_cfg`, one line each (nothing is read)."""
     problems = []
     if data_cfg.source not in sources.SOURCES:
         problems.append(f"unknown source {data_cfg.source!r}; choose from {sources.SOURCES}")
@@ -70,6 +70,12 @@ def validate_data_config(data_cfg: Any) -> None:
         problems.append(f"token_dtype {data_cfg.token_dtype!r} not in {sorted(sources.TOKEN_DTYPES)}")
     if not 0 <= data_cfg.shuffle_seed < 2**32:
         problems.append(f"shuffle_seed must be in [0, 2**32), got {data_cfg.shuffle_seed}")
+    return problems
+
+
+def validate_data_config(data_cfg: Any) -> None:
+    """Raise one DataError naming every unusable field of `data_cfg`."""
+    problems = data_config_problems(data_cfg)
     if problems:
         raise DataError("invalid data config:\n  " + "\n  ".join(problems))
 
@@ -142,9 +148,16 @@ def token_stream(data_cfg: Any, split: str, tokenizer: Tokenizer) -> np.ndarray:
     key = _cache_key(data_cfg, tokenizer)
     paths = {s: cache_dir / f"{data_cfg.source}-{key}-{s}.npy" for s in sources.SPLITS}
     if not all(p.exists() for p in paths.values()):
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        for s, stream in _tokenized_splits(data_cfg, tokenizer).items():
-            _save_atomically(paths[s], stream)
+        splits = _tokenized_splits(data_cfg, tokenizer)
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            for s, stream in splits.items():
+                _save_atomically(paths[s], stream)
+        except OSError as e:
+            raise DataError(
+                f"data.cache_dir {cache_dir}: cannot write the tokenized cache ({e.strerror or e}); point it at a "
+                "writable directory, or unset it to tokenize in memory"
+            ) from None
     return np.load(paths[split], mmap_mode="r")
 
 
@@ -246,6 +259,11 @@ def calibration_samples(
         )
     starts = np.random.default_rng(seed).choice(available, size=num_samples, replace=False) * seq_len  # [N]
     return np.stack([np.asarray(tokens[s : s + seq_len], np.int32) for s in starts])  # [N, L]
+
+
+def row_digests(batch: np.ndarray) -> list[str]:
+    """A short sha1 of each row of `batch` [B, ...]: names in a log line what a process read."""
+    return [hashlib.sha1(np.ascontiguousarray(row).tobytes()).hexdigest()[:8] for row in batch]
 
 
 def unigram_entropy(tokens: np.ndarray) -> float:

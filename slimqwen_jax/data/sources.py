@@ -75,9 +75,26 @@ def stdlib_documents() -> list[Document]:
     return [(p.relative_to(root).as_posix(), p.read_bytes().decode("utf-8", errors="replace")) for p in files]
 
 
+def decode_text(raw: bytes, where: str) -> str:
+    """UTF-8 text; binary data (a NUL byte) and other encodings are refused naming `where`, never
+    trained on as replacement characters."""
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise DataError(
+            f"{where}: binary data (a NUL byte at offset {nul}), not text; remove it from data.paths or narrow the glob"
+        )
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{where}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); convert it to UTF-8 or "
+            "remove it from data.paths"
+        ) from None
+
+
 def text_documents(paths: str | Sequence[str]) -> list[Document]:
-    """One document per file, keyed by its content (identical files share a split)."""
-    texts = [p.read_bytes().decode("utf-8", errors="replace") for p in resolve_paths(paths)]
+    """One document per UTF-8 file, keyed by its content (identical files share a split)."""
+    texts = [decode_text(p.read_bytes(), str(p)) for p in resolve_paths(paths)]
     return [(t, t) for t in texts]
 
 
@@ -85,11 +102,12 @@ def jsonl_documents(paths: str | Sequence[str], field: str = "text") -> list[Doc
     """One document per JSON line (blank lines skipped), the string under `field`, keyed by content."""
     docs = []
     for path in resolve_paths(paths):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line_no, line in enumerate(f, start=1):
+        with open(path, "rb") as f:
+            for line_no, raw in enumerate(f, start=1):
+                where = f"{path}:{line_no}"
+                line = decode_text(raw, where)
                 if not line.strip():
                     continue
-                where = f"{path}:{line_no}"
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
