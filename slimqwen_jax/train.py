@@ -241,7 +241,7 @@ def optimizer_problems(opt: ml_collections.ConfigDict) -> list[str]:
                  if not 0 <= opt[name] < 1]  # fmt: skip
     if not 0 < opt.decay_fraction <= 1:
         problems.append(f"optimizer.decay_fraction must be in (0, 1], got {opt.decay_fraction}")
-    if not problems:  # the schedule's own check names the valid schedules
+    if opt.peak_lr > 0:  # the schedule's own check names the valid schedules
         try:
             steps.learning_rate_schedule(opt, 1)
         except ConfigError as error:
@@ -262,7 +262,7 @@ def check_run_config(config: ml_collections.ConfigDict) -> None:
     if not problems and tc.global_batch_size % (tc.grad_accum_steps * jax.process_count()):
         problems.append("train.global_batch_size must be a multiple of train.grad_accum_steps x process count")
     problems += optimizer_problems(config.optimizer)
-    problems += [f"data.{problem}" for problem in data.data_config_problems(config.data)]
+    problems += [f"data: {problem}" for problem in data.data_config_problems(config.data)]
     workdir = Path(config.workdir)
     if workdir.exists() and not workdir.is_dir():
         problems.append(f"workdir {workdir} is a file, not a directory")

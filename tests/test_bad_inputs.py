@@ -2,22 +2,25 @@
 clear line (no traceback) and that nothing was written, lost or overwritten."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from tool_runs import TINY_RUN, run_tool
+from tool_runs import REPO, TINY_RUN, run_tool
 
-from slimqwen_jax.testing import checkpoint_params
+from slimqwen_jax import data, stages, train
+from slimqwen_jax.checkpoint import TrainingCheckpoints
+from slimqwen_jax.testing import checkpoint_params, load_config_file
 
 
-def run_train(workdir: Path, *overrides: str, steps: int = 6, checkpoint_every: int = 2):
+def run_train(workdir: Path, *overrides: str, steps: int = 6, checkpoint_every: int = 2, fault=None):
     args = [
         f"--config.workdir={workdir}", f"--config.train.steps={steps}", f"--config.train.eval_every={steps}",
         f"--config.train.checkpoint_every={checkpoint_every}", *TINY_RUN, *overrides,
     ]  # fmt: skip
-    return run_tool("train", "quickstart.py", *args)
+    return run_tool("train", "quickstart.py", *args, fault=fault)
 
 
 def snapshot(directory: Path) -> dict:
@@ -34,13 +37,30 @@ def snapshot(directory: Path) -> dict:
         (["--config.train.steps=0"], ["train.steps must be > 0"]),
         (["--config.train.global_batch_size=6", "--config.train.grad_accum_steps=4"],
          ["multiple of train.grad_accum_steps"]),
+        # Independent problems of the optimizer, train and data sections, all named in one error.
+        (["--config.optimizer.init_lr=-1e-3", "--config.optimizer.schedule=linear", "--config.optimizer.b2=1.0",
+          "--config.train.eval_batches=0", "--config.data.heldout_fraction=0", "--config.data.shuffle_seed=-1",
+          "--config.data.source=parquet"],
+         ["optimizer.init_lr must be >= 0, got -0.001",
+          "optimizer.schedule must be 'cosine', 'wsd' or 'constant', got 'linear'",
+          "optimizer.b2 must be in [0, 1), got 1.0", "train.eval_batches must be >= 1, got 0",
+          "data: heldout_fraction must be in (0, 1), got 0.0", "data: shuffle_seed must be in [0, 2**32), got -1",
+          "data: unknown source 'parquet'"]),
+        (["--config.init_from=/nonexistent/model"], ["init_from /nonexistent/model does not exist"]),
     ],
-    ids=["keep-zero", "zero-sizes", "zero-steps", "accumulation"],
+    ids=["keep-zero", "zero-sizes", "zero-steps", "accumulation", "optimizer-train-data", "init-from-missing"],
 )  # fmt: skip
 def test_bad_run_settings_are_refused_before_writing(tmp_path, overrides, messages):
     code, output = run_train(tmp_path / "run", *overrides)
     assert code == 1 and "Traceback" not in output, output
     assert all(message in output for message in messages), output
+    assert "not a slimqwen_jax checkpoint" not in output
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_value_of_the_wrong_type_is_a_command_line_error(tmp_path):
+    code, output = run_train(tmp_path / "run", "--config.train.steps=ten")
+    assert code == 2 and "bad command line" in output and "ten" in output and "Traceback" not in output, output
     assert not (tmp_path / "run").exists()
 
 
@@ -62,6 +82,33 @@ def finished(tmp_path_factory) -> Path:
 
 def copy_of(finished: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(finished, tmp_path / "run"))
+
+
+def test_only_the_newest_keep_checkpoints_are_kept(finished):
+    # quickstart.py keeps 2 (train.keep_checkpoints); the run saved steps 2, 4 and 6.
+    assert sorted(p.name for p in (finished / "checkpoints").iterdir()) == ["4", "6"]
+
+
+@pytest.mark.parametrize(
+    "fault, message",
+    [
+        ("enospc", r"cannot write {tmp}/\w+\.orbax-checkpoint-tmp: No space left on device\. The last good checkpoint "
+                   r"is {good}: free space"),
+        ("sigint", r"interrupted \(Ctrl-C\) after step 4\. The last good checkpoint is {good}: rerun the same command"),
+    ],
+    ids=["disk-full", "ctrl-c"],
+)  # fmt: skip
+def test_a_fault_during_a_save_ends_in_one_line_and_keeps_the_previous_checkpoint(tmp_path, fault, message):
+    """A full disk (OSError ENOSPC) or a Ctrl-C while orbax writes step 4 (inject_fault.py)."""
+    workdir = tmp_path / "run"
+    code, output = run_train(workdir, fault=(fault, 4))
+    checkpoints = workdir / "checkpoints"
+    tmp = next(checkpoints.glob("4.orbax-checkpoint-tmp*"))  # the interrupted save, never renamed to 4
+    assert code == 1 and "Traceback" not in output, output
+    assert re.search(message.format(tmp=re.escape(str(tmp)), good=re.escape(str(checkpoints / "2"))), output), output
+    # Atomic: what a resume would take is the intact step 2, never the half-written step 4.
+    assert TrainingCheckpoints(workdir).all_steps() == [2]
+    assert all(np.isfinite(a).all() for a in checkpoint_params(workdir, 2))
 
 
 @pytest.mark.parametrize(
@@ -124,3 +171,82 @@ def test_token_ids_outside_the_vocabulary_are_refused_before_training(tmp_path, 
     )
     assert code == 1 and f"token ids span [{min(bad_id, 0)}, {max(bad_id, 255)}]" in output, output
     assert "Traceback" not in output and not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------- data sources, in process
+def write_sources(root: Path) -> None:
+    """One bad input per file (or folder) under `root`."""
+    (root / "empty").mkdir()
+    (root / "empty" / "a.txt").write_text("")
+    (root / "empty" / "b.txt").write_text("")
+    (root / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    (root / "latin1.txt").write_bytes("café au lait".encode("latin-1"))
+    (root / "number.jsonl").write_text('{"text": "ok"}\n{"text": 42}\n')
+    (root / "broken.jsonl").write_text('{"text": "ok"}\n\n{"text": "unterminated\n')
+    (root / "list.jsonl").write_text('["text", "in a list"]\n')
+    (root / "latin1.jsonl").write_bytes(b'{"text": "ok"}\n' + '{"text": "café"}\n'.encode("latin-1"))
+    (root / "docs").mkdir()
+    (root / "docs" / "one.txt").write_text("a short document")
+    (root / "docs" / "two.txt").write_text("another short document")
+    (root / "tokens.txt").write_text("1 2 3")
+    np.save(root / "floats.npy", np.linspace(0, 1, 100))
+    np.save(root / "matrix.npy", np.zeros((10, 10), np.int32))
+    (root / "notes").write_text("a file where a cache directory should go")
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(source="text", paths="{root}/empty/*.txt"), r"text source '.*/empty/\*.txt' is empty"),
+        (dict(source="text", paths="{root}/image.txt"),
+         r"{root}/image.txt: binary data \(a NUL byte at offset 8\), not text; remove it from data.paths"),
+        (dict(source="text", paths="{root}/latin1.txt"),
+         r"{root}/latin1.txt: not UTF-8 text \(byte 0xe9 at offset 3\); convert it to UTF-8"),
+        (dict(source="jsonl", paths="{root}/number.jsonl"),
+         r"{root}/number.jsonl:2: field 'text' holds int, not a string; set data.jsonl_field"),
+        (dict(source="jsonl", paths="{root}/broken.jsonl"), r"{root}/broken.jsonl:3: not valid JSON \(.*\); fix or"),
+        (dict(source="jsonl", paths="{root}/list.jsonl"), r"{root}/list.jsonl:1: no field 'text' \(set data.jsonl"),
+        (dict(source="jsonl", paths="{root}/latin1.jsonl"), r"{root}/latin1.jsonl:2: not UTF-8 text"),
+        (dict(source="text", paths="{root}/docs"), r"'{root}/docs' is a directory; name its files with a glob"),
+        (dict(source="text", paths="{root}/docs/*.txt", seq_len=4096),
+         r"the train split has 0 windows of 4096 tokens, fewer than one global batch"),
+        (dict(source="tokens", paths="{root}/tokens.txt"), r"{root}/tokens.txt: token files must end in .npy or .bin"),
+        (dict(source="tokens", paths="{root}/floats.npy"), r"floats.npy: expected a 1-D integer array, got float64"),
+        (dict(source="tokens", paths="{root}/matrix.npy"), r"matrix.npy: expected a 1-D integer array, .* \(10, 10\)"),
+        (dict(source="text", paths="{root}/docs/*.txt", cache_dir="{root}/notes/cache"),
+         r"data.cache_dir {root}/notes/cache: cannot write the tokenized cache \(Not a directory\); point it at"),
+    ],
+    ids=["empty-glob", "binary-text", "latin-1-text", "jsonl-number", "jsonl-malformed", "jsonl-list",
+         "jsonl-latin-1", "directory", "seq-len-over-corpus", "tokens-suffix", "tokens-floats", "tokens-2d",
+         "cache-dir-under-a-file"],
+)  # fmt: skip
+def test_bad_data_sources_are_refused_naming_the_file(tmp_path, fields, message):
+    """What the trainer's data set-up (`train_iterator`, `heldout_batches`) raises: a RUN_ERROR,
+    so one line and exit code 1 from the command line; nothing is written."""
+    write_sources(tmp_path)
+    data_cfg = data.default_data_config()
+    data_cfg.update({k: v.format(root=tmp_path) if isinstance(v, str) else v for k, v in fields.items()})
+    before = snapshot(tmp_path)
+    with pytest.raises(train.RUN_ERRORS) as error:
+        data.train_iterator(data_cfg, data.ByteTokenizer(), batch_size=4)
+        data.heldout_batches(data_cfg, data.ByteTokenizer(), batch_size=4, num_batches=1)
+    assert re.search(message.format(root=re.escape(str(tmp_path))), str(error.value)), error.value
+    assert "\n" not in str(error.value)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "init_from, message",
+    [("notes", r"init_from {root}/notes is a file, not a model directory"),
+     ("docs", r"init_from {root}/docs is neither an HF checkpoint directory \(no config.json\) nor a slimqwen_jax")],
+    ids=["a-file", "neither"],
+)  # fmt: skip
+def test_an_init_from_that_is_no_model_is_refused_before_the_data(tmp_path, init_from, message):
+    """`check_init_from`, which the trainer runs right after planning its stages."""
+    write_sources(tmp_path)
+    config = load_config_file(REPO / "configs" / "quickstart.py").get_config()
+    config.update(dict(init_from=str(tmp_path / init_from), workdir=str(tmp_path / "run")))
+    first = stages.plan_stages(config, train.model_config(config), tmp_path / "run")[0]
+    with pytest.raises(train.RUN_ERRORS, match=message.format(root=re.escape(str(tmp_path)))):
+        train.check_init_from(config, train.model_config(config), first)
+    assert not (tmp_path / "run").exists()

@@ -56,8 +56,8 @@ def resolve_paths(paths: str | Sequence[str]) -> list[pathlib.Path]:
             problems.append(f"path {entry!r} does not exist")
         else:
             files.append(pathlib.Path(expanded))
-    if problems:
-        raise DataError("cannot read data paths:\n  " + "\n  ".join(problems))
+    if problems:  # one line for one problem, else one line each
+        raise DataError("cannot read data paths:" + ("\n  " if len(problems) > 1 else " ") + "\n  ".join(problems))
     return files
 
 
@@ -111,11 +111,14 @@ def jsonl_documents(paths: str | Sequence[str], field: str = "text") -> list[Doc
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: not valid JSON ({e})") from None
+                    raise DataError(f"{where}: not valid JSON ({e}); fix or remove the line") from None
                 if not isinstance(record, dict) or field not in record:
                     raise DataError(f"{where}: no field {field!r} (set data.jsonl_field to the text field's name)")
                 if not isinstance(record[field], str):
-                    raise DataError(f"{where}: field {field!r} is a {type(record[field]).__name__}, not a string")
+                    raise DataError(
+                        f"{where}: field {field!r} holds {type(record[field]).__name__}, not a string; set "
+                        "data.jsonl_field to the text field's name"
+                    )
                 docs.append((record[field], record[field]))
     return docs
 
