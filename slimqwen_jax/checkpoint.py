@@ -63,15 +63,17 @@ def load_checkpoint_config(directory: str | os.PathLike, **runtime) -> Qwen3Next
 
 
 def load_checkpoint(directory: str | os.PathLike, **runtime) -> Qwen3NextForCausalLM:
-    """Restore a model written by `save_checkpoint` (or a training checkpoint step directory) onto
-    this process's first device, whatever mesh or number of processes wrote it."""
+    """Restore a model written by `save_checkpoint` (or a training checkpoint step directory),
+    sharded as saved when these are the devices that saved it, else (another mesh or number of
+    processes) on this process's first device."""
     directory = Path(directory).absolute()
     cfg = load_checkpoint_config(directory, **runtime)
     graphdef, params = abstract_model(cfg)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=device), params)
+    target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), params)
+    first_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     restored = _checkpointer().restore(
-        directory, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(target)})
+        directory,
+        args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(target, fallback_sharding=first_device)}),
     )
     nnx.replace_by_pure_dict(params, restored[PARAMS_ITEM].to_pure_dict())
     return nnx.merge(graphdef, params)
@@ -88,6 +90,18 @@ def on_every_process(ok: bool) -> bool:
     if jax.process_count() == 1:
         return ok
     return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
+class _OrbaxTracebacksReportedByCaller(logging.Filter):
+    """Drops orbax's log records that carry a traceback: orbax logs a failed background write in
+    each of its threads, and the same error reaches the caller (`wait_until_finished`, `save`,
+    `restore`), which reports it once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+_ORBAX_TRACEBACKS = _OrbaxTracebacksReportedByCaller()
 
 
 class TrainingCheckpoints:
@@ -121,7 +135,8 @@ class TrainingCheckpoints:
         while target.exists():
             suffix += 1
             target = source.with_name(f"{step}.damaged.{suffix}")
-        if jax.process_index() == 0:  # the others wait until it is out of the way
+        sync_processes(f"chose where to set aside checkpoint {step}")  # every process, the same target
+        if jax.process_index() == 0:
             source.rename(target)
         sync_processes(f"set aside checkpoint {step}")
         self._manager.reload()
@@ -188,15 +203,3 @@ class TrainingCheckpoints:
         """Close the manager; a failed save has raised from `wait_until_finished` already."""
         with contextlib.suppress(Exception):
             self._manager.close()
-
-
-class _OrbaxTracebacksReportedByCaller(logging.Filter):
-    """Drops orbax's log records that carry a traceback: orbax logs a failed background write in
-    each of its threads, and the same error reaches the caller (`wait_until_finished`, `save`,
-    `restore`), which reports it once."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname)
-
-
-_ORBAX_TRACEBACKS = _OrbaxTracebacksReportedByCaller()

@@ -610,12 +610,12 @@ def initialize_distributed(
 ) -> None:
     """`jax.distributed.initialize` with the given coordinator, process count and index; any left
     unset are detected from the environment (TPU pods, SLURM, ...). Raises TrainError for explicit
-    settings without --distributed, or an index outside [0, num_processes)."""  # fmt: skip
+    settings without --distributed, or an index outside [0, num_processes)."""
     explicit = {"coordinator_address": coordinator_address, "num_processes": num_processes, "process_id": process_id}
     given = [f"--{name}" for name, value in explicit.items() if value is not None]
     if not distributed:
         if given:
-            raise TrainError(f"{', '.join(given)} need --distributed")
+            raise TrainError(f"{', '.join(given)}: only with --distributed (add it, or drop these flags)")
         return
     if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
         raise TrainError(f"--process_id must be in [0, --num_processes={num_processes}), got {process_id}")
@@ -634,8 +634,8 @@ def main(argv: list[str]) -> None:
     except RUN_ERRORS as error:
         log.error("error: %s", error)
         sys.exit(1)
-    except KeyboardInterrupt:  # before training (a stage's loop reports where it stopped)
-        log.error("error: interrupted (Ctrl-C) before training started; nothing was saved")
+    except KeyboardInterrupt:  # outside a stage's loop, which names the last good checkpoint itself
+        log.error("error: interrupted (Ctrl-C); rerun the same command to resume from the last checkpoint")
         sys.exit(1)
 
 

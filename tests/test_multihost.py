@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from tool_runs import TINY_RUN, run_tool, start_tool
 
+from slimqwen_jax import train
 from slimqwen_jax.testing import checkpoint_params
 
 STEPS, CHECKPOINT_EVERY, BATCH = 4, 2, 8
@@ -97,7 +98,9 @@ def test_two_processes_train_as_one_process_on_eight_devices(single, multi):
     assert [sorted(e) for e in a] == [sorted(e) for e in b]  # the same steps and metrics, each once
     for x, y in zip(a, b):
         assert y == pytest.approx(x, rel=2e-6, abs=1e-7), (x, y)
-    for x, y in zip(checkpoint_params(one, STEPS), checkpoint_params(two, STEPS), strict=True):
+    pairs = list(zip(checkpoint_params(one, STEPS), checkpoint_params(two, STEPS), strict=True))
+    print(f"largest parameter difference after {STEPS} steps: {max(np.abs(x - y).max() for x, y in pairs):.1e}")
+    for x, y in pairs:
         np.testing.assert_allclose(y, x, rtol=0, atol=2e-5)
     # Only process 0 writes the shared files and the progress lines.
     assert len(list((two / "tensorboard").glob("events.out.tfevents.*"))) == 1
@@ -136,3 +139,16 @@ def test_a_killed_process_and_a_rerun_of_both_resume_exactly(multi, tmp_path):
     for x, y in zip(checkpoint_params(multi[0], STEPS), checkpoint_params(workdir, STEPS), strict=True):
         np.testing.assert_array_equal(x, y)
     assert history(workdir) == history(multi[0])
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ((False, "localhost:1234", None, None), r"--coordinator_address: only with --distributed"),
+        ((True, "localhost:1234", 2, 2), r"--process_id must be in \[0, --num_processes=2\), got 2"),
+    ],
+    ids=["without-distributed", "index-out-of-range"],
+)
+def test_bad_process_flags_are_refused_before_connecting(flags, message):
+    with pytest.raises(train.TrainError, match=message):
+        train.initialize_distributed(*flags)

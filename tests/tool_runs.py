@@ -1,6 +1,6 @@
-"""How the tests start `python -m slimqwen_jax.<tool>`: a subprocess on one CPU device (or as many as
-asked) with the
-session's XLA flags and compilation cache (conftest.py), all runs sharing one tokenized-data cache."""
+"""How the tests start `python -m slimqwen_jax.<tool>`: a subprocess on one CPU device (or as many
+as asked) with the session's XLA flags and compilation cache (conftest.py), all runs sharing one
+tokenized-data cache; optionally with a fault injected into a checkpoint save (inject_fault.py)."""
 
 import atexit
 import os
