@@ -1,7 +1,7 @@
 """Trace and compile time of a training-style step: `compile_seconds(cfg)`, for benchmark scripts.
 
-    from slimqwen_jax.compile_time import compile_seconds
-    compile_seconds(tiny(num_hidden_layers=48, scan_layers=False))  # {"trace": ..., "lower": ..., "compile": ...}
+from slimqwen_jax.compile_time import compile_seconds
+compile_seconds(tiny(num_hidden_layers=48, scan_layers=False))  # {"trace": ..., "lower": ..., "compile": ...}
 """
 
 from __future__ import annotations
@@ -24,13 +24,22 @@ def next_token_loss(graphdef: nnx.GraphDef, params: nnx.State, input_ids: jax.Ar
     return -jnp.mean(jnp.take_along_axis(log_probs, targets, axis=-1)) + out.aux_loss
 
 
-def compile_seconds(cfg: Qwen3NextConfig, batch: int = 2, length: int = 32) -> dict[str, float]:
+def compile_seconds(
+    cfg: Qwen3NextConfig, batch: int = 2, length: int = 32, *, sgd_update: bool = False
+) -> dict[str, float]:
     """Seconds to trace, lower and compile `jax.jit(jax.value_and_grad(next_token_loss))` for `cfg` at
-    input_ids [batch, length]. Nothing is allocated or run (shapes only). Set no persistent
+    input_ids [batch, length]; with `sgd_update` the step also returns params - 0.01 * grads, as a
+    train step consumes its gradients. Nothing is allocated or run (shapes only). Set no persistent
     compilation cache (JAX_COMPILATION_CACHE_DIR) around it, or a repeated measurement reads it."""
     graphdef, params = abstract_model(cfg)
     input_ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)
-    step = jax.jit(jax.value_and_grad(lambda p, ids: next_token_loss(graphdef, p, ids)))
+    loss_and_grads = jax.value_and_grad(lambda p, ids: next_token_loss(graphdef, p, ids))
+
+    def sgd_step(p, ids):
+        loss, grads = loss_and_grads(p, ids)
+        return loss, jax.tree.map(lambda w, g: w - 0.01 * g, p, grads)
+
+    step = jax.jit(sgd_step if sgd_update else loss_and_grads)
     start = time.perf_counter()
     traced = step.trace(params, input_ids)
     traced_at = time.perf_counter()
