@@ -18,9 +18,13 @@ FULL_ATTENTION = "full_attention"
 LAYER_TYPES = (LINEAR_ATTENTION, FULL_ATTENTION)
 GATED_DELTA_RULE_IMPLEMENTATIONS = ("chunked", "recurrent", "pallas")
 MOE_BACKENDS = ("dense", "ragged", "expert_parallel")
+ATTENTION_IMPLEMENTATIONS = ("reference", "chunked")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Fields that choose how the model runs, not what it computes: free to differ between checkpoints.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "gated_delta_rule_impl", "moe_backend", "moe_capacity_factor")
+RUNTIME_FIELDS = (
+    "dtype", "param_dtype", "gated_delta_rule_impl", "moe_backend", "moe_capacity_factor",
+    "scan_layers", "attention_impl", "attention_chunk_size",
+)  # fmt: skip
 
 
 class ConfigError(ValueError):
@@ -77,6 +81,12 @@ class Qwen3NextConfig:
     moe_backend: str = "ragged"
     # expert_parallel only: capacity = ceil(factor * local copies / expert-axis size); 0 = dropless.
     moe_capacity_factor: float = 0.0
+    # Run the decoder stack as a lax.scan over its repeating block of layers (`model.decoder_stack`).
+    scan_layers: bool = True
+    # Full attention: "reference" builds all [T, T] scores (HF parity); "chunked" attends
+    # `attention_chunk_size` queries at a time (`layers.chunked_causal_attention`).
+    attention_impl: str = "chunked"
+    attention_chunk_size: int = 512
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", dtype_name(self.dtype))
@@ -174,6 +184,10 @@ class Qwen3NextConfig:
             problems.append(f"moe_backend {self.moe_backend!r} not in {MOE_BACKENDS}")
         if not self.moe_capacity_factor >= 0:
             problems.append(f"moe_capacity_factor must be >= 0 (0 = dropless), got {self.moe_capacity_factor}")
+        if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
+            problems.append(f"attention_impl {self.attention_impl!r} not in {ATTENTION_IMPLEMENTATIONS}")
+        if self.attention_chunk_size <= 0:
+            problems.append(f"attention_chunk_size must be positive, got {self.attention_chunk_size}")
         if problems:
             raise ConfigError("invalid Qwen3-Next config:\n  " + "\n  ".join(problems))
 

@@ -148,6 +148,38 @@ def causal_attention(
     return out.reshape(b, t, h, a)
 
 
+def chunked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, chunk_size: int) -> jax.Array:
+    """`causal_attention(q, k, v, scale)` (queries and keys aligned at the start) computed
+    `chunk_size` queries at a time: q [B,T,H,A], k/v [B,T,G,A] -> [B,T,H,A].
+
+    Each block of queries attends to all T keys with the exact softmax of `causal_attention`, so
+    the scores live as [B, H, chunk_size, T] float32 per block instead of [B, H, T, T]; blocks run
+    in a `lax.map` under `jax.checkpoint`, so the backward rebuilds each block's scores rather than
+    keeping them all. T at most chunk_size is one block: `causal_attention` itself.
+
+    Why not `jax.nn.dot_product_attention`: its default (XLA) implementation builds the full
+    [B, H, T, S] logits in float32 on every platform; only `implementation="cudnn"` (NVIDIA GPUs,
+    16-bit inputs) is a fused flash kernel.
+    """
+    b, t, h, a = q.shape
+    if t <= chunk_size:
+        return causal_attention(q, k, v, scale)
+    num_chunks = -(-t // chunk_size)
+    padded = jnp.pad(q, ((0, 0), (0, num_chunks * chunk_size - t), (0, 0), (0, 0)))  # [B, T', H, A]
+    q_chunks = padded.reshape(b, num_chunks, chunk_size, h, a).swapaxes(0, 1)  # [n, B, C, H, A]
+    key_index = jnp.arange(t)  # [T]
+
+    @jax.checkpoint
+    def attend(q_chunk, start, k, v):
+        query_index = start + jnp.arange(chunk_size)  # [C]; padding rows past T see every key
+        mask = query_index[:, None] >= key_index[None, :]  # [C, T]
+        return causal_attention(q_chunk, k, v, scale, mask[None])  # [B, C, H, A]
+
+    starts = jnp.arange(num_chunks) * chunk_size  # [n]
+    out = jax.lax.map(lambda xs: attend(*xs, k, v), (q_chunks, starts))  # [n, B, C, H, A]
+    return out.swapaxes(0, 1).reshape(b, num_chunks * chunk_size, h, a)[:, :t]
+
+
 class Attention(nnx.Module):
     """Gated full attention: per-head [query | gate] q_proj, q/k norm, partial RoPE, GQA."""
 
@@ -161,10 +193,17 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(a, "head_dim", cfg)
         self.num_heads, self.num_kv_heads, self.head_dim = h, g, a
         self.rotary_dim, self.rope_theta = cfg.rotary_dim, cfg.rope_theta
+        self.implementation, self.chunk_size = cfg.attention_impl, cfg.attention_chunk_size
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        """x [B, T, D] -> [B, T, D], causal over the T tokens (`attention_impl`: "reference" or "chunked")."""
         q, k, v, gate = self.project(x, positions)
-        return self.output(causal_attention(q, k, v, self.head_dim**-0.5), gate)
+        scale = self.head_dim**-0.5
+        if self.implementation == "chunked":
+            attended = chunked_causal_attention(q, k, v, scale, self.chunk_size)
+        else:
+            attended = causal_attention(q, k, v, scale)
+        return self.output(attended, gate)
 
     def project(self, x: jax.Array, positions: jax.Array):
         """x [B, T, D] -> q [B, T, H, A], k, v [B, T, G, A] (q, k normed and rotated), gate [B, T, H, A]."""

@@ -8,6 +8,7 @@ E experts. The module tree mirrors HF's checkpoint: `model.embed_tokens`, `model
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -65,16 +66,111 @@ class Qwen3NextModel(nnx.Module):
             ]
         )
         self.norm = RMSNorm(cfg.hidden_size, "embed", cfg)
+        self.scan_layers = cfg.scan_layers
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
         """input_ids [B, T] -> (final-normed hidden states [B, T, D], router logits of each MoE layer)."""
         x = self.embed_tokens(input_ids)  # [B, T, D]
-        router_logits = []
-        for layer in self.layers:
-            x, logits = layer(x, positions)
-            if logits is not None:
-                router_logits.append(logits)
+        x, router_logits = decoder_stack(list(self.layers), x, positions, scan=self.scan_layers)
         return self.norm(x), router_logits
+
+
+def repeat_period(signatures: Sequence) -> int:
+    """The smallest p such that signatures[i] == signatures[i + p] for every i (their number when none)."""
+    n = len(signatures)
+    return next((p for p in range(1, n) if all(signatures[i] == signatures[i + p] for i in range(n - p))), n)
+
+
+def decoder_stack(
+    layers: Sequence[DecoderLayer], x: jax.Array, positions: jax.Array, *, scan: bool
+) -> tuple[jax.Array, list[jax.Array]]:
+    """Run `layers` in order: x [B, T, D] -> (x [B, T, D], router logits [N, E] of each MoE layer, in order).
+
+    With `scan`, the layers are grouped into blocks of the pattern's period p (the smallest p such
+    that layer i and layer i + p have the same module structure, parameter shapes and dtypes:
+    Qwen3-Next's 3 linear-attention + 1 full-attention layers give p = 4) and the blocks run as one
+    `jax.lax.scan`, so one block is traced and compiled instead of every layer; the layers after
+    the last full block run unrolled. Fewer than two blocks (a non-periodic pattern), or layers with
+    state other than parameters (e.g. `nnx.capture(..., init=...)` values), run unrolled.
+
+    The parameters stay per layer (`model.layers.{i}`, as HF import/export, checkpoints and pruning
+    see them): each call stacks the parameters of the layers at the same position in their blocks
+    ([blocks, ...] arrays) and the scan body merges one slice back into a layer. Gradients flow
+    through the stack back to each layer. Cost: one transient copy of the scanned layers' parameters
+    per forward (kept as a residual until the backward, which also builds their stacked gradients
+    before slicing them per layer); keeping the parameters stacked permanently would avoid it but
+    change the parameter tree that everything else reads. `scan=False` (config `scan_layers`) runs
+    every layer unrolled, without the copy.
+
+    Sown intermediates (`nnx.capture` of `nnx.Intermediate` routing metrics or `Calibration` taps)
+    are captured inside the body and sown again, block by block, into the layers they belong to, so
+    the captured state is the one the unrolled loop gives.
+    """
+    if scan and layers:
+        splits = [nnx.split(layer, nnx.Param, ...) for layer in layers]
+        period = repeat_period([(graphdef, _shapes(params)) for graphdef, params, _ in splits])
+        num_blocks = len(layers) // period
+        only_params = not any(jax.tree.leaves(rest) for *_, rest in splits)
+        if num_blocks >= 2 and only_params:
+            scanned = num_blocks * period
+            x, block_logits = _scan_blocks(layers[:scanned], splits[:scanned], period, x, positions)
+            x, tail_logits = _run_unrolled(layers[scanned:], x, positions)
+            return x, block_logits + tail_logits
+    return _run_unrolled(layers, x, positions)
+
+
+def _shapes(state: nnx.State) -> tuple:
+    return tuple((leaf.shape, leaf.dtype) for leaf in jax.tree.leaves(state))
+
+
+def _run_unrolled(layers: Sequence[DecoderLayer], x: jax.Array, positions: jax.Array):
+    router_logits = []
+    for layer in layers:
+        x, logits = layer(x, positions)
+        if logits is not None:
+            router_logits.append(logits)
+    return x, router_logits
+
+
+def _scan_blocks(layers, splits, period: int, x: jax.Array, positions: jax.Array):
+    """`decoder_stack`'s scan over len(layers) // period blocks; splits: (graphdef, params, rest) of each layer."""
+    num_blocks = len(layers) // period
+    capture_types = tuple(type(variable) for variable in getattr(layers[0], "__captures__", ()))
+    graphdefs = [graphdef for graphdef, _, _ in splits[:period]]
+    rests = [rest for _, _, rest in splits[:period]]  # no arrays (checked): the structure only
+    stacked = [  # per block position: parameters [blocks, ...]
+        jax.tree.map(lambda *xs: jnp.stack(xs), *[splits[j * period + r][1] for j in range(num_blocks)])
+        for r in range(period)
+    ]
+
+    def block(x, block_params):
+        outputs = []
+        for graphdef, params, rest in zip(graphdefs, block_params, rests):
+            layer = nnx.merge(graphdef, params, rest)
+            if capture_types:
+                (x, logits), *sown = nnx.capture(layer, *capture_types)(x, positions)
+            else:
+                (x, logits), sown = layer(x, positions), []
+            outputs.append((logits, sown))
+        return x, outputs
+
+    x, outputs = jax.lax.scan(block, x, stacked)  # outputs stacked over blocks
+    router_logits = []
+    for j in range(num_blocks):
+        for r, (logits, sown) in enumerate(outputs):
+            if logits is not None:
+                router_logits.append(logits[j])
+            _sow_again(layers[j * period + r], [jax.tree.map(lambda a: a[j], state) for state in sown])
+    return x, router_logits
+
+
+def _sow_again(layer: DecoderLayer, sown: list[nnx.State]) -> None:
+    """Sow into `layer`'s submodules what a copy of it sowed under `nnx.capture` (one entry per call)."""
+    for state in sown:
+        for path, variable in nnx.to_flat_state(state):
+            module = functools.reduce(getattr, path[:-1], layer)
+            for value in variable.get_value():
+                module.sow(type(variable), path[-1], value)
 
 
 class MultiTokenPredictor(nnx.Module):

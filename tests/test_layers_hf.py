@@ -71,8 +71,10 @@ def test_gated_rms_norm(models):
     assert max_relative_error(model.model.layers[0].linear_attn.norm(jnp.asarray(x), jnp.asarray(z)), expected) <= TOL
 
 
-def test_full_attention(models, hidden):
-    hf_model, model = models
+@pytest.mark.parametrize("implementation", ["reference", "chunked"])
+def test_full_attention(checkpoint, hidden, implementation):
+    hf_model, directory = checkpoint
+    model = hf.load_model(directory, attention_impl=implementation, attention_chunk_size=32)  # T = 70: 3 chunks
     expected = run_hf(
         hf_model.model.layers[3].self_attn,
         hidden,
