@@ -1,0 +1,238 @@
+"""Our train step against HF transformers' at equal architecture, batch and optimizer, side by side.
+
+    .venv/bin/python tools/bench_train_step.py [--configs quickstart moe16 --steps 5 --out results.json]
+
+In one run on the machine at hand:
+1. the matmul peak: float32 [n, n] x [n, n] products, jitted, best GFLOP/s over a few sizes (the
+   denominator of model FLOP utilisation, MFU);
+2. for each config, one AdamW step (global-norm clipping, weight decay) of LM cross-entropy plus the
+   MoE load-balancing loss, without MTP (transformers' model has none): ours is the trainer's own
+   jitted step (`steps.make_train_step`, float32, parameters donated), theirs
+   `Qwen3NextForCausalLM(labels=..., output_router_logits=True)` + `loss.backward()` +
+   `torch.optim.AdamW` with its pure-torch fallbacks, on `--torch-threads` threads (default: every
+   core jax may use). Median seconds per step after warm-up, tokens/s, and MFU;
+3. the trace + compile time of the train step of a 48-layer model (Qwen3-Next's depth, tiny widths),
+   with the decoder layers scanned over the repeating block and unrolled.
+
+Model FLOPs per token (fwd + bwd = 3 x fwd): 6 x the active matmul parameters (attention and
+linear-attention projections, the routed top-k experts, the shared expert and its gate, the router,
+the LM head; not the embedding lookup), plus full attention's scores and values, 6 x 2 x H x Dh x
+T / 2 per layer (causal), plus the gated delta rule's state reads and writes, 6 x 3 x Hv x Dk x Dv
+per layer. Prints markdown tables; `--out` writes every number as JSON.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from slimqwen_jax import losses, model, steps
+from slimqwen_jax.config import FULL_ATTENTION, Qwen3NextConfig, tiny
+from slimqwen_jax.testing import hand_count_parameters
+
+# The architectures of issue 14's table: the quickstart model and a wider one with 16 experts.
+CONFIGS = {
+    "quickstart": (
+        tiny(
+            vocab_size=260, hidden_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+            linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32,
+            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=96, shared_expert_intermediate_size=96,
+            num_mtp_layers=0,
+        ),
+        8, 256,
+    ),
+    "moe16": (
+        tiny(
+            hidden_size=256, num_hidden_layers=8, num_experts=16, num_experts_per_tok=2, moe_intermediate_size=96,
+            shared_expert_intermediate_size=192, num_mtp_layers=0,
+        ),
+        8, 512,
+    ),
+}  # fmt: skip
+DEEP = tiny(hidden_size=32, num_hidden_layers=48, num_experts=4, moe_intermediate_size=16,
+            shared_expert_intermediate_size=16, vocab_size=256, num_mtp_layers=0)  # fmt: skip
+OPTIMIZER = dict(peak_lr=1e-3, init_lr=1e-3, warmup_steps=0, schedule="constant", weight_decay=0.1, clip_norm=1.0)
+
+
+def median_seconds(step, repeats: int) -> float:
+    """Median wall time of `repeats` calls of `step()` (which blocks until its result is ready)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak(sizes=(512, 1024, 2048), repeats: int = 5) -> float:
+    """Best float32 GFLOP/s of a jitted [n, n] @ [n, n] on the default device."""
+    best = 0.0
+    for n in sizes:
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+        matmul = jax.jit(lambda x, y: x @ y)
+        jax.block_until_ready(matmul(a, a))
+        seconds = median_seconds(lambda: jax.block_until_ready(matmul(a, a)), repeats)
+        best = max(best, 2 * n**3 / seconds / 1e9)
+    return best
+
+
+def model_flops_per_token(cfg: Qwen3NextConfig, seq_len: int) -> float:
+    """Training FLOPs per token (see the module docstring)."""
+    _, active = hand_count_parameters(cfg)
+    matmul_params = active - cfg.vocab_size * cfg.hidden_size  # the embedding is a lookup
+    full_layers = sum(kind == FULL_ATTENTION for kind in cfg.layer_types)
+    linear_layers = cfg.num_hidden_layers - full_layers
+    attention = full_layers * 2 * cfg.num_attention_heads * cfg.head_dim * seq_len / 2
+    delta_rule = linear_layers * 3 * cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim
+    return 6 * matmul_params + 6 * attention + 6 * delta_rule
+
+
+def replicated_sharding() -> jax.sharding.NamedSharding:
+    """The micro-batch sharding of a one-device run."""
+    return jax.sharding.NamedSharding(jax.sharding.Mesh(jax.devices()[:1], ("batch",)), jax.sharding.PartitionSpec())
+
+
+def our_step(cfg: Qwen3NextConfig, tokens: np.ndarray, total_steps: int):
+    """The trainer's jitted step and its initial arguments: (step, params, opt_state, tokens)."""
+    graphdef, params = nnx.split(model.Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    objective = losses.distillation_objective(aux_coef=cfg.router_aux_loss_coef, chunk_size=1024)
+    loss_fn = steps.make_loss_fn(graphdef, objective, with_mtp=False)
+    tx, _ = steps.make_optimizer(steps.optimizer_config(**OPTIMIZER), total_steps)
+    weights = steps.loss_weights_fn(losses.loss_config(distillation=False), total_steps)
+    step = jax.jit(steps.make_train_step(loss_fn, tx, weights, 1, replicated_sharding()), donate_argnums=(0, 1))
+    return step, params, tx.init(params), jnp.asarray(tokens)
+
+
+def bench_ours(cfg: Qwen3NextConfig, tokens: np.ndarray, repeats: int) -> dict:
+    step, params, opt_state, batch = our_step(cfg, tokens, total_steps=repeats + 2)
+    start = time.perf_counter()
+    params, opt_state, metrics = step(params, opt_state, None, batch, 0)
+    jax.block_until_ready(metrics)
+    compile_and_first = time.perf_counter() - start
+    state = {"params": params, "opt_state": opt_state}
+
+    def one_step():
+        state["params"], state["opt_state"], metrics = step(state["params"], state["opt_state"], None, batch, 1)
+        jax.block_until_ready(metrics)
+
+    one_step()  # a second warm-up: first runs of donated buffers
+    return {"seconds": median_seconds(one_step, repeats), "first_step_s": compile_and_first}
+
+
+def bench_hf(cfg: Qwen3NextConfig, tokens: np.ndarray, repeats: int, threads: int) -> dict:
+    import torch
+    import transformers
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    hf_model = transformers.Qwen3NextForCausalLM(transformers.Qwen3NextConfig(**cfg.to_hf_dict())).float().train()
+    opt = OPTIMIZER
+    optimizer = torch.optim.AdamW(
+        hf_model.parameters(), lr=opt["peak_lr"], betas=(0.9, 0.95), eps=1e-8, weight_decay=opt["weight_decay"]
+    )
+    input_ids = torch.as_tensor(tokens[:, :-1], dtype=torch.long)
+
+    def one_step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = hf_model(input_ids=input_ids, labels=input_ids, output_router_logits=True).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf_model.parameters(), opt["clip_norm"])
+        optimizer.step()
+
+    for _ in range(2):
+        one_step()
+    return {"seconds": median_seconds(one_step, repeats), "attention": hf_model.config._attn_implementation}
+
+
+def compile_seconds(cfg: Qwen3NextConfig, batch: int = 2, seq_len: int = 32) -> dict[str, float]:
+    """Seconds to trace, lower and compile the trainer's step for `cfg` (shapes only: nothing is
+    allocated or run). Run without a persistent compilation cache, or a repeat reads it."""
+    graphdef, params = model.abstract_model(cfg)
+    objective = losses.distillation_objective(aux_coef=cfg.router_aux_loss_coef, chunk_size=1024)
+    tx, _ = steps.make_optimizer(steps.optimizer_config(**OPTIMIZER), 10)
+    weights = steps.loss_weights_fn(losses.loss_config(distillation=False), 10)
+    loss_fn = steps.make_loss_fn(graphdef, objective, with_mtp=False)
+    step = jax.jit(steps.make_train_step(loss_fn, tx, weights, 1, replicated_sharding()))
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    tokens = jax.ShapeDtypeStruct((batch, seq_len + 1), jnp.int32)
+    start = time.perf_counter()
+    traced = step.trace(shapes, jax.eval_shape(tx.init, shapes), None, tokens, 0)
+    traced_at = time.perf_counter()
+    lowered = traced.lower()
+    lowered_at = time.perf_counter()
+    lowered.compile()
+    done = time.perf_counter()
+    return {"trace": traced_at - start, "lower": lowered_at - traced_at, "compile": done - lowered_at,
+            "total": done - start}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per measurement")
+    parser.add_argument("--torch-threads", type=int, default=os.cpu_count())
+    parser.add_argument("--no-compile", action="store_true", help="skip the 48-layer compile-time measurement")
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args()
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({os.cpu_count()} cores), "
+          f"torch threads {args.torch_threads}", flush=True)  # fmt: skip
+
+    results = {"matmul_peak_gflops": matmul_peak(), "configs": {}}
+    print(f"float32 matmul peak: {results['matmul_peak_gflops']:.1f} GFLOP/s", flush=True)
+    for name in args.configs:
+        cfg, batch, seq_len = CONFIGS[name]
+        tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq_len + 1), dtype=np.int32)
+        flops = model_flops_per_token(cfg, seq_len) * batch * seq_len
+        row = {
+            "batch": batch,
+            "seq_len": seq_len,
+            "params": hand_count_parameters(cfg)[0],
+            "moe_backend": cfg.moe_backend,
+        }
+        for who, bench in (("ours", lambda: bench_ours(cfg, tokens, args.repeats)),
+                           ("hf", lambda: bench_hf(cfg, tokens, args.repeats, args.torch_threads))):  # fmt: skip
+            measured = bench()
+            measured["tokens_per_s"] = batch * seq_len / measured["seconds"]
+            measured["mfu"] = flops / measured["seconds"] / 1e9 / results["matmul_peak_gflops"]
+            row[who] = measured
+            print(f"{name} {who}: {json.dumps(measured)}", flush=True)
+        row["speedup"] = row["hf"]["seconds"] / row["ours"]["seconds"]
+        results["configs"][name] = row
+    if not args.no_compile:
+        results["compile_48_layers"] = {
+            "scanned": compile_seconds(DEEP.replace(scan_layers=True)),
+            "unrolled": compile_seconds(DEEP.replace(scan_layers=False)),
+        }
+        print(f"48-layer compile: {json.dumps(results['compile_48_layers'])}", flush=True)
+
+    print(f"\nmatmul peak {results['matmul_peak_gflops']:.1f} GFLOP/s (float32)\n")
+    print("| config | params | batch | ours tok/s | ours MFU | HF torch tok/s | HF MFU | ours / HF |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    for name, r in results["configs"].items():
+        print(f"| {name} | {r['params'] / 1e6:.2f}M | {r['batch']} x {r['seq_len']} | "
+              f"{r['ours']['tokens_per_s']:,.0f} | {r['ours']['mfu']:.0%} | {r['hf']['tokens_per_s']:,.0f} | "
+              f"{r['hf']['mfu']:.0%} | {r['speedup']:.2f}x |")  # fmt: skip
+    if "compile_48_layers" in results:
+        c = results["compile_48_layers"]
+        scanned, unrolled = c["scanned"]["total"], c["unrolled"]["total"]
+        print(
+            f"\n48-layer train step trace + compile: scanned {scanned:.1f} s (trace {c['scanned']['trace']:.1f}), "
+            f"unrolled {unrolled:.1f} s (trace {c['unrolled']['trace']:.1f}): {scanned / unrolled:.2f} of unrolled"
+        )
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
