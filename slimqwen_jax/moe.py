@@ -209,17 +209,19 @@ def expert_parallel_experts(
     local token copies into fixed-size buffers [P, C, D], one per destination device (copies of
     first choices before second choices, then in token order; copies beyond C are dropped and
     contribute 0), exchanges them with `all_to_all` over the expert axis, runs the grouped matmul
-    `ffn` (an `expert_ffn_*`; None: the platform's, `platform_ffn`) on its L experts, sends the results back with the reverse `all_to_all` and combines
-    them with the routing weights. `dropped_fraction` is the fraction of all N * K copies dropped
-    (0 when dropless: capacity_factor None or <= 0).
+    `ffn` (an `expert_ffn_*`; None: the platform's, `platform_ffn`) on its L experts, sends the
+    results back with the reverse `all_to_all` and combines them with the routing weights.
+    `dropped_fraction` is the fraction of all N * K copies dropped (0 when dropless: capacity_factor
+    None or <= 0).
 
     mesh: a `Mesh`, or None for the context mesh (`jax.set_mesh`). Without a mesh, or with an expert
     axis of size 1, this is `routed_swiglu_experts` with `ffn` (nothing dropped). Token counts not
     divisible by the batch shards are padded with copies that go nowhere.
 
-    Dropless sizes every buffer for the worst case (C = n K): `jax.lax.ragged_all_to_all` would
-    send only the copies that exist, but XLA:CPU cannot run it (jax 0.10.2), so this path keeps the
-    fixed buffers everywhere.
+    Dropless sizes every buffer for the worst case (C = n K, P times the copies that exist):
+    `jax.lax.ragged_all_to_all` would send only those, but XLA:CPU has no implementation of it
+    (jax 0.10.2: "HLO opcode `ragged-all-to-all` is not supported by XLA:CPU ThunkEmitter"), so the
+    fixed buffers stay, on every platform, until that path can be tested.
     """
     n, k = experts.shape
     d = x.shape[-1]
