@@ -17,7 +17,7 @@ LINEAR_ATTENTION = "linear_attention"
 FULL_ATTENTION = "full_attention"
 LAYER_TYPES = (LINEAR_ATTENTION, FULL_ATTENTION)
 GATED_DELTA_RULE_IMPLEMENTATIONS = ("chunked", "recurrent", "pallas")
-MOE_BACKENDS = ("dense", "ragged", "expert_parallel")
+MOE_BACKENDS = ("auto", "dense", "ragged", "grouped", "gmm", "expert_parallel")
 ATTENTION_IMPLEMENTATIONS = ("reference", "chunked")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Fields that choose how the model runs, not what it computes: free to differ between checkpoints.
@@ -78,7 +78,8 @@ class Qwen3NextConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     gated_delta_rule_impl: str = "chunked"
-    moe_backend: str = "ragged"
+    # auto: the platform's grouped matmul (grouped on CPU, gmm on TPU, ragged on GPU; moe.resolve_backend).
+    moe_backend: str = "auto"
     # expert_parallel only: capacity = ceil(factor * local copies / expert-axis size); 0 = dropless.
     moe_capacity_factor: float = 0.0
     # Run the decoder stack as a lax.scan over its repeating block of layers (`model.decoder_stack`).

@@ -4,20 +4,25 @@ Shape letters: N tokens (B*T flattened), D model width, E experts, K experts per
 width, P devices on the mesh's expert axis, L = E / P experts per device, C capacity (token copies
 one device may send to another). Expert weights are stacked: gate/up [E, D, F], down [E, F, D].
 
-Backends (`EXPERT_BACKENDS`, chosen by `cfg.moe_backend`): `dense` (every expert on every token:
-the reference), `ragged` (dropless grouped matmuls on one device) and `expert_parallel` (experts
-sharded over the mesh's expert axis, tokens dispatched with all-to-all; see
+Backends (`cfg.moe_backend`, resolved once per platform by `resolve_backend` when `Experts` is
+built): `dense` (every expert on every token: the reference) and three dropless grouped matmuls
+over the N*K token copies sorted by expert, which do only the routed work where they are native:
+`grouped` (block-sparse in plain jnp: the CPU), `gmm` (megablox's Pallas kernel: TPU) and `ragged`
+(`jax.lax.ragged_dot`: GPU); `auto` picks the platform's one. `expert_parallel` shards the experts
+over the mesh's expert axis and runs the platform's grouped matmul on each device's experts (see
 `expert_parallel_experts`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
 from jax.sharding import PartitionSpec
 
 from slimqwen_jax.config import Qwen3NextConfig
@@ -46,19 +51,136 @@ def swiglu_experts_dense(x, weights, experts, gate_proj, up_proj, down_proj):
     return jnp.einsum("ne,ned->nd", combine.astype(out.dtype), out)
 
 
-def swiglu_experts_ragged(x, weights, experts, gate_proj, up_proj, down_proj):
-    """Dropless backend: sort the N*K token copies by expert and run grouped matmuls (ragged_dot)."""
-    n, k = experts.shape
+@jax.custom_vjp
+def gather_rows(x: jax.Array, rows: jax.Array, readers: jax.Array) -> jax.Array:
+    """x[rows] with a zero row wherever rows[r] >= M; its gradient is a gather too.
+
+    x [M, D], rows [R], readers [M, J]: every r with rows[r] == m listed in readers[m] (>= R: none).
+    Autodiff would transpose the gather into a scatter-add, which XLA runs serially on the CPU; with
+    the inverse map the transpose is a gather and a sum over J.
+    """
+    return jnp.take(x, rows, axis=0, mode="fill", fill_value=0)
+
+
+def _gather_rows_fwd(x, rows, readers):
+    return gather_rows(x, rows, readers), readers
+
+
+def _gather_rows_bwd(readers, cotangent):
+    return jnp.sum(jnp.take(cotangent, readers, axis=0, mode="fill", fill_value=0), axis=1), None, None
+
+
+gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
+def expert_layout(row_experts: jax.Array, num_experts: int, num_rows: int, block: int = 1):
+    """Rows sorted by expert (stable), each expert's group padded to a multiple of `block` rows.
+
+    row_experts [M] (values >= E: no expert, left out) -> (source [num_rows]: the input row at each
+    layout row, M for padding; dest [M]: the layout row of each input row, num_rows for none;
+    group_sizes [E]: padded group sizes). Groups start at row 0 in expert order; `num_rows` must
+    bound the total (M for block 1; M + E (block - 1) in general).
+    """
+    row_experts = jnp.asarray(row_experts)
+    m = row_experts.shape[0]
+    order = jnp.argsort(row_experts, stable=True)  # [M]
+    sizes = jnp.zeros(num_experts, jnp.int32).at[row_experts].add(1, mode="drop")  # [E]
+    padded = (sizes + block - 1) // block * block  # [E]
+    starts, padded_starts = jnp.cumsum(sizes) - sizes, jnp.cumsum(padded) - padded  # [E]
+    sorted_experts = row_experts[order]  # [M]
+    expert = jnp.minimum(sorted_experts, num_experts - 1)
+    rank = jnp.arange(m, dtype=jnp.int32) - starts[expert]  # place within its group
+    dest_sorted = jnp.where(sorted_experts < num_experts, padded_starts[expert] + rank, num_rows)  # [M]
+    dest = jnp.zeros(m, jnp.int32).at[order].set(dest_sorted)
+    source = jnp.full(num_rows, m, jnp.int32).at[dest_sorted].set(order.astype(jnp.int32), mode="drop")
+    return source, dest, padded
+
+
+def grouped_block_size(rows: int, num_experts: int) -> int:
+    """Rows per block of the `grouped` backend: the largest power of two <= rows / (4 E), in [8, 128].
+
+    The static row bound pays E (block - 1) rows of padding, under a quarter of the routed rows with
+    this choice; 128-row blocks reach near plain-matmul speed in XLA's CPU batched matmul while
+    64-row blocks ran ~2x slower per FLOP (tools/bench_moe.py, docs/performance.md).
+    """
+    target = max(1, rows // (4 * num_experts))
+    return int(min(128, max(8, 1 << (target.bit_length() - 1))))
+
+
+def _swiglu_blocks(xs, block_experts, gate_proj, up_proj, down_proj):
+    """Each block of rows through its own expert: xs [G, b, D], block_experts [G] -> [G, b, D]."""
+    gate = jnp.einsum("gbd,gdf->gbf", xs, gate_proj[block_experts])
+    up = jnp.einsum("gbd,gdf->gbf", xs, up_proj[block_experts])
+    return jnp.einsum("gbf,gfd->gbd", jax.nn.silu(gate) * up, down_proj[block_experts])
+
+
+def expert_ffn_grouped(rows, row_experts, gate_proj, up_proj, down_proj):
+    """Block-sparse grouped SwiGLU in plain jnp (the CPU path): rows [M, D], row_experts [M] -> [M, D].
+
+    Each expert's rows are padded to whole blocks of `grouped_block_size` rows, at most
+    G = (M + E (b - 1)) / b blocks; each block is multiplied by its own expert's weights (gathered
+    per block), so the work is the routed rows plus at most E (b - 1) padding rows. Rows with an
+    expert >= E give 0.
+    """
+    m, d = rows.shape
     num_experts = gate_proj.shape[0]
-    flat_experts = experts.reshape(-1)  # [N*K]
-    order = jnp.argsort(flat_experts, stable=True)  # [N*K]
-    token_of_copy = order // k  # [N*K]
-    group_sizes = jnp.bincount(flat_experts, length=num_experts).astype(jnp.int32)  # [E]
-    xs = x[token_of_copy]  # [N*K, D]
-    hidden = jax.nn.silu(jax.lax.ragged_dot(xs, gate_proj, group_sizes)) * jax.lax.ragged_dot(xs, up_proj, group_sizes)
-    out = jax.lax.ragged_dot(hidden, down_proj, group_sizes)  # [N*K, D]
-    out = out * weights.reshape(-1)[order][:, None].astype(out.dtype)
-    return jnp.zeros((n, x.shape[-1]), out.dtype).at[token_of_copy].add(out)
+    block = grouped_block_size(m, num_experts)
+    num_blocks = (m + num_experts * (block - 1)) // block  # G
+    source, dest, padded = expert_layout(row_experts, num_experts, num_blocks * block, block)
+    block_experts = jnp.repeat(
+        jnp.arange(num_experts, dtype=jnp.int32), padded // block, total_repeat_length=num_blocks
+    )  # [G]; unused trailing blocks (all zero rows) repeat the last expert
+    xs = gather_rows(rows, source, dest[:, None]).reshape(num_blocks, block, d)  # [G, b, D]
+    ys = _swiglu_blocks(xs, block_experts, gate_proj, up_proj, down_proj).reshape(num_blocks * block, d)
+    return gather_rows(ys, dest, source[:, None])
+
+
+def _sorted_swiglu(rows, row_experts, num_rows, matmul, gate_proj, up_proj, down_proj):
+    """rows sorted by expert into `num_rows` rows, SwiGLU with `matmul(lhs, rhs [E, ., .], group_sizes)`,
+    unsorted: [M, D] -> [M, D] (0 for rows with an expert >= E)."""
+    source, dest, group_sizes = expert_layout(row_experts, gate_proj.shape[0], num_rows)
+    xs = gather_rows(rows, source, dest[:, None])  # [num_rows, D]
+    hidden = jax.nn.silu(matmul(xs, gate_proj, group_sizes)) * matmul(xs, up_proj, group_sizes)
+    return gather_rows(matmul(hidden, down_proj, group_sizes), dest, source[:, None])
+
+
+def expert_ffn_ragged(rows, row_experts, gate_proj, up_proj, down_proj):
+    """Grouped SwiGLU with `jax.lax.ragged_dot` (native on GPU and TPU; a masked dense product on CPU)."""
+    return _sorted_swiglu(rows, row_experts, rows.shape[0], jax.lax.ragged_dot, gate_proj, up_proj, down_proj)
+
+
+def _gmm_tiling(m: int, k: int, n: int) -> tuple[int, int, int]:
+    """megablox tiles (tm, tk, tn): 128 or the whole dimension (TPU blocks need multiples of (8, 128)
+    or full dims; m is padded to a multiple of tm by `expert_ffn_gmm`, ragged k and n are masked)."""
+    return min(128, m), min(128, k), min(128, n)
+
+
+def expert_ffn_gmm(rows, row_experts, gate_proj, up_proj, down_proj, *, interpret: bool = False):
+    """Grouped SwiGLU with the megablox Pallas grouped matmul that jax ships for TPU (`interpret`:
+    Pallas' interpreter, for CPU tests). Rows are padded to a multiple of the 128-row tile (16 when
+    fewer: bfloat16's sublane tile); rows after the last group are never read back."""
+    m = rows.shape[0]
+    num_rows = -(-m // 16) * 16 if m <= 128 else -(-m // 128) * 128
+
+    def matmul(lhs, rhs, group_sizes):
+        # ops.gmm is a custom_vjp whose non-differentiable arguments must be positional:
+        # (lhs, rhs, group_sizes, preferred_element_type, tiling, group_offset, existing_out, transpose_rhs, interpret)
+        return megablox.gmm(lhs, rhs, group_sizes, lhs.dtype, _gmm_tiling, None, None, False, interpret)
+
+    return _sorted_swiglu(rows, row_experts, num_rows, matmul, gate_proj, up_proj, down_proj)
+
+
+def routed_swiglu_experts(x, weights, experts, gate_proj, up_proj, down_proj, *, ffn):
+    """The N*K token copies through `ffn` (an `expert_ffn_*`), combined with the routing weights."""
+    n, k = experts.shape
+    copies = jnp.repeat(x, k, axis=0)  # [N*K, D]: copy j of token i is row i*K + j
+    out = ffn(copies, experts.reshape(-1), gate_proj, up_proj, down_proj).reshape(n, k, -1)  # [N, K, D]
+    return jnp.einsum("nkd,nk->nd", out, weights.astype(out.dtype))
+
+
+def swiglu_experts_ragged(x, weights, experts, gate_proj, up_proj, down_proj):
+    """`routed_swiglu_experts` with `jax.lax.ragged_dot` (the `ragged` backend)."""
+    return routed_swiglu_experts(x, weights, experts, gate_proj, up_proj, down_proj, ffn=expert_ffn_ragged)
 
 
 def _mesh_axes(rule) -> tuple[str, ...]:
@@ -77,21 +199,29 @@ def expert_capacity(local_tokens: int, top_k: int, expert_axis_size: int, capaci
     return max(1, min(copies, math.ceil(capacity_factor * copies / expert_axis_size)))
 
 
-def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, *, mesh=None, capacity_factor=None):
+def expert_parallel_experts(
+    x, weights, experts, gate_proj, up_proj, down_proj, *, mesh=None, capacity_factor=None, ffn=None
+):
     """Expert-parallel SwiGLU experts: (out [N, D], dropped_fraction scalar float32).
 
     Experts are sharded over the mesh axis that `LOGICAL_RULES["expert"]` names (P devices, L = E / P
     experts each) and tokens over the `batch` axes. Inside `jax.shard_map` each device writes its
     local token copies into fixed-size buffers [P, C, D], one per destination device (copies of
     first choices before second choices, then in token order; copies beyond C are dropped and
-    contribute 0), exchanges them with `all_to_all` over the expert axis, runs grouped matmuls
-    (`ragged_dot`) on its L experts, sends the results back with the reverse `all_to_all` and combines
-    them with the routing weights. `dropped_fraction` is the fraction of all N * K copies dropped
-    (0 when dropless: capacity_factor None or <= 0).
+    contribute 0), exchanges them with `all_to_all` over the expert axis, runs the grouped matmul
+    `ffn` (an `expert_ffn_*`; None: the platform's, `platform_ffn`) on its L experts, sends the
+    results back with the reverse `all_to_all` and combines them with the routing weights.
+    `dropped_fraction` is the fraction of all N * K copies dropped (0 when dropless: capacity_factor
+    None or <= 0).
 
     mesh: a `Mesh`, or None for the context mesh (`jax.set_mesh`). Without a mesh, or with an expert
-    axis of size 1, this is `swiglu_experts_ragged` (nothing dropped). Token counts not divisible by
-    the batch shards are padded with copies that go nowhere.
+    axis of size 1, this is `routed_swiglu_experts` with `ffn` (nothing dropped). Token counts not
+    divisible by the batch shards are padded with copies that go nowhere.
+
+    Dropless sizes every buffer for the worst case (C = n K, P times the copies that exist):
+    `jax.lax.ragged_all_to_all` would send only those, but XLA:CPU has no implementation of it
+    (jax 0.10.2: "HLO opcode `ragged-all-to-all` is not supported by XLA:CPU ThunkEmitter"), so the
+    fixed buffers stay, on every platform, until that path can be tested.
     """
     n, k = experts.shape
     d = x.shape[-1]
@@ -100,8 +230,9 @@ def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, 
     mesh = jax.sharding.get_abstract_mesh() if context else mesh
     (expert_axis,) = _mesh_axes(LOGICAL_RULES["expert"])
     no_dropped = jnp.zeros((), jnp.float32)
+    ffn = expert_ffn_for(platform_ffn(), jax.default_backend()) if ffn is None else ffn
     if mesh is None or mesh.empty or expert_axis not in mesh.axis_names or mesh.shape[expert_axis] == 1:
-        return swiglu_experts_ragged(x, weights, experts, gate_proj, up_proj, down_proj), no_dropped
+        return routed_swiglu_experts(x, weights, experts, gate_proj, up_proj, down_proj, ffn=ffn), no_dropped
     p = mesh.shape[expert_axis]
     if num_experts % p:
         raise ValueError(
@@ -133,13 +264,7 @@ def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, 
         # [P, C, ...] per destination -> [P, C, ...] per source.
         exchange = lambda a: jax.lax.all_to_all(a, expert_axis, 0, 0, tiled=True)
         recv_x, recv_e = exchange(send_x), exchange(send_e)  # [P*C, D], [P*C] (L marks an empty row)
-        order = jnp.argsort(recv_e, stable=True)  # empty rows sort last and are left out of the groups
-        group_sizes = jnp.bincount(recv_e, length=per_device).astype(jnp.int32)  # [L]
-        xs = recv_x[order]
-        hidden = jax.nn.silu(jax.lax.ragged_dot(xs, gate_proj, group_sizes)) * jax.lax.ragged_dot(
-            xs, up_proj, group_sizes
-        )
-        ys = jnp.zeros_like(recv_x).at[order].set(jax.lax.ragged_dot(hidden, down_proj, group_sizes))  # [P*C, D]
+        ys = ffn(recv_x, recv_e, gate_proj, up_proj, down_proj)  # [P*C, D]; empty rows give 0
         back = exchange(ys)  # [P*C, D] results of the copies this device sent, in its own buffer layout
         y = back.at[slot].get(mode="fill", fill_value=0)  # [K*n, D]; dropped copies read 0
         y = y.reshape(k, -1, d) * weights.T[..., None].astype(y.dtype)  # [K, n, D]
@@ -158,20 +283,26 @@ def expert_parallel_experts(x, weights, experts, gate_proj, up_proj, down_proj, 
     return out[:n], dropped.astype(jnp.float32) / (n * k)
 
 
-def swiglu_experts_expert_parallel(
-    x, weights, experts, gate_proj, up_proj, down_proj, *, mesh=None, capacity_factor=None
-):
-    """`expert_parallel_experts` without the dropped fraction (the `EXPERT_BACKENDS` signature)."""
-    return expert_parallel_experts(
-        x, weights, experts, gate_proj, up_proj, down_proj, mesh=mesh, capacity_factor=capacity_factor
-    )[0]
+PLATFORM_FFNS = {"tpu": "gmm", "gpu": "ragged"}  # every other platform (the CPU): "grouped"
+EXPERT_FFNS = {"grouped": expert_ffn_grouped, "gmm": expert_ffn_gmm, "ragged": expert_ffn_ragged}
+_expert_ffn_gmm_interpreted = functools.partial(expert_ffn_gmm, interpret=True)
 
 
-EXPERT_BACKENDS = {
-    "dense": swiglu_experts_dense,
-    "ragged": swiglu_experts_ragged,
-    "expert_parallel": swiglu_experts_expert_parallel,
-}
+def platform_ffn(platform: str | None = None) -> str:
+    """The grouped matmul native to `platform` (default `jax.default_backend()`): `gmm` on TPU,
+    `ragged` on GPU, `grouped` elsewhere."""
+    return PLATFORM_FFNS.get(platform or jax.default_backend(), "grouped")
+
+
+def resolve_backend(name: str, platform: str | None = None) -> str:
+    """`cfg.moe_backend` with `auto` replaced by `platform_ffn(platform)`; other names unchanged."""
+    return platform_ffn(platform) if name == "auto" else name
+
+
+def expert_ffn_for(name: str, platform: str) -> Callable:
+    """The `expert_ffn_*` of a grouped-matmul name on `platform`; `gmm` off TPU runs in Pallas'
+    interpreter (slow: for tests)."""
+    return _expert_ffn_gmm_interpreted if name == "gmm" and platform != "tpu" else EXPERT_FFNS[name]
 
 
 def routing_metrics(
@@ -238,8 +369,9 @@ class Experts(nnx.Module):
         self.up_proj = normal_param(rngs, (e, d, f), ("expert", "embed", "expert_mlp"), cfg)
         self.down_proj = normal_param(rngs, (e, f, d), ("expert", "expert_mlp", "embed"), cfg)
         self.dtype = cfg.compute_dtype
-        self.backend = EXPERT_BACKENDS[cfg.moe_backend]
-        self.expert_parallel = cfg.moe_backend == "expert_parallel"
+        platform = jax.default_backend()
+        self.backend = resolve_backend(cfg.moe_backend, platform)  # resolved here, once
+        self.ffn = expert_ffn_for(self.backend if self.backend in EXPERT_FFNS else platform_ffn(platform), platform)
         self.capacity_factor = cfg.moe_capacity_factor
 
     def __call__(self, x: jax.Array, weights: jax.Array, experts: jax.Array) -> jax.Array:
@@ -253,9 +385,13 @@ class Experts(nnx.Module):
         # HF rounds the routing weights to the compute dtype before combining.
         weights = weights.astype(self.dtype)
         params = (cast(self.gate_proj), cast(self.up_proj), cast(self.down_proj))
-        if self.expert_parallel:  # the mesh is the caller's: `jax.set_mesh(mesh)` around the call
-            return expert_parallel_experts(x, weights, experts, *params, capacity_factor=self.capacity_factor)
-        return self.backend(x, weights, experts, *params), jnp.zeros((), jnp.float32)
+        if self.backend == "expert_parallel":  # the mesh is the caller's: `jax.set_mesh(mesh)` around the call
+            return expert_parallel_experts(
+                x, weights, experts, *params, capacity_factor=self.capacity_factor, ffn=self.ffn
+            )
+        if self.backend == "dense":
+            return swiglu_experts_dense(x, weights, experts, *params), jnp.zeros((), jnp.float32)
+        return routed_swiglu_experts(x, weights, experts, *params, ffn=self.ffn), jnp.zeros((), jnp.float32)
 
     def copy_outputs(self, x: jax.Array, experts: jax.Array) -> jax.Array:
         """Each token copy's expert output before weighting: x [N, D], experts [N, K] -> [N, K, D].

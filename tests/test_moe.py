@@ -1,4 +1,5 @@
-"""The expert-parallel MoE backend on 8 fake CPU devices against the dense reference."""
+"""The grouped-matmul MoE backends (grouped, gmm, ragged) and the expert-parallel backend on 8 fake CPU
+devices against the dense reference."""
 
 import functools
 import math
@@ -25,7 +26,8 @@ def make_mesh(name):
 
 def inputs(routing: str, seed: int = 0):
     """(x, weights, experts, gate, up, down); `skewed`: expert 0 in every token, 3 others share the
-    second choice, 12 experts idle (whole devices of the 1x8 mesh get nothing)."""
+    second choice, 12 experts idle (whole devices of the 1x8 mesh get nothing); `two_experts`: every
+    token to the last expert and expert 3, the 14 others idle."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((N, D)).astype(np.float32)
     gate, up = (0.3 * rng.standard_normal((E, D, F)).astype(np.float32) for _ in range(2))
@@ -33,6 +35,8 @@ def inputs(routing: str, seed: int = 0):
     weights = rng.uniform(size=(N, K)).astype(np.float32)
     if routing == "uniform":
         experts = np.argsort(rng.standard_normal((N, E)), axis=1)[:, :K]
+    elif routing == "two_experts":
+        experts = np.broadcast_to([E - 1, 3], (N, K))
     else:
         experts = np.stack([np.zeros(N, int), rng.choice([1, 5, 9], N, p=[0.8, 0.1, 0.1])], axis=1)
     return x, weights, experts.astype(np.int32), gate, up, down
@@ -54,8 +58,80 @@ def value_and_grads(backend, mesh_name=None, capacity_factor=None):
     return jax.jit(lambda x, weights, experts, gate, up, down: grad(x, weights, gate, up, down, experts))
 
 
+# Token-level backends over the grouped matmuls; `gmm` runs megablox's kernel in Pallas' interpreter.
+GROUPED = {
+    name: functools.partial(moe.routed_swiglu_experts, ffn=moe.expert_ffn_for(name, "cpu")) for name in moe.EXPERT_FFNS
+}
+
+
 def test_eight_devices():
     assert len(jax.devices()) == 8
+
+
+@pytest.mark.parametrize("name", sorted(GROUPED))
+def test_grouped_backends_match_dense_outputs_and_gradients(name):
+    """Outputs and gradients (x, routing weights, expert weights) with balanced routing, an
+    overloaded expert and idle ones, and all tokens on two experts (one jit per backend)."""
+    for routing in ("uniform", "skewed", "two_experts"):
+        args = inputs(routing)
+        (_, (expected, _)), expected_grads = value_and_grads(moe.swiglu_experts_dense)(*args)
+        (_, (out, _)), grads = value_and_grads(GROUPED[name])(*args)
+        assert max_relative_error(out, expected) <= TOL, routing
+        for grad, g, eg in zip(("x", "weights", "gate", "up", "down"), grads, expected_grads, strict=True):
+            assert max_relative_error(g, eg) <= TOL, (routing, grad)
+
+
+def test_expert_layout_pads_each_group_to_whole_blocks():
+    """Against a numpy construction: groups in expert order, each padded to a multiple of the block,
+    rows stable within a group, rows naming no expert (>= E) left out."""
+    row_experts = np.array([2, 0, 2, 5, 2, 0, 7, 2])  # 5, 7 >= E = 4: no expert; 1 and 3 idle
+    block, num_rows = 2, 8 + 4 * (2 - 1)
+    source, dest, sizes = map(np.asarray, moe.expert_layout(row_experts, 4, num_rows, block))
+    expected_source, expected_sizes = [], []
+    for e in range(4):
+        rows = list(np.flatnonzero(row_experts == e))
+        padded = -(-len(rows) // block) * block
+        expected_source += rows + [len(row_experts)] * (padded - len(rows))
+        expected_sizes.append(padded)
+    expected_source += [len(row_experts)] * (num_rows - len(expected_source))
+    np.testing.assert_array_equal(source, expected_source)
+    np.testing.assert_array_equal(sizes, expected_sizes)
+    np.testing.assert_array_equal(
+        dest, [expected_source.index(m) if e < 4 else num_rows for m, e in enumerate(row_experts)]
+    )
+    assert moe.grouped_block_size(8 * 512 * 2, 16) == 128 and moe.grouped_block_size(128, 16) == 8
+
+
+@pytest.mark.parametrize(
+    "name, platform, marker", [("gmm", "tpu", "tpu_custom_call"), ("ragged", "cuda", "chlo.ragged_dot")]
+)
+def test_accelerator_paths_lower_natively(name, platform, marker):
+    """Forward and backward lower for their platform on this CPU: megablox's kernel (3 grouped matmuls
+    forward, 6 backward; at least 6 distinct) and XLA's native ragged dot."""
+
+    def loss(x, weights, experts, gate, up, down):
+        return jnp.sum(moe.routed_swiglu_experts(x, weights, experts, gate, up, down, ffn=moe.EXPERT_FFNS[name]))
+
+    grad = jax.grad(loss, argnums=(0, 1, 3, 4, 5))
+    text = jax.jit(grad).trace(*inputs("uniform")).lower(lowering_platforms=(platform,)).as_text()
+    assert text.count(marker) >= 6, text.count(marker)  # identical calls share one lowered function
+
+
+def test_auto_backend_resolves_by_platform_when_the_model_is_built(monkeypatch):
+    assert [moe.resolve_backend("auto", p) for p in ("cpu", "gpu", "tpu")] == ["grouped", "ragged", "gmm"]
+    assert moe.resolve_backend("dense", "tpu") == "dense"
+    for platform, backend, ffn in (
+        ("cpu", "grouped", moe.expert_ffn_grouped),
+        ("gpu", "ragged", moe.expert_ffn_ragged),
+        ("tpu", "gmm", moe.expert_ffn_gmm),
+    ):
+        monkeypatch.setattr(jax, "default_backend", lambda platform=platform: platform)
+        experts = moe.Experts(tiny(), rngs=nnx.Rngs(0))
+        assert (experts.backend, experts.ffn) == (backend, ffn)
+        parallel = moe.Experts(tiny(moe_backend="expert_parallel"), rngs=nnx.Rngs(0))
+        assert (parallel.backend, parallel.ffn) == ("expert_parallel", ffn)
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert moe.Experts(tiny(moe_backend="gmm"), rngs=nnx.Rngs(0)).ffn.keywords == {"interpret": True}
 
 
 @pytest.mark.parametrize("routing", ["uniform", "skewed"])
@@ -114,21 +190,20 @@ def test_experts_not_divisible_by_the_expert_axis_are_refused():
         tiny(moe_capacity_factor=-1.0)
 
 
-def test_without_an_expert_axis_it_is_the_ragged_backend():
+def test_without_an_expert_axis_it_is_the_grouped_backend():
     args = inputs("skewed")
-    expected = moe.swiglu_experts_ragged(*args)
+    expected = GROUPED["grouped"](*args)
     for mesh in (None, sharding.make_mesh({"data": 4, "fsdp": 2, "expert": 1})):
         out, dropped = moe.expert_parallel_experts(*args, mesh=mesh)
         assert max_relative_error(out, expected) == 0.0 and float(dropped) == 0.0
 
 
 def test_block_uses_the_context_mesh_and_sows_routing_metrics():
-    """SparseMoeBlock with `expert_parallel` under `jax.set_mesh` equals the ragged block; 14 tokens
+    """SparseMoeBlock with `expert_parallel` under `jax.set_mesh` equals the default block; 14 tokens
     (not a multiple of 8 shards) exercise the padding; `nnx.capture` returns the routing metrics."""
     cfg = tiny(hidden_size=32, num_experts=8)
     x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 7, 32)), jnp.float32)
-    ragged = moe.SparseMoeBlock(cfg, rngs=nnx.Rngs(0))
-    expected, expected_logits = ragged(x)
+    expected, expected_logits = moe.SparseMoeBlock(cfg, rngs=nnx.Rngs(0))(x)
     for capacity_factor in (0.0, 0.5):
         block = moe.SparseMoeBlock(
             cfg.replace(moe_backend="expert_parallel", moe_capacity_factor=capacity_factor), rngs=nnx.Rngs(0)
@@ -164,7 +239,7 @@ def sharded_model(cfg, mesh=None):
 
 def test_whole_model_with_expert_parallelism_matches_one_device():
     """Logits and all parameter gradients: expert_parallel on a data=2 x expert=4 mesh (dropless)
-    against the ragged backend on one device."""
+    against the default (grouped) backend on one device."""
     cfg = tiny(hidden_size=32, num_experts=8)
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (4, 13)), jnp.int32)
 
