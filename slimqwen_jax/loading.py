@@ -45,7 +45,8 @@ def _read_checkpoint(read: Callable[[], T], path: Path, role: str, item: str) ->
     except (ConfigError, hf.CheckpointMismatchError):
         raise
     except Exception as error:  # noqa: BLE001  (whatever a damaged orbax item raises)
-        reason = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+        # The first line, without tensorstore's "See full TensorStore details: <bound method ...>".
+        reason = f"{type(error).__name__}: {error}".splitlines()[0].split(" See full")[0][:200]
         raise hf.CheckpointFileError(
             f"{role} {path}: its '{item}' item cannot be read ({reason}); the checkpoint is damaged: "
             "use another one (an earlier step) or write it again"

@@ -113,7 +113,7 @@ def run(config: ml_collections.ConfigDict) -> tuple[Qwen3NextConfig, nnx.State]:
         cfg = source_config(config)
         validate(cfg, spec)  # from config.json alone: before any load or calibration
         # An existing statistics file is read and checked against config.json before the load too.
-        stats = load_statistics(statistics_path(config), cfg) if spec.needs_stats(cfg) else None
+        stats = load_statistics(statistics_path(config), cfg, name="prune") if spec.needs_stats(cfg) else None
         model = load_source(config)
         cfg, params = model.config, nnx.state(model, nnx.Param)
         if stats is None and spec.needs_stats(cfg):

@@ -65,18 +65,22 @@ def corrupt_header(directory: Path) -> None:
     (directory / SINGLE_FILE).write_bytes(bytes(data))
 
 
-def shard(directory: Path, index: dict | str, first_shard_names=None) -> None:
-    """Split model.safetensors in two shards behind an index (a dict, or raw index text); the second
-    shard is not written. `first_shard_names`: what the first shard holds (default: what the index
-    assigns to it)."""
+FIRST_SHARD = "model-00001-of-00002.safetensors"
+
+
+def behind_an_index(directory: Path, text: str = "", *, lacks: str = "", second_shard: bool = False) -> None:
+    """model.safetensors -> model-00001-of-00002.safetensors (less tensor `lacks`) behind an index:
+    `text`, by default a true one; `second_shard`: one that puts the last tensor in a
+    model-00002-of-00002.safetensors that is not there."""
     tensors = load_file(directory / SINGLE_FILE)
-    names = sorted(tensors)
-    weight_map = {name: f"model-0000{1 + (i >= 10)}-of-00002.safetensors" for i, name in enumerate(names)}
-    held = first_shard_names or [n for n in names if weight_map[n].startswith("model-00001")]
-    save_file({n: tensors[n] for n in held}, directory / "model-00001-of-00002.safetensors")
     (directory / SINGLE_FILE).unlink()
-    text = index if isinstance(index, str) else json.dumps(index or {"weight_map": weight_map})
-    (directory / INDEX_FILE).write_text(text)
+    weight_map = dict.fromkeys(tensors, FIRST_SHARD)
+    if second_shard:
+        weight_map[max(tensors)] = "model-00002-of-00002.safetensors"
+    save_file(
+        {n: t for n, t in tensors.items() if n != lacks and weight_map[n] == FIRST_SHARD}, directory / FIRST_SHARD
+    )
+    (directory / INDEX_FILE).write_text(text or json.dumps({"weight_map": weight_map}))
 
 
 def set_nan(tensors):
@@ -93,12 +97,6 @@ def make_directory(path: Path) -> None:
     path.mkdir()
 
 
-def same_shard_missing_a_tensor(directory: Path) -> None:
-    names = sorted(load_file(directory / SINGLE_FILE))
-    weight_map = {name: "model-00001-of-00002.safetensors" for name in names}
-    shard(directory, {"weight_map": weight_map}, first_shard_names=names[1:])
-
-
 HF_CASES = {
     # name: (damage, error type, message pattern)
     "corrupt-header": (corrupt_header, CheckpointFileError,
@@ -109,13 +107,13 @@ HF_CASES = {
                           r"model\.safetensors is not a readable safetensors file \(.*header too small"),
     "safetensors-is-a-directory": (lambda d: make_directory(d / SINGLE_FILE), CheckpointFileError,
                                    r"model\.safetensors is not a readable safetensors file"),
-    "missing-shard": (lambda d: shard(d, {}), FileNotFoundError,
+    "missing-shard": (lambda d: behind_an_index(d, second_shard=True), FileNotFoundError,
                       r"model-00002-of-00002\.safetensors is listed in model\.safetensors\.index\.json but missing"),
-    "shard-lacks-a-tensor": (same_shard_missing_a_tensor, CheckpointFileError,
-                             r"model-00001-of-00002\.safetensors lacks 1 tensor\(s\) that .* places there \(lm_head"),
-    "index-not-json": (lambda d: shard(d, "{oops"), CheckpointFileError,
+    "shard-lacks-a-tensor": (lambda d: behind_an_index(d, lacks="model.norm.weight"), CheckpointFileError,
+                             r"00002\.safetensors lacks 1 tensor\(s\) that .*json places there \(model\.norm\.weight\)"),
+    "index-not-json": (lambda d: behind_an_index(d, "{oops"), CheckpointFileError,
                        r"model\.safetensors\.index\.json is not readable JSON"),
-    "index-without-weight-map": (lambda d: shard(d, json.dumps({"metadata": {}})), CheckpointFileError,
+    "index-without-weight-map": (lambda d: behind_an_index(d, '{"metadata": {}}'), CheckpointFileError,
                                  r"index\.json has no 'weight_map'"),
     "no-weights": (lambda d: (d / SINGLE_FILE).unlink(), FileNotFoundError,
                    r"has neither model\.safetensors nor model\.safetensors\.index\.json"),

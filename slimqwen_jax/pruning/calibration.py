@@ -232,10 +232,10 @@ def calibrate(
     return CalibrationStats(totals, num_samples * seq_len, meta)
 
 
-def load_statistics(path: str | Path, cfg: Qwen3NextConfig) -> CalibrationStats | None:
+def load_statistics(path: str | Path, cfg: Qwen3NextConfig, *, name: str = "calibration") -> CalibrationStats | None:
     """The statistics file `path` if it exists, else None. Reads no model, so callers check an
     existing file before loading one; raises PruningError for a damaged file (`CalibrationStats.load`)
-    or one computed on another architecture than `cfg`'s."""
+    or one computed on another architecture than `cfg`'s. `name` prefixes the log line."""
     path = Path(path)
     if not path.exists():
         return None
@@ -249,6 +249,7 @@ def load_statistics(path: str | Path, cfg: Qwen3NextConfig) -> CalibrationStats 
         ) from None
     if architecture != cfg.architecture():
         raise PruningError(f"calibration statistics {path} were computed on another architecture; move it away")
+    log.info("%s: reusing calibration statistics %s (%d tokens)", name, path, stats.num_tokens)
     return stats
 
 
@@ -259,9 +260,8 @@ def load_or_calibrate(
     `calibration_cfg.num_samples` windows of the data pipeline, saved there (on the main process).
     `name` prefixes the log lines (the tool or stage asking)."""
     path = Path(path)
-    stats = load_statistics(path, model.config)
+    stats = load_statistics(path, model.config, name=name)
     if stats is not None:
-        log.info("%s: reusing calibration statistics %s (%d tokens)", name, path, stats.num_tokens)
         return stats
     tokenizer = data.make_tokenizer(data_cfg.tokenizer)
     if tokenizer.vocab_size > model.config.vocab_size:
