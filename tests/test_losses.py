@@ -327,19 +327,21 @@ def test_gradient_accumulation_equals_one_big_batch():
 
 
 # ---------------------------------------------------------------------------- against transformers
-# Student and teacher: tiny random HF models of two architectures (same vocabulary) imported through
-# our HF loader; the student has two MTP depths. The aux coefficient is raised to 0.1 so that a
-# dropped aux term moves the loss by ~0.2, far above float32 rounding.
+# Student and teacher: tiny random HF models of two architectures (same vocabulary), two layers each
+# (linear then full attention: compile time grows with depth), imported through our HF loader; the
+# student has an MTP module. The aux coefficient is raised to 0.1 so that a dropped aux term moves
+# the loss by ~0.2, far above float32 rounding.
 HF_VOCAB = 97
 HF_TOKENS = random_tokens(2, 26, HF_VOCAB, seed=3)  # [B, L+1]: L = 25 inputs
 
 
 @pytest.fixture(scope="module")
 def hf_pair(tmp_path_factory):
-    """{"student": (HF model, our import with 2 MTP depths), "teacher": (HF model, our import)}."""
+    """{"student": (HF model, our import with an MTP module), "teacher": (HF model, our import)}."""
     pair = {}
-    for role, name, seed, mtp_depths in (("student", "gqa2_ratio2", 0, 2), ("teacher", "gqa3_ratio3", 1, 0)):
-        hf_model = make_hf_model(name, seed=seed, router_aux_loss_coef=0.1)
+    two_layers = dict(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"], mlp_only_layers=[])
+    for role, name, seed, mtp_depths in (("student", "gqa2_ratio2", 0, 1), ("teacher", "gqa3_ratio3", 1, 0)):
+        hf_model = make_hf_model(name, seed=seed, router_aux_loss_coef=0.1, **two_layers)
         directory = tmp_path_factory.mktemp(role)
         hf_model.save_pretrained(directory)
         if mtp_depths:
@@ -375,10 +377,11 @@ def mtp_reference_terms(mtp_logits, tokens, teacher_logits=None, tau=1.0) -> tup
 
 def test_lm_objective_equals_transformers_labels_loss_plus_a_hand_computed_mtp_term(hf_pair):
     """lam = 0, no teacher: the train loss is transformers' `labels=` loss (CE + aux_coef x aux, aux
-    from its own router logits) plus beta x the MTP cross-entropy against the tokens 2 and 3 ahead."""
+    from its own router logits) plus beta x the MTP cross-entropy against the tokens 2 ahead (depth
+    alignment beyond 1: test_mtp_cross_entropy_matches_a_naive_loop)."""
     hf_model, model = hf_pair["student"]
     cfg = model.config
-    assert cfg.router_aux_loss_coef == 0.1 and cfg.num_mtp_layers == 2
+    assert cfg.router_aux_loss_coef == 0.1 and cfg.num_mtp_layers == 1
     loss_fn = jax.jit(loss_fn_of(cfg, distillation_loss(chunk_size=16, lam=("constant", 0.0, 0.0))))
     theirs = hf_outputs(hf_model, HF_TOKENS)
     hf_loss, hf_aux = float(theirs.loss), float(theirs.aux_loss)
