@@ -3,6 +3,11 @@
 One table, `_TENSOR_RULES`, maps each of our parameter paths to its HF tensor name(s) and the
 layout change between them; loading and saving both read it. Tensors are read one at a time from
 memory-mapped safetensors files, so an 80B checkpoint never needs two copies in host memory.
+
+A directory that cannot be loaded fails with one error naming the file (and tensor) at fault:
+`ConfigError` for config.json, `FileNotFoundError` for a missing file, `CheckpointFileError` for a
+damaged one, `CheckpointMismatchError` listing every tensor that does not fit the config, all
+before any tensor data is read (non-finite values, found while reading, come last).
 """
 
 from __future__ import annotations
@@ -21,20 +26,34 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 from jax.typing import DTypeLike
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from slimqwen_jax.config import Qwen3NextConfig
+from slimqwen_jax.config import ConfigError, Qwen3NextConfig
 from slimqwen_jax.model import Qwen3NextForCausalLM, abstract_model
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 DEFAULT_MAX_SHARD_BYTES = 4 * 2**30
 _NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors dtypes a parameter is converted from
+# The sizes every Qwen3-Next config.json states: the defaults would give tensors of other shapes.
+REQUIRED_CONFIG_FIELDS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "intermediate_size", "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+    "linear_value_head_dim", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+)  # fmt: skip
+REWRITE = "copy or export the checkpoint again"
 
 
 class CheckpointMismatchError(ValueError):
-    """An HF checkpoint whose tensors do not match the model its config.json describes."""
+    """A checkpoint that cannot be loaded as the model its config describes (its tensors missing,
+    misshapen, of a non-float dtype or unused; subclass `CheckpointFileError`: a file damaged)."""
+
+
+class CheckpointFileError(CheckpointMismatchError):
+    """A checkpoint file that cannot be read: truncated, corrupt, or not what its index says."""
 
 
 # ---------------------------------------------------------------------------- the tensor table
@@ -98,33 +117,66 @@ def _param_paths(state: nnx.State) -> Iterator[tuple[str, nnx.Variable]]:
 
 
 # ---------------------------------------------------------------------------- reading
+def _read_json_object(path: Path, error: type[Exception], what_to_do: str) -> dict:
+    """The JSON object in `path`; anything else raises `error` naming the file and `what_to_do`."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as reason:
+        raise error(f"{path} is not readable JSON ({reason}); {what_to_do}") from None
+    if not isinstance(value, dict):
+        raise error(f"{path} holds a JSON {type(value).__name__}, not an object; {what_to_do}")
+    return value
+
+
+def _open_safetensors(path: Path):
+    """A safe_open handle of `path`; a damaged file raises CheckpointFileError naming it."""
+    try:
+        return safe_open(path, framework="np")
+    except (SafetensorError, OSError) as reason:
+        raise CheckpointFileError(f"{path} is not a readable safetensors file ({reason}); {REWRITE}") from None
+
+
 class _SafetensorsDir:
     """Lazy, name-indexed access to the tensors of one HF checkpoint directory."""
 
     def __init__(self, directory: Path):
         index = directory / INDEX_FILE
+        self._handles = {}
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = _read_json_object(index, CheckpointFileError, REWRITE).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise CheckpointFileError(f"{index} has no 'weight_map' of tensor name -> file name; {REWRITE}")
         elif (directory / SINGLE_FILE).exists():
-            with safe_open(directory / SINGLE_FILE, framework="np") as f:
-                weight_map = {name: SINGLE_FILE for name in f.keys()}
+            self._handles[SINGLE_FILE] = _open_safetensors(directory / SINGLE_FILE)
+            weight_map = {name: SINGLE_FILE for name in self._handles[SINGLE_FILE].keys()}
         else:
-            raise FileNotFoundError(f"{directory} has neither {SINGLE_FILE} nor {INDEX_FILE}")
+            raise FileNotFoundError(f"{directory} has neither {SINGLE_FILE} nor {INDEX_FILE}: not an HF checkpoint")
         self.directory = directory
         self.weight_map = weight_map
-        self._handles = {}
 
     def _file(self, name: str):
         filename = self.weight_map[name]
         if filename not in self._handles:
             path = self.directory / filename
             if not path.exists():
-                raise FileNotFoundError(f"{path} is listed in {INDEX_FILE} but missing")
-            self._handles[filename] = safe_open(path, framework="np")
+                raise FileNotFoundError(f"{path} is listed in {INDEX_FILE} but missing; {REWRITE}")
+            handle = _open_safetensors(path)
+            held = set(handle.keys())
+            absent = sorted(n for n, f in self.weight_map.items() if f == filename and n not in held)
+            if absent:
+                raise CheckpointFileError(
+                    f"{path} lacks {len(absent)} tensor(s) that {INDEX_FILE} places there ({', '.join(absent[:3])}"
+                    f"{', ...' if len(absent) > 3 else ''}); {REWRITE}"
+                )
+            self._handles[filename] = handle
         return self._handles[filename]
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._file(name).get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype name: F32, BF16, I64, F8_E4M3, ..."""
+        return self._file(name).get_slice(name).get_dtype()
 
     def read(self, name: str) -> np.ndarray:
         return self._file(name).get_tensor(name)
@@ -136,8 +188,8 @@ def _count_mtp_layers(names) -> int:
 
 
 def _check_tensors(state: nnx.State, tensors: _SafetensorsDir, cfg: Qwen3NextConfig) -> None:
-    """Raise one CheckpointMismatchError listing every missing, misshapen and unused tensor."""
-    missing, misshapen, used = [], [], set()
+    """Raise one CheckpointMismatchError listing every missing, misshapen, non-float and unused tensor."""
+    missing, misshapen, not_float, used = [], [], [], set()
     for path, variable in _param_paths(state):
         expected = _hf_shape(path, variable.shape)
         for name in _hf_names(path, variable.shape):
@@ -147,11 +199,14 @@ def _check_tensors(state: nnx.State, tensors: _SafetensorsDir, cfg: Qwen3NextCon
             used.add(name)
             if tensors.shape(name) != expected:
                 misshapen.append(f"{name}: checkpoint {tensors.shape(name)}, model expects {expected} (for {path})")
+            if tensors.dtype(name) not in FLOAT_DTYPES:
+                not_float.append(f"{name}: {tensors.dtype(name)}, expected one of {', '.join(FLOAT_DTYPES)}")
     unused = sorted(set(tensors.weight_map) - used - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
-    if missing or misshapen or unused:
+    if missing or misshapen or not_float or unused:
         sections = [
             ("parameters left unfilled", missing),
             ("wrong shapes", misshapen),
+            ("wrong dtypes (dequantize or convert the checkpoint first)", not_float),
             ("HF tensors left unused", unused),
         ]
         report = "\n".join(
@@ -160,15 +215,34 @@ def _check_tensors(state: nnx.State, tensors: _SafetensorsDir, cfg: Qwen3NextCon
         raise CheckpointMismatchError(f"checkpoint {tensors.directory} does not match its config:\n{report}")
 
 
+def _check_sizes(hf: dict, config_file: Path) -> None:
+    """Every field of REQUIRED_CONFIG_FIELDS present and an integer, or one ConfigError naming them."""
+    missing = [name for name in REQUIRED_CONFIG_FIELDS if name not in hf]
+    if missing:
+        raise ConfigError(
+            f"{config_file} lacks {', '.join(missing)}; a Qwen3-Next config.json states every size: "
+            "copy the checkpoint's config.json again"
+        )
+    bad = [f"{name}={hf[name]!r}" for name in REQUIRED_CONFIG_FIELDS if type(hf[name]) is not int]
+    if bad:
+        raise ConfigError(f"{config_file}: sizes must be integers, got {', '.join(bad)}; fix these fields")
+
+
 def load_config(path: str | os.PathLike, **runtime) -> Qwen3NextConfig:
-    """The model config of an HF checkpoint directory; MTP depth comes from its `mtp.*` tensors."""
+    """The model config of an HF checkpoint directory; MTP depth comes from its `mtp.*` tensors.
+    Raises ConfigError naming config.json for a file that is not a Qwen3-Next config."""
     directory = Path(path)
     config_file = directory / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file} not found: not an HF checkpoint directory")
-    hf = json.loads(config_file.read_text())
+    hf = _read_json_object(config_file, ConfigError, "replace it with the checkpoint's transformers config.json")
+    if hf.get("model_type") == "qwen3_next":  # any other model type: from_hf_dict names it
+        _check_sizes(hf, config_file)
     hf["num_nextn_predict_layers"] = _count_mtp_layers(_SafetensorsDir(directory).weight_map)
-    return Qwen3NextConfig.from_hf_dict(hf, **runtime)
+    try:
+        return Qwen3NextConfig.from_hf_dict(hf, **runtime)
+    except ConfigError as error:
+        raise ConfigError(f"{config_file}: {error}") from None
 
 
 def load_model(
@@ -182,25 +256,40 @@ def load_model(
       param_dtype: parameter dtype; defaults to `dtype`.
       **runtime: other run-time config fields (gated_delta_rule_impl, moe_backend).
     Raises:
-      CheckpointMismatchError listing every HF tensor left unused and every parameter left unfilled
-      or of the wrong shape, before any tensor data is read.
+      ConfigError (config.json), FileNotFoundError (a missing file), CheckpointFileError (a damaged
+      file), CheckpointMismatchError listing every HF tensor left unused and every parameter left
+      unfilled or of the wrong shape or dtype: all before any tensor data is read. Last,
+      CheckpointFileError naming every tensor that holds NaN or infinity.
     """
     cfg = load_config(path, dtype=dtype, param_dtype=param_dtype or dtype, **runtime)
     tensors = _SafetensorsDir(Path(path))
     graphdef, state = abstract_model(cfg)
     _check_tensors(state, tensors, cfg)
     np_dtype = _NUMPY_DTYPES[cfg.param_dtype]
+    non_finite = []
+
+    def read(name: str) -> np.ndarray:
+        tensor = tensors.read(name)
+        if not np.isfinite(tensor).all():
+            non_finite.append(name)
+        return tensor
+
     for path_str, variable in _param_paths(state):
         rule, _ = _rule_for(path_str)
         names = _hf_names(path_str, variable.shape)
         if rule.per_expert:
             buffer = np.empty(variable.shape, np_dtype)
             for e, name in enumerate(names):
-                buffer[e] = rule.from_hf(tensors.read(name)).astype(np_dtype)
+                buffer[e] = rule.from_hf(read(name)).astype(np_dtype)
         else:
-            buffer = rule.from_hf(tensors.read(names[0])).astype(np_dtype)
+            buffer = rule.from_hf(read(names[0])).astype(np_dtype)
         variable.set_value(jnp.asarray(buffer))
         del buffer
+    if non_finite:
+        raise CheckpointFileError(
+            f"{path}: {len(non_finite)} tensor(s) hold NaN or infinity ({', '.join(non_finite[:3])}"
+            f"{', ...' if len(non_finite) > 3 else ''}); the checkpoint is damaged or diverged: use another one"
+        )
     return nnx.merge(graphdef, state)
 
 

@@ -3,17 +3,21 @@
 training step directory `checkpoints/<step>/`).
 
 The config is readable alone, so callers check architecture, vocabulary and MTP depth before any
-tensor is read.
+tensor is read. A path that holds no model raises FileNotFoundError, a damaged model one clear error
+naming the file (`hf.CheckpointFileError`, `ConfigError`, `hf.CheckpointMismatchError`).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from slimqwen_jax import checkpoint, hf
-from slimqwen_jax.config import Qwen3NextConfig
+from slimqwen_jax.config import ConfigError, Qwen3NextConfig
 from slimqwen_jax.model import Qwen3NextForCausalLM
+
+T = TypeVar("T")
 
 
 def is_hf_directory(path: str | os.PathLike) -> bool:
@@ -33,6 +37,22 @@ def _require_model_directory(path: Path, role: str) -> None:
         )
 
 
+def _read_checkpoint(read: Callable[[], T], path: Path, role: str, item: str) -> T:
+    """`read()` of our checkpoint at `path`; the orbax / tensorstore / JSON errors of a damaged one
+    become one CheckpointFileError naming the item."""
+    try:
+        return read()
+    except (ConfigError, hf.CheckpointMismatchError):
+        raise
+    except Exception as error:  # noqa: BLE001  (whatever a damaged orbax item raises)
+        # The first line, without tensorstore's "See full TensorStore details: <bound method ...>".
+        reason = f"{type(error).__name__}: {error}".splitlines()[0].split(" See full")[0][:200]
+        raise hf.CheckpointFileError(
+            f"{role} {path}: its '{item}' item cannot be read ({reason}); the checkpoint is damaged: "
+            "use another one (an earlier step) or write it again"
+        ) from None
+
+
 def load_model_config(path: str | os.PathLike, *, role: str = "model", **runtime) -> Qwen3NextConfig:
     """The config of the model at `path` (HF directory or our checkpoint), run-time fields from
     `runtime` (dtype, param_dtype, moe_backend, ...). Reads no tensor. `role` names the path in errors."""
@@ -40,7 +60,9 @@ def load_model_config(path: str | os.PathLike, *, role: str = "model", **runtime
     _require_model_directory(path, role)
     if is_hf_directory(path):
         return hf.load_config(path, **runtime)
-    return checkpoint.load_checkpoint_config(path, **runtime)
+    return _read_checkpoint(
+        lambda: checkpoint.load_checkpoint_config(path, **runtime), path, role, checkpoint.CONFIG_ITEM
+    )
 
 
 def load_model(path: str | os.PathLike, *, role: str = "model", **runtime) -> Qwen3NextForCausalLM:
@@ -52,4 +74,5 @@ def load_model(path: str | os.PathLike, *, role: str = "model", **runtime) -> Qw
         runtime.setdefault("param_dtype", runtime["dtype"])
     if is_hf_directory(path):
         return hf.load_model(path, **runtime)
-    return checkpoint.load_checkpoint(path, **runtime)
+    load_model_config(path, role=role, **runtime)  # a damaged config item: named as such
+    return _read_checkpoint(lambda: checkpoint.load_checkpoint(path, **runtime), path, role, checkpoint.PARAMS_ITEM)

@@ -28,11 +28,11 @@ from slimqwen_jax.config import ConfigError, Qwen3NextConfig
 from slimqwen_jax.hf import CheckpointMismatchError
 from slimqwen_jax.model import Qwen3NextForCausalLM
 from slimqwen_jax.pruning import (
-    CalibrationStats,
     PruneSpec,
     PruningError,
     count_parameters,
     load_or_calibrate,
+    load_statistics,
     prune,
     validate,
 )
@@ -70,26 +70,39 @@ def load_source(config: ml_collections.ConfigDict) -> Qwen3NextForCausalLM:
 
 
 # ---------------------------------------------------------------------------- the run
+def statistics_path(config: ml_collections.ConfigDict) -> Path:
+    """The calibration statistics file: `config.stats`, by default beside the output."""
+    return Path(config.stats or f"{config.output}.calibration.npz")
+
+
+def _check_creatable(path: Path, field: str) -> None:
+    """`path` can be created: its nearest existing ancestor is a directory."""
+    parent = next(p for p in path.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise PruningError(f"{field} {path} cannot be created: {parent} is a file, not a directory; pick another path")
+
+
 def check_outputs(config: ml_collections.ConfigDict) -> None:
-    """Refuse, before any work, to write over an existing checkpoint or HF directory."""
+    """Refuse, before any work, to write over an existing checkpoint or HF directory, or to write
+    where a file stands in the way."""
     if not config.output:
         raise PruningError("config.output (the pruned checkpoint directory) is required unless dry_run")
     if Path(config.output).exists():
         raise FileExistsError(f"output {config.output} already exists; refusing to overwrite it")
-    export = Path(config.export_hf) if config.export_hf else None
-    if export is not None and export.exists() and any(export.iterdir()):
-        raise FileExistsError(f"export_hf {export} exists and is not empty; refusing to overwrite it")
-
-
-def statistics(config: ml_collections.ConfigDict, model: Qwen3NextForCausalLM) -> CalibrationStats:
-    """Reuse the statistics file `config.stats` if it exists, else calibrate and write it."""
-    path = config.stats or f"{config.output}.calibration.npz"
-    return load_or_calibrate(path, model, config.data, config.calibration, name="prune")
+    _check_creatable(Path(config.output), "output")
+    if not statistics_path(config).exists():
+        _check_creatable(statistics_path(config), "stats")
+    if config.export_hf:
+        export = Path(config.export_hf)
+        if export.exists() and (not export.is_dir() or any(export.iterdir())):
+            raise FileExistsError(f"export_hf {export} exists and is not an empty directory; refusing to overwrite it")
+        _check_creatable(export, "export_hf")
 
 
 def run(config: ml_collections.ConfigDict) -> tuple[Qwen3NextConfig, nnx.State]:
     """Prune as configured; returns the pruned (config, params). Raises PruningError / ConfigError /
-    DataError / FileExistsError / FileNotFoundError."""
+    DataError / CheckpointMismatchError / FileExistsError / FileNotFoundError, each before anything
+    is written."""
     spec = PruneSpec.from_config(config)
     if config.dry_run:
         cfg = source_config(config)
@@ -97,10 +110,14 @@ def run(config: ml_collections.ConfigDict) -> tuple[Qwen3NextConfig, nnx.State]:
         print(f"dry run of {config.source or 'config.model'} on abstract parameters (shapes only); nothing is written")
     else:
         check_outputs(config)
-        validate(source_config(config), spec)  # from config.json alone: before any load or calibration
+        cfg = source_config(config)
+        validate(cfg, spec)  # from config.json alone: before any load or calibration
+        # An existing statistics file is read and checked against config.json before the load too.
+        stats = load_statistics(statistics_path(config), cfg, name="prune") if spec.needs_stats(cfg) else None
         model = load_source(config)
         cfg, params = model.config, nnx.state(model, nnx.Param)
-        stats = statistics(config, model) if spec.needs_stats(cfg) else None
+        if stats is None and spec.needs_stats(cfg):
+            stats = load_or_calibrate(statistics_path(config), model, config.data, config.calibration, name="prune")
     new_cfg, new_params, notes = prune(cfg, params, spec, stats)
     print(f"spec: {spec}")
     print(architecture_table(cfg, new_cfg, params, new_params))

@@ -9,9 +9,11 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+import torch
 from flax import nnx
+from hf_reference import add_mtp_tensors, make_hf_model
 
-from slimqwen_jax import losses, steps
+from slimqwen_jax import hf, losses, steps
 from slimqwen_jax.config import tiny
 from slimqwen_jax.losses import HeadInputs
 from slimqwen_jax.model import Qwen3NextForCausalLM, abstract_model
@@ -208,15 +210,19 @@ def graphdef_of(cfg):
     return abstract_model(cfg)[0]
 
 
-def step_fn(cfg, tx, loss_cfg, teacher_cfg=None, grad_accum_steps=1):
-    """The trainer's jitted step for a student of `cfg` (and a teacher of `teacher_cfg`)."""
-    graphdef = graphdef_of(cfg)
+def loss_fn_of(cfg, loss_cfg, teacher_cfg=None):
+    """The trainer's loss function for a student of `cfg` (and a teacher of `teacher_cfg`)."""
     teacher_graphdef = None if teacher_cfg is None else graphdef_of(teacher_cfg)
     config = ml_collections.ConfigDict(dict(loss=loss_cfg))
-    loss_fn = steps.make_loss_fn(
-        graphdef, steps.make_objective(config, cfg), with_mtp=not losses.is_always_zero(loss_cfg.beta),
+    return steps.make_loss_fn(
+        graphdef_of(cfg), steps.make_objective(config, cfg), with_mtp=not losses.is_always_zero(loss_cfg.beta),
         teacher_graphdef=teacher_graphdef, teacher_mtp=teacher_cfg is not None and teacher_cfg.num_mtp_layers > 0,
     )  # fmt: skip
+
+
+def step_fn(cfg, tx, loss_cfg, teacher_cfg=None, grad_accum_steps=1):
+    """The trainer's jitted step for a student of `cfg` (and a teacher of `teacher_cfg`)."""
+    loss_fn = loss_fn_of(cfg, loss_cfg, teacher_cfg)
     replicated = jax.sharding.NamedSharding(
         jax.sharding.Mesh(jax.devices()[:1], ("batch",)), jax.sharding.PartitionSpec()
     )
@@ -318,3 +324,101 @@ def test_gradient_accumulation_equals_one_big_batch():
     for a, b in zip(results[0][0], results[1][0]):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
     assert abs(results[0][1] - results[1][1]) < 1e-2
+
+
+# ---------------------------------------------------------------------------- against transformers
+# Student and teacher: tiny random HF models of two architectures (same vocabulary), two layers each
+# (linear then full attention: compile time grows with depth), imported through our HF loader; the
+# student has an MTP module. The aux coefficient is raised to 0.1 so that a dropped aux term moves
+# the loss by ~0.2, far above float32 rounding.
+HF_VOCAB = 97
+HF_TOKENS = random_tokens(2, 26, HF_VOCAB, seed=3)  # [B, L+1]: L = 25 inputs
+
+
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory):
+    """{"student": (HF model, our import with an MTP module), "teacher": (HF model, our import)}."""
+    pair = {}
+    two_layers = dict(num_hidden_layers=2, layer_types=["linear_attention", "full_attention"], mlp_only_layers=[])
+    for role, name, seed, mtp_depths in (("student", "gqa2_ratio2", 0, 1), ("teacher", "gqa3_ratio3", 1, 0)):
+        hf_model = make_hf_model(name, seed=seed, router_aux_loss_coef=0.1, **two_layers)
+        directory = tmp_path_factory.mktemp(role)
+        hf_model.save_pretrained(directory)
+        if mtp_depths:
+            add_mtp_tensors(directory, num_layers=mtp_depths, seed=seed)
+        pair[role] = (hf_model, hf.load_model(directory))
+    return pair
+
+
+def hf_outputs(hf_model, tokens: np.ndarray):
+    """transformers' own loss on tokens [B, L+1]: inputs tokens[:, :-1], `shift_labels` tokens[:, 1:]
+    (the targets this window holds), router logits on, so `loss` = CE + router_aux_loss_coef x aux."""
+    ids = torch.tensor(tokens, dtype=torch.long)
+    with torch.no_grad():
+        return hf_model(
+            ids[:, :-1], labels=ids[:, :-1], shift_labels=ids[:, 1:].contiguous(), output_router_logits=True
+        )
+
+
+def mtp_reference_terms(mtp_logits, tokens, teacher_logits=None, tau=1.0) -> tuple[float, float]:
+    """(MTP CE, MTP KD against the teacher backbone) in numpy, averaged over depths: depth d at
+    position i (i <= L-2-d) predicts tokens[:, i+2+d], which the teacher backbone predicts at i+1+d.
+    mtp_logits [M, B, L, V]; tokens [B, L+1]; teacher_logits [B, L, V]."""
+    ce, kd = [], []
+    length = tokens.shape[1] - 1
+    for depth, logits in enumerate(np.asarray(mtp_logits)):
+        student = logits[:, : length - 1 - depth].reshape(-1, logits.shape[-1])
+        ce.append(numpy_ce(student, tokens[:, 2 + depth :].reshape(-1)).mean())
+        if teacher_logits is not None:
+            teacher = teacher_logits[:, 1 + depth : length].reshape(student.shape)
+            kd.append(numpy_kd(student, teacher, tau).mean())
+    return float(np.mean(ce)), float(np.mean(kd)) if kd else 0.0
+
+
+def test_lm_objective_equals_transformers_labels_loss_plus_a_hand_computed_mtp_term(hf_pair):
+    """lam = 0, no teacher: the train loss is transformers' `labels=` loss (CE + aux_coef x aux, aux
+    from its own router logits) plus beta x the MTP cross-entropy against the tokens 2 ahead (depth
+    alignment beyond 1: test_mtp_cross_entropy_matches_a_naive_loop)."""
+    hf_model, model = hf_pair["student"]
+    cfg = model.config
+    assert cfg.router_aux_loss_coef == 0.1 and cfg.num_mtp_layers == 1
+    loss_fn = jax.jit(loss_fn_of(cfg, distillation_loss(chunk_size=16, lam=("constant", 0.0, 0.0))))
+    theirs = hf_outputs(hf_model, HF_TOKENS)
+    hf_loss, hf_aux = float(theirs.loss), float(theirs.aux_loss)
+    mtp_ce, _ = mtp_reference_terms(forward(model, HF_TOKENS[:, :-1]).mtp_logits, HF_TOKENS)
+    print(f"transformers loss {hf_loss:.6f} (aux {hf_aux:.4f}), hand-computed MTP CE {mtp_ce:.6f}")
+    for beta in (0.0, 0.5):
+        weights = {"lam": jnp.float32(0), "beta": jnp.float32(beta)}
+        loss, metrics = loss_fn(nnx.state(model, nnx.Param), None, jnp.asarray(HF_TOKENS), weights)
+        np.testing.assert_allclose(float(metrics["aux_loss"]), hf_aux, rtol=1e-5)
+        np.testing.assert_allclose(float(metrics["ce"]), hf_loss - 0.1 * hf_aux, rtol=1e-5)
+        np.testing.assert_allclose(float(metrics["mtp_ce"]), mtp_ce, rtol=1e-5)
+        np.testing.assert_allclose(float(loss), hf_loss + beta * mtp_ce, rtol=1e-5)
+
+
+def test_distillation_objective_equals_numpy_terms_from_full_softmaxes(hf_pair):
+    """lam, beta in (0, 1), tau = 2, MTP-KD against the teacher backbone: every term from full
+    [N, V] logits in float64 numpy (backbone logits and aux loss from transformers, the student's
+    MTP logits from our forward). (teacher_mtp's alignment: test_mtp_kd_reads_the_teacher_at_the_
+    aligned_position; its values: test_teacher_of_another_architecture_against_full_logits.)"""
+    (hf_student, student), (hf_teacher, teacher) = hf_pair["student"], hf_pair["teacher"]
+    lam, beta, tau = 0.4, 0.3, 2.0
+    loss_cfg = distillation_loss(chunk_size=16, lam=("constant", lam, lam), beta=("constant", beta, beta))
+    loss_cfg.temperature, loss_cfg.mtp_kd_target = tau, "teacher_backbone"
+    loss_fn = jax.jit(loss_fn_of(student.config, loss_cfg, teacher.config))
+    loss, metrics = loss_fn(
+        nnx.state(student, nnx.Param), nnx.state(teacher, nnx.Param), jnp.asarray(HF_TOKENS),
+        {"lam": jnp.float32(lam), "beta": jnp.float32(beta)},
+    )  # fmt: skip
+
+    student_out, teacher_logits = hf_outputs(hf_student, HF_TOKENS), hf_outputs(hf_teacher, HF_TOKENS).logits.numpy()
+    s, t = student_out.logits.numpy().reshape(-1, HF_VOCAB), teacher_logits.reshape(-1, HF_VOCAB)
+    ce, kd = numpy_ce(s, HF_TOKENS[:, 1:].reshape(-1)).mean(), numpy_kd(s, t, tau).mean()
+    student_mtp = forward(student, HF_TOKENS[:, :-1]).mtp_logits
+    mtp_ce, mtp_kd = mtp_reference_terms(student_mtp, HF_TOKENS, teacher_logits, tau)
+    aux = float(student_out.aux_loss)
+    expected = (1 - lam) * ce + lam * kd + beta * ((1 - lam) * mtp_ce + lam * mtp_kd) + 0.1 * aux
+    print(f"ce {ce:.5f} kd {kd:.5f} mtp_ce {mtp_ce:.5f} mtp_kd {mtp_kd:.5f} aux {aux:.4f}: loss {expected:.6f}")
+    for name, value in (("ce", ce), ("kd", kd), ("mtp_ce", mtp_ce), ("mtp_kd", mtp_kd), ("aux_loss", aux)):
+        np.testing.assert_allclose(float(metrics[name]), value, rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)

@@ -1,4 +1,5 @@
-"""Calibration statistics: streamed sums against naive numpy loops, instrumentation, save/load."""
+"""Calibration statistics: streamed sums against naive numpy loops and against transformers'
+own tensors (forward hooks, router logits), instrumentation, save/load."""
 
 import itertools
 
@@ -6,8 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from flax import nnx
+from hf_reference import make_hf_model
 
+from slimqwen_jax import hf
 from slimqwen_jax.config import tiny
 from slimqwen_jax.layers import Calibration
 from slimqwen_jax.model import Qwen3NextForCausalLM
@@ -132,3 +136,65 @@ def test_instrumentation_is_off_outside_its_own_capture(model):
     names = {path.rsplit(".", 1)[-1] for path in flat_params(sown)}
     assert names == {"routing_metrics"}
     assert not hasattr(model.model.norm, "output") and not hasattr(model.model.layers[0], "residual")
+
+
+def test_calibration_taps_match_transformers_tensors(tmp_path):
+    """Every backbone statistic of a model imported from HF, against the same model run in
+    transformers: residual stream in / out of each decoder layer and every norm's output from torch
+    forward hooks, routing from its router logits (`output_router_logits=True`), and each token
+    copy's expert output norm computed in torch float64 from HF's expert weights."""
+    hf_model = make_hf_model("gqa2_ratio2")  # layers: MoE, dense, MoE, MoE; top-2 of 4, normalised
+    hf_model.save_pretrained(tmp_path)
+    ids = np.random.default_rng(4).integers(0, 97, (2, 24))
+    stats = calibrate(hf.load_model(tmp_path), ids, batch_size=2)
+
+    taps, hooks = {}, []
+
+    def record(name):
+        def hook(module, args, kwargs, out):  # (input, output) of the module's one call
+            taps[name] = (args[0], out)
+
+        return hook
+
+    for i, layer in enumerate(hf_model.model.layers):
+        for name, module in (("", layer), (".input_layernorm", layer.input_layernorm),
+                             (".post_attention_layernorm", layer.post_attention_layernorm)):  # fmt: skip
+            hooks.append(module.register_forward_hook(record(f"model.layers.{i}{name}"), with_kwargs=True))
+    hooks.append(hf_model.model.norm.register_forward_hook(record("model.norm"), with_kwargs=True))
+    with torch.no_grad():
+        router_logits = hf_model(torch.tensor(ids), output_router_logits=True).router_logits
+    for hook in hooks:
+        hook.remove()
+    flat = lambda x: x.double().reshape(-1, x.shape[-1])  # noqa: E731  [N, D] in float64
+    n = ids.size
+    assert stats.num_tokens == n
+
+    moe_layers = [i for i in range(4) if i not in hf_model.config.mlp_only_layers]
+    expected = {}
+    for i in range(4):
+        x_in, x_out = (flat(x) for x in taps[f"model.layers.{i}"])
+        expected[f"model.layers.{i}:residual_cos"] = torch.nn.functional.cosine_similarity(x_in, x_out).sum()
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            expected[f"model.layers.{i}.{norm}:abs_output"] = flat(taps[f"model.layers.{i}.{norm}"][1]).abs().sum(0)
+    expected["model.norm:abs_output"] = flat(taps["model.norm"][1]).abs().sum(0)
+    k, e = hf_model.config.num_experts_per_tok, hf_model.config.num_experts
+    for i, logits in zip(moe_layers, router_logits, strict=True):
+        logits = logits.double()  # [N, E]
+        weights, chosen = torch.topk(torch.softmax(logits, -1), k, dim=-1)  # [N, K]
+        weights = weights / weights.sum(-1, keepdim=True)  # norm_topk_prob
+        x = flat(taps[f"model.layers.{i}.post_attention_layernorm"][1])  # the experts' input [N, D]
+        experts = hf_model.model.layers[i].mlp.experts
+        copy_norms = torch.zeros(n, k, dtype=torch.float64)
+        for t, slot in itertools.product(range(n), range(k)):
+            gate, up = (x[t] @ experts.gate_up_proj[chosen[t, slot]].double().T).chunk(2)
+            y = (torch.nn.functional.silu(gate) * up) @ experts.down_proj[chosen[t, slot]].double().T
+            copy_norms[t, slot] = torch.linalg.vector_norm(y)
+        one_hot = torch.nn.functional.one_hot(chosen, e).double()  # [N, K, E]
+        moe = f"model.layers.{i}.mlp"
+        expected[f"{moe}:selected"] = one_hot.sum((0, 1))
+        expected[f"{moe}:weight"] = torch.einsum("nk,nke->e", weights, one_hot)
+        expected[f"{moe}:reap"] = torch.einsum("nk,nke->e", weights * copy_norms, one_hot)
+        expected[f"{moe}:logit_gram"] = logits.T @ logits
+    assert sorted(stats.sums) == sorted(expected)
+    for key, value in expected.items():
+        np.testing.assert_allclose(stats.sums[key], value.detach().numpy(), rtol=2e-5, atol=1e-6, err_msg=key)

@@ -2,6 +2,7 @@
 
 import jax.numpy as jnp
 import numpy as np
+import pruning_reference as ref
 import pytest
 from flax import nnx
 
@@ -22,6 +23,7 @@ from slimqwen_jax.pruning import (
     plan_experts,
     prune,
     prune_depth,
+    prune_experts,
 )
 from slimqwen_jax.pruning.experts import apply_plans, expert_similarity, moe_blocks, plan_layers
 from slimqwen_jax.pruning.state import flat_params, logical_axes
@@ -238,6 +240,48 @@ def test_merging_an_expert_into_its_identical_duplicate_leaves_outputs_unchanged
     new_cfg, new_params = apply_plans(cfg, params, plans, cfg.num_experts_per_tok)
     for ours, theirs in zip(logits(model, IDS), logits(build_model(new_cfg, new_params), IDS)):
         assert max_relative_error(theirs, ours) < 1e-5  # (6/7 W + 1/7 W) is W up to rounding
+
+
+def test_merging_distinct_experts_gives_the_importance_weighted_average():
+    """Random (distinct) experts merged 8 -> 5 by hand-made soft_logits importances and router-row
+    similarity: each new expert is sum_j I_j W_j / sum_j I_j over its group, against numpy. In
+    the MTP block experts 3 and 5 copy expert 1's router row (plus noise) and all three weigh 0:
+    their merge is the plain mean."""
+    model = random_model(seed=7)
+    cfg, params = model.config, nnx.state(model)
+    source = {path: np.asarray(v[...], np.float64) for path, v in flat_params(params).items()}
+    rng = np.random.default_rng(7)
+    router = np.array(source["mtp.layers.0.mlp.gate.kernel"])  # [D, E]
+    router[:, [3, 5]] = router[:, [1]] + 0.01 * rng.standard_normal((cfg.hidden_size, 2))
+    model.mtp.layers[0].mlp.gate.kernel.set_value(jnp.asarray(router, jnp.float32))
+    source["mtp.layers.0.mlp.gate.kernel"] = np.asarray(router, np.float32).astype(np.float64)
+    importances = {
+        "model.layers.0.mlp": [6.0, 1.0, 3.0, 2.0, 5.0, 4.0, 0.5, 7.0],
+        "model.layers.2.mlp": [0.2, 0.9, 0.4, 0.1, 0.8, 0.3, 0.7, 0.6],
+        "model.layers.3.mlp": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0],
+        "mtp.layers.0.mlp": [3.0, 0.0, 2.0, 0.0, 1.0, 0.0, 0.0, 4.0],
+    }
+    assert sorted(importances) == sorted(moe_blocks(params))
+    sums = {}
+    for moe, importance in importances.items():
+        sums[f"{moe}:weight"] = np.asarray(importance) * 10
+        sums[f"{moe}:selected"] = np.full(8, 10.0)
+    spec = ExpertSpec(5, importance="soft_logits", method="merge", similarity="router_weights")
+    new_cfg, new_params = prune_experts(cfg, nnx.state(model), CalibrationStats(sums, 10, {}), spec)
+    assert new_cfg.num_experts == 5
+    pruned = {path: np.asarray(v[...], np.float64) for path, v in flat_params(new_params).items()}
+    for moe, importance in importances.items():
+        similarity = ref.cosine_matrix(source[f"{moe}.gate.kernel"].T)  # router rows [E, D]
+        groups = ref.expert_groups(importance, similarity, num_experts=5, num_preserved=0)
+        print(f"{moe}: groups {groups}")
+        assert max(map(len, groups)) > 1
+        if moe == "mtp.layers.0.mlp":
+            assert [1, 3, 5] in groups  # every member weighs 0: the plain mean
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            expected = ref.merged_experts(source[f"{moe}.experts.{name}"], groups, importance)
+            np.testing.assert_allclose(pruned[f"{moe}.experts.{name}"], expected, rtol=1e-6, atol=1e-7, err_msg=name)
+        survivors = sorted(group[0] for group in groups)
+        np.testing.assert_array_equal(pruned[f"{moe}.gate.kernel"], source[f"{moe}.gate.kernel"][:, survivors])
 
 
 # ---------------------------------------------------------------------------- bad specs

@@ -13,7 +13,13 @@ Each axis is also a pure transform `(config, params, stats, spec) -> (config, pa
 and active counts of any config.
 """
 
-from slimqwen_jax.pruning.calibration import CalibrationStats, calibrate, load_or_calibrate, residual_norms
+from slimqwen_jax.pruning.calibration import (
+    CalibrationStats,
+    calibrate,
+    load_or_calibrate,
+    load_statistics,
+    residual_norms,
+)
 from slimqwen_jax.pruning.depth import block_influence, layers_to_keep, prune_depth
 from slimqwen_jax.pruning.experts import ExpertPlan, expert_importance, plan_experts, prune_experts
 from slimqwen_jax.pruning.param_count import ParameterCount, architecture_table, count_parameters, format_count
@@ -45,6 +51,7 @@ __all__ = [
     "format_count",
     "layers_to_keep",
     "load_or_calibrate",
+    "load_statistics",
     "plan_experts",
     "prune",
     "prune_depth",

@@ -23,6 +23,7 @@ import json
 import logging
 import re
 import time
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -32,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from slimqwen_jax import data
-from slimqwen_jax.config import Qwen3NextConfig
+from slimqwen_jax.config import ConfigError, Qwen3NextConfig
 from slimqwen_jax.layers import Calibration
 from slimqwen_jax.model import Qwen3NextForCausalLM
 from slimqwen_jax.progress import format_duration
@@ -153,11 +154,30 @@ class CalibrationStats:
 
     @classmethod
     def load(cls, path: str | Path) -> CalibrationStats:
+        """The statistics `save` wrote to `path`. Raises PruningError naming the file when it (or its
+        .json) is missing, truncated or corrupt, or holds NaN, infinity or no tokens."""
         path = Path(path)
-        info = json.loads(path.with_suffix(".json").read_text())
-        with np.load(path) as arrays:
-            sums = {key: arrays[key] for key in arrays.files}
-        return cls(sums, info["num_tokens"], info["meta"])
+        if path.is_dir():
+            raise PruningError(f"calibration statistics {path} is a directory; name a .npz file")
+        try:
+            info = json.loads(path.with_suffix(".json").read_text())
+            num_tokens, meta = int(info["num_tokens"]), dict(info["meta"])
+            with np.load(path) as arrays:
+                sums = {key: np.asarray(arrays[key]) for key in arrays.files}
+        except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as reason:
+            raise PruningError(
+                f"calibration statistics {path} cannot be read ({type(reason).__name__}: {reason}); "
+                f"{_recalibrate(path)}"
+            ) from None
+        non_finite = sorted(key for key, value in sums.items() if not np.isfinite(value).all())
+        if num_tokens <= 0 or non_finite:
+            found = f"num_tokens {num_tokens}" if num_tokens <= 0 else f"NaN or infinity in {', '.join(non_finite[:3])}"
+            raise PruningError(f"calibration statistics {path} hold {found}; {_recalibrate(path)}")
+        return cls(sums, num_tokens, meta)
+
+
+def _recalibrate(path: Path) -> str:
+    return f"delete {path.name} and {path.with_suffix('.json').name} to calibrate again"
 
 
 def calibrate(
@@ -212,18 +232,36 @@ def calibrate(
     return CalibrationStats(totals, num_samples * seq_len, meta)
 
 
+def load_statistics(path: str | Path, cfg: Qwen3NextConfig, *, name: str = "calibration") -> CalibrationStats | None:
+    """The statistics file `path` if it exists, else None. Reads no model, so callers check an
+    existing file before loading one; raises PruningError for a damaged file (`CalibrationStats.load`)
+    or one computed on another architecture than `cfg`'s. `name` prefixes the log line."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    stats = CalibrationStats.load(path)
+    try:
+        architecture = Qwen3NextConfig.from_dict(stats.meta["config"]).architecture()
+    except (KeyError, TypeError, ConfigError) as reason:
+        raise PruningError(
+            f"calibration statistics {path} name no readable model config ({type(reason).__name__}: {reason}); "
+            f"{_recalibrate(path)}"
+        ) from None
+    if architecture != cfg.architecture():
+        raise PruningError(f"calibration statistics {path} were computed on another architecture; move it away")
+    log.info("%s: reusing calibration statistics %s (%d tokens)", name, path, stats.num_tokens)
+    return stats
+
+
 def load_or_calibrate(
     path: str | Path, model: Qwen3NextForCausalLM, data_cfg, calibration_cfg, *, name: str = "calibration"
 ) -> CalibrationStats:
-    """The statistics file `path` if it exists (refused if computed on another architecture), else
-    `model` calibrated on `calibration_cfg.num_samples` windows of the data pipeline, saved there
-    (on the main process). `name` prefixes the log lines (the tool or stage asking)."""
+    """The statistics file `path` if it exists (`load_statistics`), else `model` calibrated on
+    `calibration_cfg.num_samples` windows of the data pipeline, saved there (on the main process).
+    `name` prefixes the log lines (the tool or stage asking)."""
     path = Path(path)
-    if path.exists():
-        stats = CalibrationStats.load(path)
-        if Qwen3NextConfig.from_dict(stats.meta["config"]).architecture() != model.config.architecture():
-            raise PruningError(f"calibration statistics {path} were computed on another architecture; move it away")
-        log.info("%s: reusing calibration statistics %s (%d tokens)", name, path, stats.num_tokens)
+    stats = load_statistics(path, model.config, name=name)
+    if stats is not None:
         return stats
     tokenizer = data.make_tokenizer(data_cfg.tokenizer)
     if tokenizer.vocab_size > model.config.vocab_size:

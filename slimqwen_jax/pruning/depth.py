@@ -15,7 +15,7 @@ from flax import nnx
 
 from slimqwen_jax.config import FULL_ATTENTION, Qwen3NextConfig
 from slimqwen_jax.pruning.calibration import RESIDUAL_COS, CalibrationStats
-from slimqwen_jax.pruning.spec import DepthSpec, PruningError, depth_problems, require_full_attention
+from slimqwen_jax.pruning.spec import DepthSpec, PruningError, depth_problems
 from slimqwen_jax.pruning.state import flat_params, require_abstract, with_values
 
 _LAYER_PATH = re.compile(r"model\.layers\.(?P<index>\d+)\.(?P<rest>.*)")
@@ -39,10 +39,8 @@ def layers_to_keep(
     if problems:
         raise PruningError("invalid depth spec:\n  " + "\n  ".join(problems))
     n, layers = spec.num_layers_to_remove, cfg.num_hidden_layers
-    if spec.method == "last" or n == 0:
-        kept = list(range(layers - n))
-        require_full_attention(cfg, kept)
-        return kept, []
+    if spec.method == "last" or n == 0:  # depth_problems checked that a full-attention layer stays
+        return list(range(layers - n)), []
     # Without statistics (planning on abstract parameters only: `decide` and `prune_depth` refuse
     # real ones) a placeholder ranking, lower index first, with the same validity rule.
     influence = block_influence(cfg, stats) if stats is not None else np.zeros(layers)

@@ -120,6 +120,8 @@ def depth_problems(cfg: Qwen3NextConfig, spec: DepthSpec) -> list[str]:
     n, layers = spec.num_layers_to_remove, cfg.num_hidden_layers
     if not 0 <= n < layers:
         problems.append(f"depth.num_layers_to_remove is {n}; the model has {layers} layers and must keep at least one")
+    elif spec.method == "last":
+        problems += full_attention_problems(cfg, list(range(layers - n)))
     return problems
 
 
@@ -164,11 +166,12 @@ def validate(cfg: Qwen3NextConfig, spec: PruneSpec) -> None:
         raise PruningError("invalid pruning spec:\n  " + "\n  ".join(problems))
 
 
-def require_full_attention(cfg: Qwen3NextConfig, kept: list[int]) -> None:
+def full_attention_problems(cfg: Qwen3NextConfig, kept: list[int]) -> list[str]:
     """A hybrid model must keep a full-attention layer: transformers' Qwen3-Next (its cache) fails
     on a model made of linear-attention layers only."""
     if FULL_ATTENTION in cfg.layer_types and all(cfg.layer_types[i] != FULL_ATTENTION for i in kept):
-        raise PruningError(
+        return [
             f"depth pruning would keep layers {kept}, none of them full attention; HF transformers needs at least "
             "one (remove fewer layers, or other ones)"
-        )
+        ]
+    return []
