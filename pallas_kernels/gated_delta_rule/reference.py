@@ -154,21 +154,26 @@ def _intra_chunk(q, k, g_cum, beta) -> _Intra:
     )
 
 
-def _forward_states(u, w, k_decayed, chunk_decay, state):
-    """The sequential part: S_{n+1} = exp(G_C) S_n + (exp(G_C - G) k)^T v_new with v_new = u - w S_n.
+def _forward_scan(intra: _Intra, u: jax.Array, state: jax.Array):
+    """The sequential part, chunk by chunk from state S_0 [B, H, K, V]:
+    v_new = u - w S_n,  o = exp(G) q S_n + attn v_new,  S_{n+1} = exp(G_C) S_n + (exp(G_C - G) k)^T v_new.
 
-    u [N, B, H, C, V], w and k_decayed [N, B, H, C, K], chunk_decay [N, B, H], state [B, H, K, V].
-    Returns (the state entering each chunk [N, B, H, K, V], v_new [N, B, H, C, V], final state).
+    o is computed in the loop: emitting the states [N, B, H, K, V] to compute it outside costs more
+    than the two matmuls a step; without differentiation the states and v_new outputs are dead code.
+    Returns (o [N, B, H, C, V], the state entering each chunk [N, B, H, K, V], v_new [N, B, H, C, V],
+    the final state).
     """
 
     def step(state, chunk):
-        u, w, k_decayed, chunk_decay = chunk  # one chunk, leading N dropped
+        u, w, k_decayed, chunk_decay, q_decayed, attn = chunk  # one chunk, leading N dropped
         v_new = u - _einsum("bhck,bhkv->bhcv", w, state)  # [B, H, C, V]
+        o = _einsum("bhck,bhkv->bhcv", q_decayed, state) + _einsum("bhij,bhjv->bhiv", attn, v_new)
         new_state = state * chunk_decay[..., None, None] + _einsum("bhck,bhcv->bhkv", k_decayed, v_new)
-        return new_state, (state, v_new)
+        return new_state, (o, state, v_new)
 
-    final_state, (states, v_new) = jax.lax.scan(step, state, (u, w, k_decayed, chunk_decay))
-    return states, v_new, final_state
+    chunks = (u, intra.w, intra.k_decayed, intra.chunk_decay, intra.q_decayed, intra.attn)
+    final_state, (o, states, v_new) = jax.lax.scan(step, state, chunks)
+    return o, states, v_new, final_state
 
 
 def _backward_states(d_o_attn, d_o_q, w, k_decayed, chunk_decay, d_final_state):
@@ -208,16 +213,15 @@ def _chunked(q, k, v, g_cum, beta, state):
 def _chunked_fwd(q, k, v, g_cum, beta, state):
     intra = _intra_chunk(q, k, g_cum, beta)
     u = _einsum("...ij,...jv->...iv", intra.inverse, v * beta[..., None])  # [.., C, V]
-    states, v_new, final_state = _forward_states(u, intra.w, intra.k_decayed, intra.chunk_decay, state)
-    o = _einsum("...ck,...kv->...cv", intra.q_decayed, states) + _einsum("...ij,...jv->...iv", intra.attn, v_new)
-    # The backward recomputes the state-independent part (one third of the forward's FLOPs) but
-    # keeps the states and v_new, which only the sequential scan can give.
+    o, states, v_new, final_state = _forward_scan(intra, u, state)
+    # Residuals: the inputs, from which the backward recomputes the state-independent part (under one
+    # jit XLA shares it with the forward), and the states and v_new, which only the scan can give.
     return (o, final_state), (q, k, v, g_cum, beta, states, v_new)
 
 
 def _chunked_bwd(residuals, cotangents):
     """Hand-derived: one reverse scan for dS, everything else batched over chunks (see the forward's
-    formulas in `_Intra` and `_forward_states`)."""
+    formulas in `_Intra` and `_forward_scan`)."""
     q, k, v, g_cum, beta, states, v_new = residuals
     d_o, d_final_state = cotangents
     intra = _intra_chunk(q, k, g_cum, beta)
