@@ -13,8 +13,9 @@ Rows, forward and forward+backward (gradients of q, k, v, g, beta) side by side:
 All take the same un-normalised q, k with fused q/k L2 norm (q/k repeated to Hv first for fla, as
 HF does). One warm-up (compilation) call each, then --repeats rounds that call every row's forward
 and forward+backward once in turn; the median per entry is reported (interleaved, so that load
-changes on a shared machine hit all rows alike), then each row's time over chunked's. Each row also
-gives the max relative error of its forward output against the float32 `recurrent` output.
+changes on a shared machine hit all rows alike), wall time and process CPU time, then each row's
+times over chunked's. Each row also gives the max relative error of its forward output against the
+float32 `recurrent` output.
 
 FLOPs per (batch, value head) and token, multiply-add = 2, exp and elementwise ops not counted:
   chunked form, chunk C:  6 C Dk + 4 C Dv + 6 Dk Dv + (2/3) C^2
@@ -137,18 +138,20 @@ def torch_thunks(fn, inputs: dict, dtype: str, repeat_qk: bool) -> tuple[Callabl
     return forward_no_grad, forward_backward, forward_no_grad().float().cpu().numpy()
 
 
-def interleaved_medians(thunks: dict[str, Callable], repeats: int) -> dict[str, float]:
-    """Median seconds of each thunk over `repeats` rounds, every round calling every thunk once in
-    turn (after one warm-up call each), so that load changes on a shared machine hit all alike."""
+def interleaved_medians(thunks: dict, repeats: int) -> dict:
+    """{key: (median wall seconds, median process CPU seconds)} of each thunk over `repeats` rounds,
+    every round calling every thunk once in turn (after one warm-up call each), so that load changes
+    on a shared machine hit all alike. CPU time (all threads of this process) counts the work done,
+    which waiting for a contended core does not inflate; spinning threads do inflate it."""
     for thunk in thunks.values():
         thunk()
-    times = {name: [] for name in thunks}
+    times = {key: [] for key in thunks}
     for _ in range(repeats):
-        for name, thunk in thunks.items():
-            start = time.perf_counter()
+        for key, thunk in thunks.items():
+            wall, cpu = time.perf_counter(), time.process_time()
             thunk()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+            times[key].append((time.perf_counter() - wall, time.process_time() - cpu))
+    return {key: tuple(statistics.median(column) for column in zip(*t)) for key, t in times.items()}
 
 
 def implementations(args):
@@ -226,7 +229,10 @@ def main():
     seconds = interleaved_medians(thunks, args.repeats)
     results = []
     for name, device, flops_per_token, output in rows:
-        forward_s, backward_s = seconds[(name, "forward")], seconds[(name, "fwd_bwd")]
+        (forward_s, forward_cpu_s), (backward_s, backward_cpu_s) = (
+            seconds[(name, "forward")],
+            seconds[(name, "fwd_bwd")],
+        )
         forward_flops = flops_per_token * args.tokens * heads
         results.append({
             "implementation": name, "device": device,
@@ -234,6 +240,7 @@ def main():
             "forward_gflop_per_s": forward_flops / forward_s / 1e9,
             "fwd_bwd_ms": 1e3 * backward_s, "fwd_bwd_tokens_per_s": tokens / backward_s,
             "fwd_bwd_gflop_per_s": 3 * forward_flops / backward_s / 1e9,
+            "forward_cpu_ms": 1e3 * forward_cpu_s, "fwd_bwd_cpu_ms": 1e3 * backward_cpu_s,
             "max_rel_err_vs_recurrent_f32": float(np.max(np.abs(output - reference)) / np.max(np.abs(reference))),
         })  # fmt: skip
 
@@ -241,20 +248,22 @@ def main():
     machine = f"jax {jax.__version__} on {jax.devices()[0].device_kind}; host {cpu_name()}, {os.cpu_count()} CPUs"
     print(f"\n{shape}; {machine}; median of {args.repeats} interleaved rounds; load average {os.getloadavg()[0]:.1f}\n")
     print("| implementation | device | fwd ms | fwd tokens/s | fwd GFLOP/s | fwd+bwd ms | fwd+bwd tokens/s "
-          "| fwd+bwd GFLOP/s | max rel err |")  # fmt: skip
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| fwd+bwd GFLOP/s | fwd CPU ms | fwd+bwd CPU ms | max rel err |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(
             f"| {r['implementation']} | {r['device']} | {r['forward_ms']:.1f} | {r['forward_tokens_per_s']:,.0f} "
             f"| {r['forward_gflop_per_s']:.2f} | {r['fwd_bwd_ms']:.1f} | {r['fwd_bwd_tokens_per_s']:,.0f} "
-            f"| {r['fwd_bwd_gflop_per_s']:.2f} | {r['max_rel_err_vs_recurrent_f32']:.1e} |"
+            f"| {r['fwd_bwd_gflop_per_s']:.2f} | {r['forward_cpu_ms']:.1f} | {r['fwd_bwd_cpu_ms']:.1f} "
+            f"| {r['max_rel_err_vs_recurrent_f32']:.1e} |"
         )
     ours = results[0]  # chunked
     print()
     for r in results[1:]:
         print(
-            f"{r['implementation']} time / chunked time: forward {r['forward_ms'] / ours['forward_ms']:.2f}x, "
-            f"fwd+bwd {r['fwd_bwd_ms'] / ours['fwd_bwd_ms']:.2f}x"
+            f"{r['implementation']} / chunked: wall time forward {r['forward_ms'] / ours['forward_ms']:.2f}x, "
+            f"fwd+bwd {r['fwd_bwd_ms'] / ours['fwd_bwd_ms']:.2f}x; CPU time forward "
+            f"{r['forward_cpu_ms'] / ours['forward_cpu_ms']:.2f}x, fwd+bwd {r['fwd_bwd_cpu_ms'] / ours['fwd_bwd_cpu_ms']:.2f}x"
         )
     if args.out:
         with open(args.out, "w") as f:
