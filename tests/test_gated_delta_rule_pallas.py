@@ -189,17 +189,10 @@ def production_shapes(t: int) -> tuple[jax.ShapeDtypeStruct, ...]:
     )
 
 
-# TPU lowers the chunk-grid kernels (on-chip memory independent of T, hence T = 8192 too), GPU the
-# loop kernels; the kernel names in the lowered text tell which.
-@pytest.mark.parametrize(
-    "platform, marker, layout, t",
-    [
-        ("tpu", "tpu_custom_call", "grid", 1000),
-        ("tpu", "tpu_custom_call", "grid", 8192),
-        ("gpu", "xla.gpu.triton", "loop", 1000),
-    ],
-)
-def test_cross_lowering_at_production_shapes(platform, marker, layout, t):
+def assert_lowers(platform: str, marker: str, layout: str, t: int) -> None:
+    """Forward, forward+backward and decode step lower for `platform` ("tpu" or "gpu") to the `layout`
+    kernels, each lowered program holding at least its number of `marker` custom calls."""
+
     def forward(q, k, v, g, beta, state):
         return gated_delta_rule(
             q, k, v, g, beta, initial_state=state, output_final_state=True, implementation="pallas", platform=platform
@@ -226,6 +219,31 @@ def test_cross_lowering_at_production_shapes(platform, marker, layout, t):
         assert text.count(marker) >= kernels, (fn, text.count(marker))
         assert all(f"{name}_{layout}_kernel" in text for name in names), (fn, names)
         assert f"_{other}_kernel" not in text, fn
+
+
+# TPU lowers the chunk-grid kernels (on-chip memory independent of T, hence T = 8192 too), GPU the
+# loop kernels; the kernel names in the lowered text tell which.
+@pytest.mark.parametrize(
+    "platform, marker, layout, t",
+    [
+        ("tpu", "tpu_custom_call", "grid", 1000),
+        ("tpu", "tpu_custom_call", "grid", 8192),
+        ("gpu", "xla.gpu.triton", "loop", 1000),
+    ],
+)
+def test_cross_lowering_at_production_shapes(platform, marker, layout, t):
+    assert_lowers(platform, marker, layout, t)
+
+
+@pytest.mark.parametrize(
+    "platform, marker, layout", [("tpu", "tpu_custom_call", "grid"), ("gpu", "xla.gpu.triton", "loop")]
+)
+def test_cross_lowering_with_x64(platform, marker, layout):
+    """Under jax_enable_x64 a Python int in an index map becomes int64 against the int32 grid
+    indices; both layouts' index maps and the decode step's must still trace and lower."""
+    with jax.enable_x64(True):
+        assert_lowers(platform, marker, layout, 64)
+    assert not jax.config.jax_enable_x64
 
 
 def test_model_logits_with_pallas_equal_chunked(tmp_path):

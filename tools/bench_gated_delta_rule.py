@@ -1,7 +1,8 @@
 """Throughput of the gated delta rule per implementation at equal shapes: tokens/s and FLOP/s.
 
     .venv/bin/python tools/bench_gated_delta_rule.py [--batch 1 --tokens 2048 --key-heads 2
-        --value-heads 4 --head-dim 128 --dtype float32 --repeats 3 --out results.json]
+        --value-heads 4 --head-dim 128 --dtype float32 --repeats 7 --torch-threads 2 --interpret
+        --out results.json]
 
 Rows, forward and forward+backward (gradients of q, k, v, g, beta) side by side:
   chunked    our jnp chunked (WY) form, jitted
@@ -10,8 +11,11 @@ Rows, forward and forward+backward (gradients of q, k, v, g, beta) side by side:
   hf_torch   transformers' `torch_chunk_gated_delta_rule` fallback, on torch's CUDA device if any
   fla        flash-linear-attention's Triton `chunk_gated_delta_rule`, where importable with CUDA torch
 All take the same un-normalised q, k with fused q/k L2 norm (q/k repeated to Hv first for fla, as
-HF does). Median of --repeats timed runs after one warm-up (compilation) run. Each row also gives
-the max relative error of its forward output against the float32 `recurrent` output.
+HF does). One warm-up (compilation) call each, then --repeats rounds that call every row's forward
+and forward+backward once in turn; the median per entry is reported (interleaved, so that load
+changes on a shared machine hit all rows alike), wall time and process CPU time, then each row's
+times over chunked's. Each row also gives the max relative error of its forward output against the
+float32 `recurrent` output.
 
 FLOPs per (batch, value head) and token, multiply-add = 2, exp and elementwise ops not counted:
   chunked form, chunk C:  6 C Dk + 4 C Dv + 6 Dk Dv + (2/3) C^2
@@ -26,12 +30,17 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+# torch's OpenMP threads spin at their barriers by default; in one process with XLA's CPU worker
+# threads on 2 cores they then starve each other (HF's forward measured 1.3 to 5.4 s instead of
+# 0.02 to 0.2 s). Set before torch is imported; an explicit OMP_WAIT_POLICY wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -75,19 +84,9 @@ def make_inputs(args) -> dict[str, np.ndarray]:
     return {name: x.astype(np.float32) for name, x in inputs.items()}
 
 
-def median_seconds(fn, repeats: int, sync) -> float:
-    """Median wall time of `repeats` calls of fn() after one warm-up call; `sync` waits for results."""
-    sync(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        sync(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def jax_timings(inputs: dict, dtype, repeats: int, **options) -> tuple[float, float, np.ndarray]:
-    """(forward s, forward+backward s, forward output) of `gated_delta_rule` with these options."""
+def jax_thunks(inputs: dict, dtype, **options) -> tuple[Callable, Callable, np.ndarray]:
+    """(forward, forward+backward, forward output) of `gated_delta_rule` with these options; each
+    thunk runs once, synchronised, and the first call of each compiles."""
     args = {
         name: jnp.asarray(x, dtype if name in ("q", "k", "v", "beta") else jnp.float32) for name, x in inputs.items()
     }
@@ -100,13 +99,15 @@ def jax_timings(inputs: dict, dtype, repeats: int, **options) -> tuple[float, fl
         return jnp.sum(forward(args).astype(jnp.float32) * weight)
 
     fwd, grad = jax.jit(forward), jax.jit(jax.grad(loss))
-    forward_s = median_seconds(lambda: fwd(args), repeats, jax.block_until_ready)
-    backward_s = median_seconds(lambda: grad(args), repeats, jax.block_until_ready)
-    return forward_s, backward_s, np.asarray(fwd(args), np.float32)
+    return (
+        lambda: jax.block_until_ready(fwd(args)),
+        lambda: jax.block_until_ready(grad(args)),
+        np.asarray(fwd(args), np.float32),
+    )
 
 
-def torch_timings(fn, inputs: dict, dtype: str, repeats: int, repeat_qk: bool) -> tuple[float, float, np.ndarray]:
-    """(forward s, forward+backward s, forward output) of a torch gated-delta-rule function."""
+def torch_thunks(fn, inputs: dict, dtype: str, repeat_qk: bool) -> tuple[Callable, Callable, np.ndarray]:
+    """(forward, forward+backward, forward output) of a torch gated-delta-rule function."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -130,14 +131,31 @@ def torch_timings(fn, inputs: dict, dtype: str, repeats: int, repeat_qk: bool) -
 
     def forward_no_grad():
         with torch.no_grad():
-            return forward()
+            output = forward()
+        sync()
+        return output
 
     def forward_backward():
         (forward().float() * weight).sum().backward()
+        sync()
 
-    forward_s = median_seconds(forward_no_grad, repeats, lambda _: sync())
-    backward_s = median_seconds(forward_backward, repeats, lambda _: sync())
-    return forward_s, backward_s, forward_no_grad().float().cpu().numpy()
+    return forward_no_grad, forward_backward, forward_no_grad().float().cpu().numpy()
+
+
+def interleaved_medians(thunks: dict, repeats: int) -> dict:
+    """{key: (median wall seconds, median process CPU seconds)} of each thunk over `repeats` rounds,
+    every round calling every thunk once in turn (after one warm-up call each), so that load changes
+    on a shared machine hit all alike. CPU time (all threads of this process) counts the work done,
+    which waiting for a contended core does not inflate; spinning threads do inflate it."""
+    for thunk in thunks.values():
+        thunk()
+    times = {key: [] for key in thunks}
+    for _ in range(repeats):
+        for key, thunk in thunks.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            thunk()
+            times[key].append((time.perf_counter() - wall, time.process_time() - cpu))
+    return {key: tuple(statistics.median(column) for column in zip(*t)) for key, t in times.items()}
 
 
 def implementations(args):
@@ -148,12 +166,12 @@ def implementations(args):
     backend = jax.default_backend()
     jax_device = jax.devices()[0].device_kind
     rows = [
-        ("chunked", jax_device, chunked, lambda x: jax_timings(x, dtype, args.repeats, implementation="chunked")),
-        ("recurrent", jax_device, recurrent, lambda x: jax_timings(x, dtype, args.repeats, implementation="recurrent")),
+        ("chunked", jax_device, chunked, lambda x: jax_thunks(x, dtype, implementation="chunked")),
+        ("recurrent", jax_device, recurrent, lambda x: jax_thunks(x, dtype, implementation="recurrent")),
     ]
     if backend != "cpu" or args.interpret:
         name = "pallas" if backend != "cpu" else "pallas (interpret)"
-        rows.append((name, jax_device, chunked, lambda x: jax_timings(x, dtype, args.repeats, implementation="pallas")))
+        rows.append((name, jax_device, chunked, lambda x: jax_thunks(x, dtype, implementation="pallas")))
     try:
         import torch
         from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule
@@ -167,7 +185,7 @@ def implementations(args):
         )
         rows.append(
             ("hf_torch", torch_device, chunked,
-             lambda x: torch_timings(torch_chunk_gated_delta_rule, x, args.dtype, args.repeats, repeat_qk=False))
+             lambda x: torch_thunks(torch_chunk_gated_delta_rule, x, args.dtype, repeat_qk=False))
         )  # fmt: skip
         try:
             from fla.ops.gated_delta_rule import chunk_gated_delta_rule
@@ -177,7 +195,7 @@ def implementations(args):
             if torch.cuda.is_available():
                 rows.append(
                     ("fla", torch_device, chunked,
-                     lambda x: torch_timings(chunk_gated_delta_rule, x, args.dtype, args.repeats, repeat_qk=True))
+                     lambda x: torch_thunks(chunk_gated_delta_rule, x, args.dtype, repeat_qk=True))
                 )  # fmt: skip
     return rows
 
@@ -190,19 +208,35 @@ def main():
     parser.add_argument("--value-heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=128, help="Dk = Dv")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--torch-threads", type=int, default=2, help="torch CPU threads (this machine has 2 cores)")
     parser.add_argument("--interpret", action="store_true", help="add the pallas row in interpret mode on CPU")
     parser.add_argument("--out", default="", help="write the results as JSON here")
     args = parser.parse_args()
+    try:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
+    except ImportError:
+        pass
 
     inputs = make_inputs(args)
     tokens = args.batch * args.tokens
     heads = args.batch * args.value_heads
     reference = np.asarray(jax.jit(gated_delta_rule, static_argnames="implementation")(
         **inputs, implementation="recurrent")[0])  # fmt: skip
+    rows, thunks = [], {}
+    for name, device, flops_per_token, build in implementations(args):
+        forward, forward_backward, output = build(inputs)
+        thunks[(name, "forward")], thunks[(name, "fwd_bwd")] = forward, forward_backward
+        rows.append((name, device, flops_per_token, output))
+    seconds = interleaved_medians(thunks, args.repeats)
     results = []
-    for name, device, flops_per_token, run in implementations(args):
-        forward_s, backward_s, output = run(inputs)
+    for name, device, flops_per_token, output in rows:
+        (forward_s, forward_cpu_s), (backward_s, backward_cpu_s) = (
+            seconds[(name, "forward")],
+            seconds[(name, "fwd_bwd")],
+        )
         forward_flops = flops_per_token * args.tokens * heads
         results.append({
             "implementation": name, "device": device,
@@ -210,20 +244,30 @@ def main():
             "forward_gflop_per_s": forward_flops / forward_s / 1e9,
             "fwd_bwd_ms": 1e3 * backward_s, "fwd_bwd_tokens_per_s": tokens / backward_s,
             "fwd_bwd_gflop_per_s": 3 * forward_flops / backward_s / 1e9,
+            "forward_cpu_ms": 1e3 * forward_cpu_s, "fwd_bwd_cpu_ms": 1e3 * backward_cpu_s,
             "max_rel_err_vs_recurrent_f32": float(np.max(np.abs(output - reference)) / np.max(np.abs(reference))),
         })  # fmt: skip
 
     shape = f"B={args.batch} T={args.tokens} Hk={args.key_heads} Hv={args.value_heads} D={args.head_dim} {args.dtype}"
     machine = f"jax {jax.__version__} on {jax.devices()[0].device_kind}; host {cpu_name()}, {os.cpu_count()} CPUs"
-    print(f"\n{shape}; {machine}\n")
+    print(f"\n{shape}; {machine}; median of {args.repeats} interleaved rounds; load average {os.getloadavg()[0]:.1f}\n")
     print("| implementation | device | fwd ms | fwd tokens/s | fwd GFLOP/s | fwd+bwd ms | fwd+bwd tokens/s "
-          "| fwd+bwd GFLOP/s | max rel err |")  # fmt: skip
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| fwd+bwd GFLOP/s | fwd CPU ms | fwd+bwd CPU ms | max rel err |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(
             f"| {r['implementation']} | {r['device']} | {r['forward_ms']:.1f} | {r['forward_tokens_per_s']:,.0f} "
             f"| {r['forward_gflop_per_s']:.2f} | {r['fwd_bwd_ms']:.1f} | {r['fwd_bwd_tokens_per_s']:,.0f} "
-            f"| {r['fwd_bwd_gflop_per_s']:.2f} | {r['max_rel_err_vs_recurrent_f32']:.1e} |"
+            f"| {r['fwd_bwd_gflop_per_s']:.2f} | {r['forward_cpu_ms']:.1f} | {r['fwd_bwd_cpu_ms']:.1f} "
+            f"| {r['max_rel_err_vs_recurrent_f32']:.1e} |"
+        )
+    ours = results[0]  # chunked
+    print()
+    for r in results[1:]:
+        print(
+            f"{r['implementation']} / chunked: wall time forward {r['forward_ms'] / ours['forward_ms']:.2f}x, "
+            f"fwd+bwd {r['fwd_bwd_ms'] / ours['fwd_bwd_ms']:.2f}x; CPU time forward "
+            f"{r['forward_cpu_ms'] / ours['forward_cpu_ms']:.2f}x, fwd+bwd {r['fwd_bwd_cpu_ms'] / ours['fwd_bwd_cpu_ms']:.2f}x"
         )
     if args.out:
         with open(args.out, "w") as f:

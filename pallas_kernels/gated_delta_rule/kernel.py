@@ -217,6 +217,13 @@ def _sequence_layout(q, k, v, g_cum, beta, chunk_size: int, layout: str) -> tupl
     return flat(q), flat(k), flat(v), *gates
 
 
+def _key_head(h: jax.Array, group: int) -> jax.Array:
+    """Key head read by value head h (a grid index): h // group. By lax.div, not //, which lowers
+    through `sign` (Mosaic resolves it per TPU chip); the divisor in h's dtype, which stays int32
+    under jax_enable_x64, where a Python int would become int64."""
+    return lax.div(h, jnp.asarray(group, h.dtype))
+
+
 class _Specs(NamedTuple):
     qk: pl.BlockSpec  # [B, Tp, Hk * K], value head h reads key head h // group
     qk_per_value_head: pl.BlockSpec  # [B, Tp, Hv * K]
@@ -229,10 +236,9 @@ class _Specs(NamedTuple):
 def _block_specs(layout: str, n: int, c: int, dk: int, dv: int, group: int, *, reverse: bool = False) -> _Specs:
     """Block specs of a layout. "loop": grid (B, Hv), whole-sequence blocks. "grid": grid (B, Hv, N),
     one chunk's blocks, chunk n - 1 - i at step i when `reverse`; state blocks stay put along N."""
-    # lax.div, not //: floor division lowers through `sign`, which Mosaic resolves per TPU chip.
     if layout == "loop":
         return _Specs(
-            qk=pl.BlockSpec((None, n * c, dk), lambda b, h: (b, 0, lax.div(h, group))),
+            qk=pl.BlockSpec((None, n * c, dk), lambda b, h: (b, 0, _key_head(h, group))),
             qk_per_value_head=pl.BlockSpec((None, n * c, dk), lambda b, h: (b, 0, h)),
             v=pl.BlockSpec((None, n * c, dv), lambda b, h: (b, 0, h)),
             gate=pl.BlockSpec((None, None, n, c), lambda b, h: (b, h, 0, 0)),
@@ -241,7 +247,7 @@ def _block_specs(layout: str, n: int, c: int, dk: int, dv: int, group: int, *, r
         )
     chunk = (lambda i: n - 1 - i) if reverse else (lambda i: i)
     return _Specs(
-        qk=pl.BlockSpec((None, c, dk), lambda b, h, i: (b, chunk(i), lax.div(h, group))),
+        qk=pl.BlockSpec((None, c, dk), lambda b, h, i: (b, chunk(i), _key_head(h, group))),
         qk_per_value_head=pl.BlockSpec((None, c, dk), lambda b, h, i: (b, chunk(i), h)),
         v=pl.BlockSpec((None, c, dv), lambda b, h, i: (b, chunk(i), h)),
         gate=pl.BlockSpec((None, None, None, 1, c), lambda b, h, i: (b, h, chunk(i), 0, 0)),
@@ -406,7 +412,7 @@ def decode_step(
     b, hk, dk = q.shape
     hv, dv = v.shape[1:]
     group = hv // hk
-    column = pl.BlockSpec((None, None, dk, 1), lambda b, h: (b, lax.div(h, group), 0, 0))  # [B, Hk, K, 1]
+    column = pl.BlockSpec((None, None, dk, 1), lambda b, h: (b, _key_head(h, group), 0, 0))  # [B, Hk, K, 1]
     row = pl.BlockSpec((None, None, 1, dv), lambda b, h: (b, h, 0, 0))  # [B, Hv, 1, V]
     scalar = pl.BlockSpec((None, None, 1, 1), lambda b, h: (b, h, 0, 0))  # [B, Hv, 1, 1]
     state_spec = pl.BlockSpec((None, None, dk, dv), lambda b, h: (b, h, 0, 0))

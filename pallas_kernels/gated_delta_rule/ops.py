@@ -47,8 +47,12 @@ def _check_inputs(q, k, v, g, beta, initial_state, implementation: str) -> None:
 
 
 def _l2norm(x: jax.Array) -> jax.Array:
-    """x * rsqrt(sum(x^2) + 1e-6) over the head dim, the FLA / HF definition (eps inside the sum)."""
-    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-6)
+    """x * rsqrt(sum(x^2) + 1e-6) over the head dim, the FLA / HF definition (eps inside the sum).
+
+    Both products as exact dots, so that their transposes in the backward are dots too: XLA:CPU
+    turns a multiply-and-reduce into a much slower fused reduction."""
+    squares = jnp.einsum("...d,...d->...", x, x, precision=jax.lax.Precision.HIGHEST)
+    return jnp.einsum("...d,...->...d", x, jax.lax.rsqrt(squares + 1e-6), precision=jax.lax.Precision.HIGHEST)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
