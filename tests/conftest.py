@@ -1,6 +1,7 @@
 """Test set-up: 8 fake CPU devices for mesh tests, float32 matmuls at full precision, quick XLA
 compiles, and one persistent compilation cache for the session, shared with the `python -m`
-subprocesses the tests start (their identical tiny runs then compile once).
+subprocesses the tests start (their identical tiny runs then compile once). Under pytest-xdist
+(pytest.ini) every worker inherits the cache; torch runs on one thread per worker.
 
 The tests' tiny models spend far longer in XLA's compiler than in running, so LLVM's optimisation
 level is turned down (compiles ~30% faster). No test depends on it: tolerances are met at either
@@ -16,6 +17,9 @@ os.environ.setdefault(
     "--xla_force_host_platform_device_count=8"
     " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
 )
+if os.environ.get("PYTEST_XDIST_WORKER"):  # workers share the cores: torch (OpenMP) must not spin-wait on them
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache_dir = tempfile.mkdtemp(prefix="slimqwen-jax-test-cache-")
     atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
