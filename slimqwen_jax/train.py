@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,6 +46,10 @@ NON_ARCHITECTURE_FIELDS = ("initializer_range", "router_aux_loss_coef", "max_pos
 
 class TrainError(RuntimeError):
     """A run that cannot start or must stop; the message says why and what was kept."""
+
+
+class Interrupted(TrainError):
+    """A Ctrl-C during a stage; the message names the checkpoint a rerun resumes from."""
 
 
 # ---------------------------------------------------------------------------- configuration
@@ -478,7 +483,8 @@ def train_stage(run: Run, stage: stages_lib.Stage, cfg: Qwen3NextConfig, graphde
                     checkpoints.save(step, state.params, state.opt_state, cfg, train_state)
             checkpoints.wait_until_finished()  # a failed write of the last save shows here
         except KeyboardInterrupt:
-            stop(f"interrupted (Ctrl-C) after step {state.step}", "rerun the same command to resume")
+            raise Interrupted(f"interrupted (Ctrl-C) after step {state.step}. The last good checkpoint is "
+                              f"{checkpoints.last_complete()}: rerun the same command to resume") from None  # fmt: skip
         except OSError as error:  # a full disk or a lost mount, in a save (orbax's writer threads) or a log file
             stop(f"cannot write {error.filename or stage.directory}: {error.strerror or error}",
                  "free space (or fix the directory), then rerun the same command to resume")  # fmt: skip
@@ -631,12 +637,25 @@ def main(argv: list[str]) -> None:
     try:
         initialize_distributed(fl.distributed, fl.coordinator_address, fl.num_processes, fl.process_id)
         run(fl.config)
+    except Interrupted as error:
+        log.error("error: %s", error)
+        abandon_background_threads()
     except RUN_ERRORS as error:
         log.error("error: %s", error)
         sys.exit(1)
     except KeyboardInterrupt:  # outside a stage's loop, which names the last good checkpoint itself
         log.error("error: interrupted (Ctrl-C); rerun the same command to resume from the last checkpoint")
-        sys.exit(1)
+        abandon_background_threads()
+
+
+def abandon_background_threads() -> None:
+    """Exit 1 now, after a Ctrl-C: orbax's writer threads may still post to event loops the
+    interrupt closed, and each would print a traceback at interpreter shutdown. What is on disk is
+    already complete or left in a temporary directory that a resume ignores."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 if __name__ == "__main__":
