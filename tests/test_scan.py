@@ -51,7 +51,8 @@ def step_outputs(model, input_ids):
 def test_scanned_stack_matches_unrolled_with_remainder_and_dense_layers():
     # Period 2 ([MoE, dense]), two scanned blocks and one layer unrolled after them. Full attention
     # only, to keep the compile short: linear attention in a scanned block is test_scanned_stack_matches_transformers.
-    cfg = tiny(layer_types=(F,) * 5, num_hidden_layers=5, mlp_only_layers=(1, 3), num_mtp_layers=0, moe_backend="dense")
+    cfg = tiny(layer_types=(F,) * 5, num_hidden_layers=5, mlp_only_layers=(1, 3), num_mtp_layers=0, moe_backend="dense",
+               scan_layers=True)  # fmt: skip
     ids = jnp.asarray(random_tokens(2, 12, cfg.vocab_size))
     scanned = step_outputs(Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(0)), ids)
     unrolled = step_outputs(Qwen3NextForCausalLM(cfg.replace(scan_layers=False), rngs=nnx.Rngs(0)), ids)
@@ -74,7 +75,8 @@ def count_scans(cfg) -> int:
 
 def test_only_periodic_stacks_are_scanned():
     # Full attention only (no delta-rule scans): a scan in the program is the decoder stack's.
-    periodic = tiny(layer_types=(F, F, F, F), num_hidden_layers=4, mlp_only_layers=(0, 2), num_mtp_layers=0)
+    periodic = tiny(layer_types=(F, F, F, F), num_hidden_layers=4, mlp_only_layers=(0, 2), num_mtp_layers=0,
+                    scan_layers=True)  # fmt: skip
     non_periodic = periodic.replace(mlp_only_layers=(0,))
     assert count_scans(periodic) == 1
     assert count_scans(periodic.replace(scan_layers=False)) == 0
