@@ -144,8 +144,23 @@ def heldout_prompts(data_cfg, tokenizer, num_prompts: int, prompt_len: int) -> l
 
 
 # ---------------------------------------------------------------------------- the run
+def size_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """Every held-out and decoding size that cannot run (counts >= 1, draft counts >= 0)."""
+    fields = [("heldout", name, 1) for name in ("batch_size", "num_batches")]
+    fields += [("decoding", name, 1) for name in ("num_prompts", "prompt_len", "max_new_tokens", "batch_size")]
+    fields += [("heldout", "num_drafts", 0), ("decoding", "num_drafts", 0)]
+    return [
+        f"{group}.{name} must be >= {low}, got {config[group][name]}"
+        for group, name, low in fields
+        if config[group][name] < low
+    ]
+
+
 def run(config: ml_collections.ConfigDict) -> dict:
     """Evaluate as configured; returns the report. Raises EvaluateError, DataError, ConfigError, ..."""
+    problems = size_problems(config)
+    if problems:
+        raise EvaluateError("; ".join(problems))
     path = report_path(config)
     tokenizer = data.make_tokenizer(config.data.tokenizer)
     model = load_model(config.model, dtype=config.dtype)

@@ -134,5 +134,14 @@ def test_evaluate_refuses_bad_input(tmp_path):
     )  # fmt: skip
     assert code == 1 and "does not exist" in output and "Traceback" not in output
     assert not (tmp_path / "r.json").exists()
+    # Sizes are checked before the model is loaded (it does not even exist here), all at once.
+    code, output = run_tool(
+        "evaluate", "evaluate_quickstart.py", f"--config.model={tmp_path / 'missing'}",
+        "--config.decoding.num_prompts=0", "--config.heldout.num_batches=0", "--config.decoding.num_drafts=-1",
+    )  # fmt: skip
+    assert code == 1 and "Traceback" not in output and "does not exist" not in output, output
+    for message in ("heldout.num_batches must be >= 1, got 0", "decoding.num_prompts must be >= 1, got 0",
+                    "decoding.num_drafts must be >= 0, got -1"):  # fmt: skip
+        assert message in output, output
     code, output = run_tool("evaluate", "evaluate_quickstart.py", "--config.decoding.no_such_key=1")
     assert code == 2 and "bad command line" in output
