@@ -443,8 +443,8 @@ def train_stage(run: Run, stage: stages_lib.Stage, cfg: Qwen3NextConfig, graphde
                               tokens_per_step=tokens_per_step, log_every=tc.log_every,
                               is_main=jax.process_index() == 0, end_step=stage.end_step)  # fmt: skip
 
-    def stop(reason: str, advice: str):
-        raise TrainError(f"{reason}. The last good checkpoint is {checkpoints.last_complete()}: {advice}")
+    def stop(reason: str, advice: str, error: type[TrainError] = TrainError):
+        raise error(f"{reason}. The last good checkpoint is {checkpoints.last_complete()}: {advice}")
 
     with jax.set_mesh(run.mesh):  # the context mesh of the expert-parallel MoE's shard_map
         try:
@@ -483,8 +483,7 @@ def train_stage(run: Run, stage: stages_lib.Stage, cfg: Qwen3NextConfig, graphde
                     checkpoints.save(step, state.params, state.opt_state, cfg, train_state)
             checkpoints.wait_until_finished()  # a failed write of the last save shows here
         except KeyboardInterrupt:
-            raise Interrupted(f"interrupted (Ctrl-C) after step {state.step}. The last good checkpoint is "
-                              f"{checkpoints.last_complete()}: rerun the same command to resume") from None  # fmt: skip
+            stop(f"interrupted (Ctrl-C) after step {state.step}", "rerun the same command to resume", Interrupted)
         except OSError as error:  # a full disk or a lost mount, in a save (orbax's writer threads) or a log file
             stop(f"cannot write {error.filename or stage.directory}: {error.strerror or error}",
                  "free space (or fix the directory), then rerun the same command to resume")  # fmt: skip

@@ -97,20 +97,23 @@ def model_flops_per_token(cfg: Qwen3NextConfig, seq_len: int) -> float:
     return 6 * matmul_params + 6 * attention + 6 * delta_rule
 
 
-def replicated_sharding() -> jax.sharding.NamedSharding:
-    """The micro-batch sharding of a one-device run."""
-    return jax.sharding.NamedSharding(jax.sharding.Mesh(jax.devices()[:1], ("batch",)), jax.sharding.PartitionSpec())
+def trainer_step(cfg: Qwen3NextConfig, graphdef: nnx.GraphDef, total_steps: int):
+    """(train_step, tx): the trainer's step for LM CE + aux loss on one device, not yet jitted."""
+    objective = losses.distillation_objective(aux_coef=cfg.router_aux_loss_coef, chunk_size=1024)
+    loss_fn = steps.make_loss_fn(graphdef, objective, with_mtp=False)
+    tx, _ = steps.make_optimizer(steps.optimizer_config(**OPTIMIZER), total_steps)
+    weights = steps.loss_weights_fn(losses.loss_config(distillation=False), total_steps)
+    one_device = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(jax.devices()[:1], ("batch",)), jax.sharding.PartitionSpec()
+    )
+    return steps.make_train_step(loss_fn, tx, weights, 1, one_device), tx
 
 
 def our_step(cfg: Qwen3NextConfig, tokens: np.ndarray, total_steps: int):
     """The trainer's jitted step and its initial arguments: (step, params, opt_state, tokens)."""
     graphdef, params = nnx.split(model.Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param)
-    objective = losses.distillation_objective(aux_coef=cfg.router_aux_loss_coef, chunk_size=1024)
-    loss_fn = steps.make_loss_fn(graphdef, objective, with_mtp=False)
-    tx, _ = steps.make_optimizer(steps.optimizer_config(**OPTIMIZER), total_steps)
-    weights = steps.loss_weights_fn(losses.loss_config(distillation=False), total_steps)
-    step = jax.jit(steps.make_train_step(loss_fn, tx, weights, 1, replicated_sharding()), donate_argnums=(0, 1))
-    return step, params, tx.init(params), jnp.asarray(tokens)
+    train_step, tx = trainer_step(cfg, graphdef, total_steps)
+    return jax.jit(train_step, donate_argnums=(0, 1)), params, tx.init(params), jnp.asarray(tokens)
 
 
 def bench_ours(cfg: Qwen3NextConfig, tokens: np.ndarray, repeats: int) -> dict:
@@ -158,11 +161,8 @@ def compile_seconds(cfg: Qwen3NextConfig, batch: int = 2, seq_len: int = 32) -> 
     """Seconds to trace, lower and compile the trainer's step for `cfg` (shapes only: nothing is
     allocated or run). Run without a persistent compilation cache, or a repeat reads it."""
     graphdef, params = model.abstract_model(cfg)
-    objective = losses.distillation_objective(aux_coef=cfg.router_aux_loss_coef, chunk_size=1024)
-    tx, _ = steps.make_optimizer(steps.optimizer_config(**OPTIMIZER), 10)
-    weights = steps.loss_weights_fn(losses.loss_config(distillation=False), 10)
-    loss_fn = steps.make_loss_fn(graphdef, objective, with_mtp=False)
-    step = jax.jit(steps.make_train_step(loss_fn, tx, weights, 1, replicated_sharding()))
+    train_step, tx = trainer_step(cfg, graphdef, total_steps=10)
+    step = jax.jit(train_step)
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     tokens = jax.ShapeDtypeStruct((batch, seq_len + 1), jnp.int32)
     start = time.perf_counter()
