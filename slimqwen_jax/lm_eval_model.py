@@ -3,8 +3,9 @@
     python -m slimqwen_jax.lm_eval_model --model slimqwen_jax --model_args path=<model>[,tokenizer=...] \\
         --tasks <tasks> [any other lm_eval argument]
 
-`lm_eval` only discovers the models of its own package, so this module is the `lm_eval` command
-with ours registered first (from Python: `lm_eval.simple_evaluate(model=SlimQwenLM(path=...))`).
+After `pip install .` the plain `lm_eval --model slimqwen_jax ...` works too (slimqwen_jax/lm_eval_hook.py);
+this module is that command with ours registered first, for source checkouts and editable installs
+(from Python: `lm_eval.simple_evaluate(model=SlimQwenLM(path=...))`).
 Model arguments: path (an HF directory or one of our checkpoints), tokenizer ("byte" or
 an HF tokenizer.json), dtype, batch_size, max_length (context and cache size), max_gen_toks.
 loglikelihood / loglikelihood_rolling score batches of right-padded windows with one full forward
@@ -26,7 +27,9 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from slimqwen_jax import data
+from slimqwen_jax.config import ConfigError
 from slimqwen_jax.decoding import Decoder
+from slimqwen_jax.hf import CheckpointMismatchError
 from slimqwen_jax.loading import load_model
 
 GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_p")
@@ -71,8 +74,11 @@ class SlimQwenLM(TemplateLM):
             raise RequestError(f"slimqwen_jax: unknown model_args {sorted(unknown)}; known: {known}")
         super().__init__()
         del device, max_batch_size
-        self.model = load_model(path, dtype=dtype)
-        self.tokenizer = data.make_tokenizer(tokenizer)
+        try:
+            self.model = load_model(path, dtype=dtype)
+            self.tokenizer = data.make_tokenizer(tokenizer)
+        except (FileNotFoundError, ConfigError, CheckpointMismatchError, data.DataError) as error:
+            raise RequestError(f"slimqwen_jax: {error}") from error
         self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
         self.max_length, self.max_gen_toks, self.seed = int(max_length), int(max_gen_toks), int(seed)
         self._graphdef, self._params = nnx.split(self.model)

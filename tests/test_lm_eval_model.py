@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -80,9 +81,13 @@ def test_generate_until_follows_the_decoder_and_stops(checkpoint, lm):
     assert cut == outputs[0].split(stop)[0]
 
 
-def test_unknown_arguments_are_refused(checkpoint, lm):
+def test_bad_arguments_are_refused(checkpoint, lm, tmp_path):
     with pytest.raises(RequestError, match=r"unknown model_args \['pretrained'\]"):
         SlimQwenLM.create_from_arg_string(f"path={checkpoint[1]},pretrained=gpt2")
+    with pytest.raises(RequestError, match=f"{tmp_path / 'nothing'} does not exist"):
+        SlimQwenLM.create_from_arg_string(f"path={tmp_path / 'nothing'}")
+    with pytest.raises(RequestError, match="unknown tokenizer 'bpe'"):
+        SlimQwenLM.create_from_arg_string(f"path={checkpoint[1]},tokenizer=bpe")
     with pytest.raises(RequestError, match=r"unknown generation arguments \['num_beams'\]"):
         lm.generate_until([request("generate_until", "x", {"until": ["\n"], "num_beams": 4})])
 
@@ -143,20 +148,31 @@ def test_local_tasks_run_end_to_end_from_the_command_line(checkpoint, tmp_path):
     data.write_text("".join(json.dumps(d) + "\n" for d in docs))
     for name, yaml in TASKS.items():
         (tmp_path / f"{name}.yaml").write_text(yaml.format(data=data))
+    # The plain `lm_eval` command, run outside the repository: it knows `slimqwen_jax` through the
+    # start-up hook that `pip install .` installs (requirements-test.txt); PYTHONPATH puts this
+    # checkout's package ahead of the installed copy.
+    lm_eval = Path(sys.executable).with_name("lm_eval")
+    assert lm_eval.exists(), f"{lm_eval} missing: install the test requirements (pip install -r requirements-test.txt)"
     env = {**one_device_env(), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     command = [
-        sys.executable, "-m", "slimqwen_jax.lm_eval_model", "--model", "slimqwen_jax",
-        "--model_args", f"path={checkpoint[1]},max_length=64", "--batch_size", "2", "--include_path", str(tmp_path),
-        "--tasks", ",".join(TASKS), "--output_path", str(tmp_path / "out"),
+        str(lm_eval), "--model", "slimqwen_jax", "--model_args", f"path={checkpoint[1]},max_length=64",
+        "--batch_size", "2", "--include_path", str(tmp_path), "--tasks", ",".join(TASKS),
+        "--output_path", str(tmp_path / "out"),
     ]  # fmt: skip
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     (results_file,) = (tmp_path / "out").rglob("results_*.json")
     results = json.loads(results_file.read_text())["results"]
     assert 0 <= results["local_choice"]["acc,none"] <= 1
     assert 0 <= results["local_generate"]["exact_match,none"] <= 1
     assert results["local_rolling"]["word_perplexity,none"] > 1
-    bad = [*command[:6], f"path={checkpoint[1]},no_such_arg=1", *command[7:]]
-    result = subprocess.run(bad, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    bad_args = [*command[1:4], f"path={checkpoint[1]},no_such_arg=1", *command[5:]]
+    result = subprocess.run(
+        [str(lm_eval), *bad_args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode != 0 and "error: slimqwen_jax: unknown model_args ['no_such_arg']" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    module_command = [sys.executable, "-m", "slimqwen_jax.lm_eval_model", *bad_args]
+    result = subprocess.run(module_command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 2 and "unknown model_args ['no_such_arg']" in result.stderr
     assert os.path.exists(results_file)
