@@ -16,7 +16,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from slimqwen_jax import losses
+from slimqwen_jax import losses, stacking
 from slimqwen_jax.config import ConfigError, Qwen3NextConfig
 from slimqwen_jax.moe import stack_routing_metrics
 
@@ -75,10 +75,11 @@ def with_rewarmups(schedule: optax.Schedule, rewarmups: Sequence[tuple[int, int]
 def make_optimizer(
     opt: ml_collections.ConfigDict, total_steps: int, rewarmups: Sequence[tuple[int, int]] = ()
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with global-norm clipping; weight decay skips vectors (norms, gates' biases, decays).
-    The schedule runs on the global step; `rewarmups`: see `with_rewarmups`."""
+    """AdamW with global-norm clipping; weight decay skips vectors (norms, gates' biases, decays),
+    per layer in a stacked layout too (`stacking`). The schedule runs on the global step;
+    `rewarmups`: see `with_rewarmups`."""
     schedule = with_rewarmups(learning_rate_schedule(opt, total_steps), rewarmups)
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    decay_mask = lambda params: jax.tree.map(lambda ndim: ndim >= 2, stacking.per_layer_ndims(params))  # noqa: E731
     tx = optax.chain(
         optax.clip_by_global_norm(opt.clip_norm),
         optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay, mask=decay_mask),
@@ -103,15 +104,16 @@ def make_loss_fn(
 ) -> LossFn:
     """(params, teacher params, tokens [B, L+1], loss weights) -> (loss, metrics): both models run up
     to their LM heads, the objective applies the heads chunk by chunk. The student's per-MoE-layer
-    routing metrics (`moe.stack_routing_metrics`) join the objective's metrics."""
+    routing metrics (`moe.stack_routing_metrics`) join the objective's metrics. Either model's
+    parameters may be in the stacked layout of `stacking`."""
 
     def loss_fn(params, teacher_params, tokens, weights):
         inputs = tokens[:, :-1]
-        model = nnx.merge(graphdef, params)
+        model = nnx.merge(graphdef, stacking.unstack(params))
         out, intermediates = nnx.capture(model, nnx.Intermediate)(inputs, with_mtp=with_mtp, with_logits=False)
         teacher = None
         if teacher_graphdef is not None:
-            teacher_model = nnx.merge(teacher_graphdef, teacher_params)
+            teacher_model = nnx.merge(teacher_graphdef, stacking.unstack(teacher_params))
             teacher_out = teacher_model(inputs, with_mtp=teacher_mtp, with_logits=False)
             teacher = jax.lax.stop_gradient(losses.head_inputs(teacher_model, teacher_out))
         loss, metrics = objective(losses.head_inputs(model, out), teacher, tokens, weights)

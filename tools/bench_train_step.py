@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from slimqwen_jax import losses, model, steps
+from slimqwen_jax import losses, model, stacking, steps
 from slimqwen_jax.config import FULL_ATTENTION, Qwen3NextConfig, tiny
 from slimqwen_jax.testing import hand_count_parameters
 
@@ -110,8 +110,10 @@ def trainer_step(cfg: Qwen3NextConfig, graphdef: nnx.GraphDef, total_steps: int)
 
 
 def our_step(cfg: Qwen3NextConfig, tokens: np.ndarray, total_steps: int):
-    """The trainer's jitted step and its initial arguments: (step, params, opt_state, tokens)."""
+    """The trainer's jitted step and its initial arguments: (step, params, opt_state, tokens), the
+    parameters in the trainer's layout (scanned layers stacked)."""
     graphdef, params = nnx.split(model.Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    params = stacking.layout_for(params, cfg.scan_layers).stack(params)
     train_step, tx = trainer_step(cfg, graphdef, total_steps)
     return jax.jit(train_step, donate_argnums=(0, 1)), params, tx.init(params), jnp.asarray(tokens)
 
@@ -163,7 +165,7 @@ def compile_seconds(cfg: Qwen3NextConfig, batch: int = 2, seq_len: int = 32) -> 
     graphdef, params = model.abstract_model(cfg)
     train_step, tx = trainer_step(cfg, graphdef, total_steps=10)
     step = jax.jit(train_step)
-    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    shapes = jax.eval_shape(stacking.layout_for(params, cfg.scan_layers).stack, params)
     tokens = jax.ShapeDtypeStruct((batch, seq_len + 1), jnp.int32)
     start = time.perf_counter()
     traced = step.trace(shapes, jax.eval_shape(tx.init, shapes), None, tokens, 0)
