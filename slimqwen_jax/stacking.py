@@ -100,14 +100,9 @@ class Layout:
         blocks = []
         for r in range(self.period):
             members = by_layer[r :: self.period]  # layers r, r + period, ...: the same structure
-            blocks.append(
-                nnx.from_flat_state(
-                    [
-                        (sub, v.replace(combine([m[k][1].get_value() for m in members])))
-                        for k, (sub, v) in enumerate(members[0])
-                    ]  # fmt: skip
-                )
-            )
+            stacked = [(sub, v.replace(combine([m[k][1].get_value() for m in members])))
+                       for k, (sub, v) in enumerate(members[0])]  # fmt: skip
+            blocks.append(nnx.from_flat_state(stacked))
         return StackedState(nnx.from_flat_state(rest), tuple(blocks), self.period, self.num_blocks)
 
 
