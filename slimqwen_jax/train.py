@@ -122,7 +122,7 @@ def load_teacher(config: ml_collections.ConfigDict, teacher_cfg: Qwen3NextConfig
     params = jax.device_put(params, shardings)
     layout = stacking.layout_for(params, teacher_cfg.scan_layers)
     if layout.num_blocks:
-        params = jax.jit(layout.stack, out_shardings=layout.stack_shardings(shardings), donate_argnums=0)(params)
+        params = jax.jit(layout.stack, out_shardings=layout.stack_shardings(shardings))(params)
     num_params = sum(x.size for x in jax.tree.leaves(params))
     log.info("teacher %s: %s parameters in %s", config.teacher, f"{num_params:,}", teacher_cfg.param_dtype)
     return Teacher(teacher_cfg, graphdef, params)
@@ -131,7 +131,8 @@ def load_teacher(config: ml_collections.ConfigDict, teacher_cfg: Qwen3NextConfig
 # ---------------------------------------------------------------------------- train state
 @dataclasses.dataclass
 class TrainState:
-    """What a run resumes from: the global step, parameters, optimizer state, data iterator state."""
+    """What a run resumes from: the global step, parameters, optimizer state, data iterator state.
+    During a stage's loop, parameters and optimizer state are in the train step's layout (`stacking`)."""
 
     step: int
     params: nnx.State
@@ -411,10 +412,10 @@ def train_stage(run: Run, stage: stages_lib.Stage, cfg: Qwen3NextConfig, graphde
     # stacked, `stacking`); checkpoints get the per-layer tree.
     layout = stacking.layout_for(state.params, cfg.scan_layers)
     param_shardings, opt_shardings = layout.stack_shardings((param_shardings, opt_shardings))
-    params, opt_state = state.params, state.opt_state
     to_checkpoint_layout = lambda tree: tree  # noqa: E731
-    if layout.num_blocks:
-        params, opt_state = jax.jit(layout.stack, out_shardings=(param_shardings, opt_shardings))((params, opt_state))
+    if layout.num_blocks:  # the per-layer arrays are dropped (no donation: no output could reuse them)
+        to_train_layout = jax.jit(layout.stack, out_shardings=(param_shardings, opt_shardings))
+        state.params, state.opt_state = to_train_layout((state.params, state.opt_state))
         to_checkpoint_layout = jax.jit(stacking.unstack, out_shardings=shardings)
     micro_sharding = jax.sharding.NamedSharding(
         run.mesh, jax.sharding.PartitionSpec(None, sharding.LOGICAL_RULES["batch"])
@@ -444,12 +445,12 @@ def train_stage(run: Run, stage: stages_lib.Stage, cfg: Qwen3NextConfig, graphde
     def evaluate(step: int) -> dict[str, float]:
         """The objective's terms on the held-out batches, and the teacher-forced MTP acceptance."""
         batches = [run.heldout_to_global(b) for b in run.heldout]
-        results = [eval_step(params, teacher_params, b, step - 1) for b in batches]
+        results = [eval_step(state.params, teacher_params, b, step - 1) for b in batches]
         metrics = {k: float(np.mean([r[k] for r in results])) for k in HELDOUT_METRICS if k in results[0]}
         if num_drafts:
             totals = None
             for batch in batches:
-                totals = evaluation.add_statistics(totals, acceptance_step(params, batch))
+                totals = evaluation.add_statistics(totals, acceptance_step(state.params, batch))
             rates = evaluation.summarize(totals)
             metrics.update({f"mtp_acc_{j}": rates[f"teacher_forced_acc_{j}"] for j in range(1, num_drafts + 1)})
         return metrics
@@ -473,7 +474,9 @@ def train_stage(run: Run, stage: stages_lib.Stage, cfg: Qwen3NextConfig, graphde
                              jax.process_index(), jax.process_count(), list(local_batch.shape),
                              " ".join(data.row_digests(local_batch)))  # fmt: skip
                 batch = run.to_global(local_batch)
-                params, opt_state, metrics = train_step(params, opt_state, teacher_params, batch, step - 1)
+                state.params, state.opt_state, metrics = train_step(
+                    state.params, state.opt_state, teacher_params, batch, step - 1
+                )
                 state.step = step
                 # The loss is that of the parameters before the step, param_norm that of the updated
                 # ones: a step whose update overflowed never becomes a checkpoint either.
@@ -487,7 +490,7 @@ def train_stage(run: Run, stage: stages_lib.Stage, cfg: Qwen3NextConfig, graphde
                 if step % tc.checkpoint_every == 0 or step == stage.end_step:
                     # Only parameters whose own loss is finite become a checkpoint: an update can
                     # explode them while staying finite (the next step's loss would be the first sign).
-                    probe = float(eval_step(params, teacher_params, batch, step - 1)["loss"])
+                    probe = float(eval_step(state.params, teacher_params, batch, step - 1)["loss"])
                     if not np.isfinite(probe):
                         stop(f"a non-finite loss ({probe}) of the parameters updated at step {step}; stopped "
                              "without saving", "lower the learning rate or tighten clip_norm, then rerun")  # fmt: skip
@@ -495,7 +498,7 @@ def train_stage(run: Run, stage: stages_lib.Stage, cfg: Qwen3NextConfig, graphde
                     train_state = {"step": step, "seed": config.seed, "data": state.data_state,
                                    "config": config.to_json()}  # fmt: skip
                     train_state = json.loads(json.dumps(train_state, default=_json_default))
-                    checkpoints.save(step, *to_checkpoint_layout((params, opt_state)), cfg, train_state)
+                    checkpoints.save(step, *to_checkpoint_layout((state.params, state.opt_state)), cfg, train_state)
             checkpoints.wait_until_finished()  # a failed write of the last save shows here
         except KeyboardInterrupt:
             stop(f"interrupted (Ctrl-C) after step {state.step}", "rerun the same command to resume", Interrupted)

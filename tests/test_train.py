@@ -2,7 +2,6 @@
 
 import json
 import re
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -58,12 +57,16 @@ def test_pulse_run_writes_checkpoint_and_tensorboard_events(tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_and_rerun_resumes_bitwise_exactly(tmp_path):
+    # Eight scanned layers (two blocks of 3 linear + 1 full attention): the stage holds them stacked
+    # (slimqwen_jax/stacking.py) and its checkpoints per layer, so the rerun restores per layer and
+    # stacks again. Unrolled runs resume through the same save and restore: test_stages.py's kill test.
+    scanned = ("--config.model.num_hidden_layers=8", "--config.model.scan_layers=True")
     steps, every = 24, 6
-    code, output = run_train(tmp_path / "straight", steps=steps, checkpoint_every=every)
+    code, output = run_train(tmp_path / "straight", *scanned, steps=steps, checkpoint_every=every)
     assert code == 0, output
 
     killed = tmp_path / "killed"
-    process = run_train(killed, steps=steps, checkpoint_every=every, wait=False)
+    process = run_train(killed, *scanned, steps=steps, checkpoint_every=every, wait=False)
     deadline = time.time() + 300
     while not (killed / "checkpoints" / str(every)).exists() and time.time() < deadline and process.poll() is None:
         time.sleep(0.02)
@@ -72,24 +75,9 @@ def test_sigkill_and_rerun_resumes_bitwise_exactly(tmp_path):
     assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (killed / "checkpoints" / str(steps)).exists()
 
-    code, output = run_train(killed, steps=steps, checkpoint_every=every)
+    code, output = run_train(killed, *scanned, steps=steps, checkpoint_every=every)
     assert code == 0 and "resumed" in output, output
     for a, b in zip(checkpoint_params(tmp_path / "straight", steps), checkpoint_params(killed, steps), strict=True):
-        np.testing.assert_array_equal(a, b)
-
-
-@pytest.mark.slow
-def test_scanned_layers_are_trained_stacked_and_resume_exactly(tmp_path):
-    # Eight layers: two scanned blocks of 3 linear + 1 full attention, held stacked in the stage and
-    # saved per layer. (That a stacked step equals a per-layer one: tests/test_stacking.py.)
-    scanned = ["--config.model.num_hidden_layers=8", "--config.model.scan_layers=True"]
-    code, output = run_train(tmp_path, *scanned, steps=4, checkpoint_every=2)
-    assert code == 0, output
-    final = checkpoint_params(tmp_path, 4)  # loads as the per-layer model: saved per layer
-    shutil.rmtree(tmp_path / "checkpoints" / "4")  # resume from step 2: read per layer, stacked again
-    code, output = run_train(tmp_path, *scanned, steps=4, checkpoint_every=2)
-    assert code == 0 and "resumed" in output, output
-    for a, b in zip(checkpoint_params(tmp_path, 4), final, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
