@@ -12,12 +12,15 @@ exactly, data order included.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -50,6 +53,34 @@ class TrainError(RuntimeError):
 
 class Interrupted(TrainError):
     """A Ctrl-C during a stage; the message names the checkpoint a rerun resumes from."""
+
+
+class InterruptRequests:
+    """Ctrl-C (SIGINT) while a run is installed: the first one is recorded, and the stage stops at
+    its next step boundary once the checkpoint being written (if any) is complete; a second one
+    raises KeyboardInterrupt at once. A KeyboardInterrupt raised wherever Python happens to be can
+    land in a garbage-collection callback or a finalizer, where it is printed and lost."""
+
+    def __init__(self):
+        self.requested = False
+
+    @contextlib.contextmanager
+    def installed(self):
+        """SIGINT handled by this object within the block (in the main thread; elsewhere as before)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, self._handle)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("Ctrl-C: stopping after this step and the checkpoint being written; press again to stop at once")
 
 
 # ---------------------------------------------------------------------------- configuration
@@ -306,6 +337,7 @@ class Run:
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     total_steps: int
+    interrupts: InterruptRequests = dataclasses.field(default_factory=InterruptRequests)
 
     @property
     def token_sharding(self):
@@ -499,6 +531,9 @@ def train_stage(run: Run, stage: stages_lib.Stage, cfg: Qwen3NextConfig, graphde
                                    "config": config.to_json()}  # fmt: skip
                     train_state = json.loads(json.dumps(train_state, default=_json_default))
                     checkpoints.save(step, *to_checkpoint_layout((state.params, state.opt_state)), cfg, train_state)
+                if run.interrupts.requested:
+                    checkpoints.wait_until_finished()  # the checkpoint in flight becomes the one to resume from
+                    stop(f"interrupted (Ctrl-C) after step {step}", "rerun the same command to resume", Interrupted)
             checkpoints.wait_until_finished()  # a failed write of the last save shows here
         except KeyboardInterrupt:
             stop(f"interrupted (Ctrl-C) after step {state.step}", "rerun the same command to resume", Interrupted)
@@ -567,21 +602,22 @@ def run(config: ml_collections.ConfigDict) -> dict:
         return {"stages": dry_run(config)}
     run, stages = prepare_run(config)
     summaries, previous = [], None
-    for stage in stages:
-        latest = TrainingCheckpoints(stage.directory).latest_step()
-        if latest is not None and latest > stage.end_step:
-            raise TrainError(
-                f"{stage.directory} already holds step {latest}, past this run's last step {stage.end_step} for "
-                f"{stage.name}; raise train.steps (or the stage's steps) to continue, or use another workdir"
-            )
-        start = stage_start(run, stage, previous)  # restores even a finished stage: damage shows here
-        if start[2].step == stage.end_step:
-            log.info("%s: resumed at its last step %d; nothing left to do", stage.name, stage.end_step)
-            summary_file = stage.directory / "summary.json"
-            summaries.append(json.loads(summary_file.read_text()) if summary_file.exists() else {})
-        else:
-            summaries.append(train_stage(run, stage, *start))
-        previous = stage
+    with run.interrupts.installed():
+        for stage in stages:
+            latest = TrainingCheckpoints(stage.directory).latest_step()
+            if latest is not None and latest > stage.end_step:
+                raise TrainError(
+                    f"{stage.directory} already holds step {latest}, past this run's last step {stage.end_step} "
+                    f"for {stage.name}; raise train.steps (or the stage's steps) to continue, or use another workdir"
+                )
+            start = stage_start(run, stage, previous)  # restores even a finished stage: damage shows here
+            if start[2].step == stage.end_step:
+                log.info("%s: resumed at its last step %d; nothing left to do", stage.name, stage.end_step)
+                summary_file = stage.directory / "summary.json"
+                summaries.append(json.loads(summary_file.read_text()) if summary_file.exists() else {})
+            else:
+                summaries.append(train_stage(run, stage, *start))
+            previous = stage
     if len(stages) > 1 and jax.process_index() == 0:
         write_run_report(Path(run.config.workdir).absolute(), stages, summaries)
     return summaries[-1]
