@@ -81,6 +81,14 @@ def repeat_period(signatures: Sequence) -> int:
     return next((p for p in range(1, n) if all(signatures[i] == signatures[i + p] for i in range(n - p))), n)
 
 
+def block_plan(signatures: Sequence) -> tuple[int, int]:
+    """(period, whole blocks) of layers with these signatures, when there are at least two blocks
+    to scan; (0, 0) otherwise."""
+    period = repeat_period(signatures)
+    num_blocks = len(signatures) // period if period else 0
+    return (period, num_blocks) if num_blocks >= 2 else (0, 0)
+
+
 def decoder_stack(
     layers: Sequence[DecoderLayer], x: jax.Array, positions: jax.Array, *, scan: bool
 ) -> tuple[jax.Array, list[jax.Array]]:
@@ -98,9 +106,9 @@ def decoder_stack(
     ([blocks, ...] arrays) and the scan body merges one slice back into a layer. Gradients flow
     through the stack back to each layer. Cost: one transient copy of the scanned layers' parameters
     per forward (kept as a residual until the backward, which also builds their stacked gradients
-    before slicing them per layer); keeping the parameters stacked permanently would avoid it but
-    change the parameter tree that everything else reads. `scan=False` (config `scan_layers`) runs
-    every layer unrolled, without the copy.
+    before slicing them per layer). The trainer avoids that copy: it holds the parameters stacked
+    (`stacking`) and unstacks them for the merge, and XLA folds the unstack and this stack away.
+    `scan=False` (config `scan_layers`) runs every layer unrolled.
 
     Sown intermediates (`nnx.capture` of `nnx.Intermediate` routing metrics or `Calibration` taps)
     are captured inside the body and sown again, block by block, into the layers they belong to, so
@@ -108,10 +116,9 @@ def decoder_stack(
     """
     if scan and layers:
         splits = [nnx.split(layer, nnx.Param, ...) for layer in layers]
-        period = repeat_period([(graphdef, _shapes(params)) for graphdef, params, _ in splits])
-        num_blocks = len(layers) // period
+        period, num_blocks = block_plan([(graphdef, _shapes(params)) for graphdef, params, _ in splits])
         only_params = not any(jax.tree.leaves(rest) for *_, rest in splits)
-        if num_blocks >= 2 and only_params:
+        if num_blocks and only_params:
             scanned = num_blocks * period
             x, block_logits = _scan_blocks(layers[:scanned], splits[:scanned], period, x, positions)
             x, tail_logits = _run_unrolled(layers[scanned:], x, positions)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from slimqwen_jax.model import repeat_period
+from slimqwen_jax.model import block_plan
 
 LAYERS = ("model", "layers")  # the path of the decoder layers in the model's state
 
@@ -90,6 +90,13 @@ class Layout:
         block axis on each stacked leaf."""
         return _map_states(lambda state: self._stack(state, _stack_shardings), tree, nnx.State)
 
+    def stack_placed(self, tree, shardings):
+        """`stack(tree)` placed by `stack_shardings(shardings)`, in one jitted call; `tree` itself
+        when nothing is stacked."""
+        if not self.num_blocks:
+            return tree
+        return jax.jit(self.stack, out_shardings=self.stack_shardings(shardings))(tree)
+
     def _stack(self, state: nnx.State, combine: Callable[[Sequence], object]):
         if not self.num_blocks:
             return state
@@ -130,9 +137,7 @@ def layout_for(params: nnx.State, scan_layers: bool) -> Layout:
         (jax.tree.structure(layers[i]), tuple((x.shape, x.dtype) for x in jax.tree.leaves(layers[i])))
         for i in sorted(layers.keys())
     ]
-    period = repeat_period(signatures)
-    num_blocks = len(signatures) // period if period else 0
-    return Layout(period, num_blocks) if num_blocks >= 2 else Layout()
+    return Layout(*block_plan(signatures))
 
 
 def per_layer_ndims(tree):

@@ -151,9 +151,7 @@ def load_teacher(config: ml_collections.ConfigDict, teacher_cfg: Qwen3NextConfig
     graphdef, params = nnx.split(model, nnx.Param)
     shardings = sharding.state_shardings(params, mesh)
     params = jax.device_put(params, shardings)
-    layout = stacking.layout_for(params, teacher_cfg.scan_layers)
-    if layout.num_blocks:
-        params = jax.jit(layout.stack, out_shardings=layout.stack_shardings(shardings))(params)
+    params = stacking.layout_for(params, teacher_cfg.scan_layers).stack_placed(params, shardings)
     num_params = sum(x.size for x in jax.tree.leaves(params))
     log.info("teacher %s: %s parameters in %s", config.teacher, f"{num_params:,}", teacher_cfg.param_dtype)
     return Teacher(teacher_cfg, graphdef, params)
@@ -422,7 +420,6 @@ def pruning_report(before: Qwen3NextConfig, after: Qwen3NextConfig, params_befor
 def train_stage(run: Run, stage: stages_lib.Stage, cfg: Qwen3NextConfig, graphdef, state: TrainState, shardings):
     """Train the student from `state` to the end of `stage`, checkpointing into its directory."""
     config, tc, teacher = run.config, run.config.train, run.teacher
-    param_shardings, opt_shardings = shardings
     if state.data_state is not None:
         run.train_batches.set_state(state.data_state)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -441,14 +438,11 @@ def train_stage(run: Run, stage: stages_lib.Stage, cfg: Qwen3NextConfig, graphde
     teacher_params = teacher.params if teacher else None
     teacher_shardings = jax.tree.map(lambda x: x.sharding, teacher_params)
     # The stage holds its parameters and Adam moments in the train step's layout (scanned layers
-    # stacked, `stacking`); checkpoints get the per-layer tree.
+    # stacked, `stacking`; the per-layer arrays are dropped); checkpoints get the per-layer tree.
     layout = stacking.layout_for(state.params, cfg.scan_layers)
-    param_shardings, opt_shardings = layout.stack_shardings((param_shardings, opt_shardings))
-    to_checkpoint_layout = lambda tree: tree  # noqa: E731
-    if layout.num_blocks:  # the per-layer arrays are dropped (no donation: no output could reuse them)
-        to_train_layout = jax.jit(layout.stack, out_shardings=(param_shardings, opt_shardings))
-        state.params, state.opt_state = to_train_layout((state.params, state.opt_state))
-        to_checkpoint_layout = jax.jit(stacking.unstack, out_shardings=shardings)
+    state.params, state.opt_state = layout.stack_placed((state.params, state.opt_state), shardings)
+    param_shardings, opt_shardings = layout.stack_shardings(shardings)
+    to_checkpoint_layout = jax.jit(stacking.unstack, out_shardings=shardings) if layout.num_blocks else lambda t: t
     micro_sharding = jax.sharding.NamedSharding(
         run.mesh, jax.sharding.PartitionSpec(None, sharding.LOGICAL_RULES["batch"])
     )
