@@ -87,8 +87,9 @@ class Qwen3NextConfig:
     # the unrolled time); a shallow one runs slower (8 layers on the CPU: 1.32 vs 1.11 s a step,
     # docs/performance.md), hence off by default.
     scan_layers: bool = False
-    # Full attention: "reference" builds all [T, T] scores (HF parity); "chunked" attends
-    # `attention_chunk_size` queries at a time (`layers.chunked_causal_attention`).
+    # Full attention: "reference" builds all [T, T] scores (HF parity); "chunked" attends a block of
+    # at most `attention_chunk_size` queries at a time, skipping the keys above the causal diagonal
+    # (`layers.chunked_causal_attention`; its blocks are unrolled: T / block of them).
     attention_impl: str = "chunked"
     attention_chunk_size: int = 512
 

@@ -10,6 +10,8 @@ every parameter carries `logical_axes` metadata (`embed` is the hidden dimension
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -148,36 +150,104 @@ def causal_attention(
     return out.reshape(b, t, h, a)
 
 
-def chunked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, chunk_size: int) -> jax.Array:
-    """`causal_attention(q, k, v, scale)` (queries and keys aligned at the start) computed
-    `chunk_size` queries at a time: q [B,T,H,A], k/v [B,T,G,A] -> [B,T,H,A].
+def attention_block_size(t: int, chunk_size: int) -> int:
+    """Queries per block of `chunked_causal_attention` over T tokens: ceil(T / 8), so that the skipped
+    blocks above the diagonal save 7/16 of the [T, T] scores, but at least 128 (smaller blocks
+    gain little and shrink the matmuls: docs/performance.md) and at most `chunk_size` (the memory
+    bound: [B, H, C, T] float32 scores per block)."""
+    return min(chunk_size, max(128, -(-t // 8)))
 
-    Each block of queries attends to all T keys with the exact softmax of `causal_attention`, so
-    the scores live as [B, H, chunk_size, T] float32 per block instead of [B, H, T, T]; blocks run
-    in a `lax.map` under `jax.checkpoint`, so the backward rebuilds each block's scores rather than
-    keeping them all. T at most chunk_size is one block: `causal_attention` itself.
+
+def _query_blocks(t: int, block: int) -> list[tuple[int, int]]:
+    """[start, end) of each block of `block` queries over T tokens (the last one may be shorter)."""
+    return [(start, min(start + block, t)) for start in range(0, t, block)]
+
+
+def _block_scores(q_block, k, scale, start):
+    """Masked float32 scores of queries [start, start + C) against keys [0, start + C), the keys
+    they may see at most: q_block [B, G, R, C, A], k [B, G, start + C, A] -> [B, G, R, C, start + C]."""
+    c, s = q_block.shape[3], k.shape[2]
+    scores = jnp.einsum("bgrca,bgsa->bgrcs", q_block, k, preferred_element_type=jnp.float32) * scale
+    causal = (start + jnp.arange(c))[:, None] >= jnp.arange(s)[None, :]  # [C, S]
+    return jnp.where(causal, scores, -jnp.inf)
+
+
+def _blockwise_forward(q, k, v, scale, block):
+    """q [B, G, R, T, A], k/v [B, G, T, A] -> (out [B, G, R, T, A], logsumexp [B, G, R, T] float32)."""
+    outs, lses = [], []
+    for start, end in _query_blocks(q.shape[3], block):
+        scores = _block_scores(q[:, :, :, start:end], k[:, :, :end], scale, start)  # [B, G, R, C, end]
+        peak = jnp.max(scores, axis=-1, keepdims=True)  # finite: every query sees key 0
+        probs = jnp.exp(scores - peak)  # unnormalised
+        total = jnp.sum(probs, axis=-1, keepdims=True)
+        out = jnp.einsum("bgrcs,bgsa->bgrca", probs.astype(v.dtype), v[:, :, :end], preferred_element_type=jnp.float32)
+        outs.append((out / total).astype(q.dtype))  # normalise the [C, A] output, not the [C, S] probabilities
+        lses.append((peak + jnp.log(total))[..., 0])
+    return jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _blockwise_causal_attention(q, k, v, scale, block):
+    return _blockwise_forward(q, k, v, scale, block)[0]
+
+
+def _blockwise_fwd(q, k, v, scale, block):
+    out, lse = _blockwise_forward(q, k, v, scale, block)
+    return out, (q, k, v, out, lse)
+
+
+def _blockwise_bwd(scale, block, residuals, d_out):
+    """Flash-attention backward per query block, the probabilities rebuilt from the logsumexp:
+    dS = P (dP - rowsum(dO O)), dq = scale dS k, dk = scale dS^T q, dv = P^T dO."""
+    q, k, v, out, lse = residuals
+    t = q.shape[3]
+    dq_blocks = []
+    dk = jnp.zeros(k.shape, jnp.float32)
+    dv = jnp.zeros(v.shape, jnp.float32)
+    for start, end in _query_blocks(t, block):
+        q_block, d_block = q[:, :, :, start:end], d_out[:, :, :, start:end]  # [B, G, R, C, A]
+        k_seen, v_seen = k[:, :, :end], v[:, :, :end]  # [B, G, end, A]
+        probs = jnp.exp(_block_scores(q_block, k_seen, scale, start) - lse[:, :, :, start:end, None])
+        d_probs = jnp.einsum("bgrca,bgsa->bgrcs", d_block, v_seen, preferred_element_type=jnp.float32)
+        delta = jnp.sum(d_block.astype(jnp.float32) * out[:, :, :, start:end].astype(jnp.float32), axis=-1)
+        d_scores = (probs * (d_probs - delta[..., None]) * scale).astype(q.dtype)  # [B, G, R, C, end]
+        dq_blocks.append(jnp.einsum("bgrcs,bgsa->bgrca", d_scores, k_seen, preferred_element_type=jnp.float32))
+        unseen = ((0, 0), (0, 0), (0, t - end), (0, 0))
+        dk += jnp.pad(jnp.einsum("bgrcs,bgrca->bgsa", d_scores, q_block, preferred_element_type=jnp.float32), unseen)
+        dv += jnp.pad(
+            jnp.einsum("bgrcs,bgrca->bgsa", probs.astype(d_block.dtype), d_block, preferred_element_type=jnp.float32),
+            unseen,
+        )
+    dq = jnp.concatenate(dq_blocks, axis=3)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+_blockwise_causal_attention.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+def chunked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, chunk_size: int) -> jax.Array:
+    """`causal_attention(q, k, v, scale)` (queries and keys aligned at the start) computed a block of
+    queries at a time, flash-attention style: q [B,T,H,A], k/v [B,T,G,A] -> [B,T,H,A].
+
+    A block of queries scores only the keys up to its last query (the blocks above the causal
+    diagonal are skipped), normalises its [C, A] output by the softmax's row sums instead of its
+    [C, S] probabilities, and keeps its logsumexp [B, H, T] for the backward, a `jax.custom_vjp`
+    that rebuilds each block's probabilities from it. So the float32 scores exist one block at a
+    time, [B, H, C, <= T], in the forward and the backward alike, and the backward reads them in
+    three passes (probabilities, their gradient, the three products) instead of autodiff's softmax
+    transpose. Blocks of `attention_block_size(T, chunk_size)` queries, unrolled (static shapes).
 
     Why not `jax.nn.dot_product_attention`: its default (XLA) implementation builds the full
     [B, H, T, S] logits in float32 on every platform; only `implementation="cudnn"` (NVIDIA GPUs,
     16-bit inputs) is a fused flash kernel.
     """
     b, t, h, a = q.shape
-    if t <= chunk_size:
-        return causal_attention(q, k, v, scale)
-    num_chunks = -(-t // chunk_size)
-    padded = jnp.pad(q, ((0, 0), (0, num_chunks * chunk_size - t), (0, 0), (0, 0)))  # [B, T', H, A]
-    q_chunks = padded.reshape(b, num_chunks, chunk_size, h, a).swapaxes(0, 1)  # [n, B, C, H, A]
-    key_index = jnp.arange(t)  # [T]
-
-    @jax.checkpoint
-    def attend(q_chunk, start, k, v):
-        query_index = start + jnp.arange(chunk_size)  # [C]; padding rows past T see every key
-        mask = query_index[:, None] >= key_index[None, :]  # [C, T]
-        return causal_attention(q_chunk, k, v, scale, mask[None])  # [B, C, H, A]
-
-    starts = jnp.arange(num_chunks) * chunk_size  # [n]
-    out = jax.lax.map(lambda xs: attend(*xs, k, v), (q_chunks, starts))  # [n, B, C, H, A]
-    return out.swapaxes(0, 1).reshape(b, num_chunks * chunk_size, h, a)[:, :t]
+    g = k.shape[2]
+    heads_first = q.reshape(b, t, g, h // g, a).transpose(0, 2, 3, 1, 4)  # [B, G, H/G, T, A]
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, G, T, A]
+    block = attention_block_size(t, chunk_size)
+    out = _blockwise_causal_attention(heads_first, k, v, float(scale), block)  # [B, G, H/G, T, A]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, a)
 
 
 class Attention(nnx.Module):

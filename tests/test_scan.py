@@ -4,6 +4,7 @@ a scanned stack, and chunked full attention against the reference attention."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 from flax import nnx
 from hf_reference import make_hf_model
@@ -96,22 +97,34 @@ def test_scanned_stack_matches_transformers(tmp_path):
     assert_relative_error(forward(model, jnp.asarray(ids)).logits, expected, 1e-4, "scanned logits vs HF")
 
 
-def test_chunked_attention_matches_reference_with_gradients():
-    """GQA 6 heads on 2, T = 40 in chunks of 16 (the last one padded): outputs and gradients."""
+@pytest.mark.parametrize(
+    "seq_len, chunk_size, dtype, tolerance",
+    [(40, 16, "float32", 1e-5), (24, 512, "float32", 1e-5), (40, 16, "bfloat16", 2e-2)],
+    ids=["three-blocks-last-short", "one-block", "bfloat16"],
+)
+def test_chunked_attention_matches_reference_with_gradients(seq_len, chunk_size, dtype, tolerance):
+    """GQA 6 heads on 2: the blockwise flash-style attention (its own backward) against autodiff of
+    the plain softmax attention in float32, outputs and gradients."""
     rng = np.random.default_rng(0)
-    q = jnp.asarray(rng.standard_normal((2, 40, 6, 8)), jnp.float32)
-    k, v = (jnp.asarray(rng.standard_normal((2, 40, 2, 8)), jnp.float32) for _ in range(2))
+    q = jnp.asarray(rng.standard_normal((2, seq_len, 6, 8)), dtype)
+    k, v = (jnp.asarray(rng.standard_normal((2, seq_len, 2, 8)), dtype) for _ in range(2))
     weights = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
 
     def loss_and_grads(attention):
-        return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(attention(q, k, v) * weights), argnums=(0, 1, 2)))
+        loss = lambda q, k, v: jnp.sum(attention(q, k, v).astype(jnp.float32) * weights)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
-    reference = loss_and_grads(lambda q, k, v: causal_attention(q, k, v, 0.3))
-    chunked = loss_and_grads(lambda q, k, v: chunked_causal_attention(q, k, v, 0.3, chunk_size=16))
-    np.testing.assert_allclose(
-        chunked_causal_attention(q, k, v, 0.3, chunk_size=16), causal_attention(q, k, v, 0.3), rtol=1e-5, atol=1e-6
+    as_float32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    reference = loss_and_grads(lambda q, k, v: causal_attention(q, k, v, 0.3))(*as_float32)
+    chunked = loss_and_grads(lambda q, k, v: chunked_causal_attention(q, k, v, 0.3, chunk_size=chunk_size))(q, k, v)
+    assert_relative_error(
+        chunked_causal_attention(q, k, v, 0.3, chunk_size).astype(jnp.float32),
+        causal_attention(*as_float32, 0.3),
+        tolerance,
+        "attention output",
     )
-    (ours_loss, ours_grads), (ref_loss, ref_grads) = chunked(q, k, v), reference(q, k, v)
-    np.testing.assert_allclose(ours_loss, ref_loss, rtol=1e-5)
+    (ours_loss, ours_grads), (ref_loss, ref_grads) = chunked, reference
+    np.testing.assert_allclose(ours_loss, ref_loss, rtol=tolerance, atol=tolerance)
     for name, ours, expected in zip("qkv", ours_grads, ref_grads):
-        assert_relative_error(ours, expected, 1e-5, f"d{name}")
+        assert ours.dtype == q.dtype
+        assert_relative_error(ours.astype(jnp.float32), expected, tolerance, f"d{name}")
