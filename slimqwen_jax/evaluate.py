@@ -223,6 +223,7 @@ def format_table(report: dict) -> str:
 def main(argv: list[str]) -> None:
     del argv
     cli.setup_logging()
+    cli.keep_freed_host_memory()
     try:
         run(flags.FLAGS.config)
     except (

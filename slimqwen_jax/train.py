@@ -680,6 +680,7 @@ def initialize_distributed(
 def main(argv: list[str]) -> None:
     del argv
     cli.setup_logging()
+    cli.keep_freed_host_memory()
     fl = flags.FLAGS
     try:
         initialize_distributed(fl.distributed, fl.coordinator_address, fl.num_processes, fl.process_id)

@@ -10,7 +10,8 @@ In one run on the machine at hand:
    jitted step (`steps.make_train_step`, float32, parameters donated), theirs
    `Qwen3NextForCausalLM(labels=..., output_router_logits=True)` + `loss.backward()` +
    `torch.optim.AdamW` with its pure-torch fallbacks, on `--torch-threads` threads (default: every
-   core jax may use). Median seconds per step after warm-up, tokens/s, and MFU;
+   core jax may use). Both warmed up, then timed in alternating rounds (ours, theirs, ours, ...);
+   median seconds per step, tokens/s, and MFU;
 3. the trace + compile time of the train step of a 48-layer model (Qwen3-Next's depth, tiny widths),
    with the decoder layers scanned over the repeating block and unrolled.
 
@@ -36,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from slimqwen_jax import losses, model, stacking, steps
+from slimqwen_jax import cli, losses, model, stacking, steps
 from slimqwen_jax.config import FULL_ATTENTION, Qwen3NextConfig, tiny
 from slimqwen_jax.testing import hand_count_parameters
 
@@ -66,12 +67,19 @@ OPTIMIZER = dict(peak_lr=1e-3, init_lr=1e-3, warmup_steps=0, schedule="constant"
 
 def median_seconds(step, repeats: int) -> float:
     """Median wall time of `repeats` calls of `step()` (which blocks until its result is ready)."""
-    times = []
+    return interleaved_median_seconds({"step": step}, repeats)["step"]
+
+
+def interleaved_median_seconds(steps: dict, repeats: int) -> dict[str, float]:
+    """Median wall time per entry of `steps` (name -> a blocking call) over `repeats` rounds that call
+    each entry once in turn, so that a change of the shared machine's load falls on all of them."""
+    times = {name: [] for name in steps}
     for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(seconds) for name, seconds in times.items()}
 
 
 def matmul_peak(sizes=(512, 1024, 2048), repeats: int = 5) -> float:
@@ -118,8 +126,9 @@ def our_step(cfg: Qwen3NextConfig, tokens: np.ndarray, total_steps: int):
     return jax.jit(train_step, donate_argnums=(0, 1)), params, tx.init(params), jnp.asarray(tokens)
 
 
-def bench_ours(cfg: Qwen3NextConfig, tokens: np.ndarray, repeats: int) -> dict:
-    step, params, opt_state, batch = our_step(cfg, tokens, total_steps=repeats + 2)
+def prepare_ours(cfg: Qwen3NextConfig, tokens: np.ndarray, total_steps: int):
+    """(one blocking train step of ours, {"first_step_s": compile + first step}), warmed up."""
+    step, params, opt_state, batch = our_step(cfg, tokens, total_steps=total_steps)
     start = time.perf_counter()
     params, opt_state, metrics = step(params, opt_state, None, batch, 0)
     jax.block_until_ready(metrics)
@@ -131,10 +140,12 @@ def bench_ours(cfg: Qwen3NextConfig, tokens: np.ndarray, repeats: int) -> dict:
         jax.block_until_ready(metrics)
 
     one_step()  # a second warm-up: first runs of donated buffers
-    return {"seconds": median_seconds(one_step, repeats), "first_step_s": compile_and_first}
+    return one_step, {"first_step_s": compile_and_first}
 
 
-def bench_hf(cfg: Qwen3NextConfig, tokens: np.ndarray, repeats: int, threads: int) -> dict:
+def prepare_hf(cfg: Qwen3NextConfig, tokens: np.ndarray, threads: int):
+    """(one train step of transformers' model with torch.optim.AdamW, {"attention": its implementation}),
+    warmed up."""
     import torch
     import transformers
 
@@ -156,7 +167,7 @@ def bench_hf(cfg: Qwen3NextConfig, tokens: np.ndarray, repeats: int, threads: in
 
     for _ in range(2):
         one_step()
-    return {"seconds": median_seconds(one_step, repeats), "attention": hf_model.config._attn_implementation}
+    return one_step, {"attention": hf_model.config._attn_implementation}
 
 
 def compile_seconds(cfg: Qwen3NextConfig, batch: int = 2, seq_len: int = 32) -> dict[str, float]:
@@ -186,10 +197,11 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip the 48-layer compile-time measurement")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
+    host_memory_kept = cli.keep_freed_host_memory()  # as the trainer's entry points do; torch shares it
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({os.cpu_count()} cores), "
-          f"torch threads {args.torch_threads}", flush=True)  # fmt: skip
+          f"torch threads {args.torch_threads}, freed host memory kept: {host_memory_kept}", flush=True)  # fmt: skip
 
-    results = {"matmul_peak_gflops": matmul_peak(), "configs": {}}
+    results = {"matmul_peak_gflops": matmul_peak(), "host_memory_kept": host_memory_kept, "configs": {}}
     print(f"float32 matmul peak: {results['matmul_peak_gflops']:.1f} GFLOP/s", flush=True)
     for name in args.configs:
         cfg, batch, seq_len = CONFIGS[name]
@@ -201,13 +213,12 @@ def main() -> None:
             "params": hand_count_parameters(cfg)[0],
             "moe_backend": cfg.moe_backend,
         }
-        for who, bench in (("ours", lambda: bench_ours(cfg, tokens, args.repeats)),
-                           ("hf", lambda: bench_hf(cfg, tokens, args.repeats, args.torch_threads))):  # fmt: skip
-            measured = bench()
-            measured["tokens_per_s"] = batch * seq_len / measured["seconds"]
-            measured["mfu"] = flops / measured["seconds"] / 1e9 / results["matmul_peak_gflops"]
-            row[who] = measured
-            print(f"{name} {who}: {json.dumps(measured)}", flush=True)
+        ours, row["ours"] = prepare_ours(cfg, tokens, total_steps=args.repeats + 2)
+        hf, row["hf"] = prepare_hf(cfg, tokens, args.torch_threads)
+        for who, seconds in interleaved_median_seconds({"ours": ours, "hf": hf}, args.repeats).items():
+            row[who].update(seconds=seconds, tokens_per_s=batch * seq_len / seconds,
+                            mfu=flops / seconds / 1e9 / results["matmul_peak_gflops"])  # fmt: skip
+            print(f"{name} {who}: {json.dumps(row[who])}", flush=True)
         row["speedup"] = row["hf"]["seconds"] / row["ours"]["seconds"]
         results["configs"][name] = row
     if not args.no_compile:

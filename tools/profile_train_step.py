@@ -29,6 +29,8 @@ import jax
 import numpy as np
 from bench_train_step import CONFIGS, our_step
 
+from slimqwen_jax import cli
+
 
 def op_names(hlo_text: str) -> dict[str, str]:
     """HLO instruction name -> its op_name metadata, the jit(...)/while/body/... prefix removed."""
@@ -74,6 +76,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="profiled steps (after two warm-up steps)")
     parser.add_argument("--top", type=int, default=30, help="rows of the table")
     args = parser.parse_args()
+    cli.keep_freed_host_memory()  # as the trainer's entry points do
     cfg, batch, seq_len = CONFIGS[args.config]
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq_len + 1), dtype=np.int32)
     step, params, opt_state, batch_tokens = our_step(cfg, tokens, total_steps=args.steps + 2)
