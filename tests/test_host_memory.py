@@ -55,3 +55,9 @@ def test_the_temporary_buffer_is_reused_between_calls():
 def test_only_a_cpu_only_jax_gets_the_setting(monkeypatch, platforms, cpu_only):
     monkeypatch.setenv("JAX_PLATFORMS", platforms)
     assert cli.jax_computes_on_cpu_only() is cpu_only
+
+
+def test_the_setting_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("SLIMQWEN_JAX_KEEP_HOST_MEMORY", "0")
+    assert cli.keep_freed_host_memory() is False
