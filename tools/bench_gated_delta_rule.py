@@ -38,13 +38,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import json
 import platform
-import statistics
-import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import interleaved_medians
 
 from pallas_kernels.gated_delta_rule import gated_delta_rule
 
@@ -140,22 +139,6 @@ def torch_thunks(fn, inputs: dict, dtype: str, repeat_qk: bool) -> tuple[Callabl
         sync()
 
     return forward_no_grad, forward_backward, forward_no_grad().float().cpu().numpy()
-
-
-def interleaved_medians(thunks: dict, repeats: int) -> dict:
-    """{key: (median wall seconds, median process CPU seconds)} of each thunk over `repeats` rounds,
-    every round calling every thunk once in turn (after one warm-up call each), so that load changes
-    on a shared machine hit all alike. CPU time (all threads of this process) counts the work done,
-    which waiting for a contended core does not inflate; spinning threads do inflate it."""
-    for thunk in thunks.values():
-        thunk()
-    times = {key: [] for key in thunks}
-    for _ in range(repeats):
-        for key, thunk in thunks.items():
-            wall, cpu = time.perf_counter(), time.process_time()
-            thunk()
-            times[key].append((time.perf_counter() - wall, time.process_time() - cpu))
-    return {key: tuple(statistics.median(column) for column in zip(*t)) for key, t in times.items()}
 
 
 def implementations(args):

@@ -10,8 +10,9 @@ In one run on the machine at hand:
    jitted step (`steps.make_train_step`, float32, parameters donated), theirs
    `Qwen3NextForCausalLM(labels=..., output_router_logits=True)` + `loss.backward()` +
    `torch.optim.AdamW` with its pure-torch fallbacks, on `--torch-threads` threads (default: every
-   core jax may use). Both warmed up, then timed in alternating rounds (ours, theirs, ours, ...);
-   median seconds per step, tokens/s, and MFU;
+   core jax may use; torch's default, spinning OpenMP threads: passive waiting halved HF's step
+   here). Both warmed up, then timed in alternating rounds (ours, theirs, ours, ...); median
+   seconds per step (wall and process CPU), tokens/s, and MFU;
 3. the trace + compile time of the train step of a 48-layer model (Qwen3-Next's depth, tiny widths),
    with the decoder layers scanned over the repeating block and unrolled.
 
@@ -29,13 +30,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import argparse
 import json
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from timing import interleaved_medians
 
 from slimqwen_jax import cli, losses, model, stacking, steps
 from slimqwen_jax.config import FULL_ATTENTION, Qwen3NextConfig, tiny
@@ -65,23 +66,6 @@ DEEP = tiny(hidden_size=32, num_hidden_layers=48, num_experts=4, moe_intermediat
 OPTIMIZER = dict(peak_lr=1e-3, init_lr=1e-3, warmup_steps=0, schedule="constant", weight_decay=0.1, clip_norm=1.0)
 
 
-def median_seconds(step, repeats: int) -> float:
-    """Median wall time of `repeats` calls of `step()` (which blocks until its result is ready)."""
-    return interleaved_median_seconds({"step": step}, repeats)["step"]
-
-
-def interleaved_median_seconds(steps: dict, repeats: int) -> dict[str, float]:
-    """Median wall time per entry of `steps` (name -> a blocking call) over `repeats` rounds that call
-    each entry once in turn, so that a change of the shared machine's load falls on all of them."""
-    times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(seconds) for name, seconds in times.items()}
-
-
 def matmul_peak(sizes=(512, 1024, 2048), repeats: int = 5) -> float:
     """Best float32 GFLOP/s of a jitted [n, n] @ [n, n] on the default device."""
     best = 0.0
@@ -89,7 +73,7 @@ def matmul_peak(sizes=(512, 1024, 2048), repeats: int = 5) -> float:
         a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
         matmul = jax.jit(lambda x, y: x @ y)
         jax.block_until_ready(matmul(a, a))
-        seconds = median_seconds(lambda: jax.block_until_ready(matmul(a, a)), repeats)
+        seconds = interleaved_medians({n: lambda: jax.block_until_ready(matmul(a, a))}, repeats)[n][0]
         best = max(best, 2 * n**3 / seconds / 1e9)
     return best
 
@@ -215,8 +199,8 @@ def main() -> None:
         }
         ours, row["ours"] = prepare_ours(cfg, tokens, total_steps=args.repeats + 2)
         hf, row["hf"] = prepare_hf(cfg, tokens, args.torch_threads)
-        for who, seconds in interleaved_median_seconds({"ours": ours, "hf": hf}, args.repeats).items():
-            row[who].update(seconds=seconds, tokens_per_s=batch * seq_len / seconds,
+        for who, (seconds, cpu_seconds) in interleaved_medians({"ours": ours, "hf": hf}, args.repeats).items():
+            row[who].update(seconds=seconds, cpu_seconds=cpu_seconds, tokens_per_s=batch * seq_len / seconds,
                             mfu=flops / seconds / 1e9 / results["matmul_peak_gflops"])  # fmt: skip
             print(f"{name} {who}: {json.dumps(row[who])}", flush=True)
         row["speedup"] = row["hf"]["seconds"] / row["ours"]["seconds"]
