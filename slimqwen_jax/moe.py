@@ -200,7 +200,7 @@ def expert_capacity(local_tokens: int, top_k: int, expert_axis_size: int, capaci
 
 
 def expert_parallel_experts(
-    x, weights, experts, gate_proj, up_proj, down_proj, *, mesh=None, capacity_factor=None, ffn=None
+    x, weights, experts, gate_proj, up_proj, down_proj, *, mesh=None, capacity_factor=None, ffn=None, exchange=None
 ):
     """Expert-parallel SwiGLU experts: (out [N, D], dropped_fraction scalar float32).
 
@@ -218,10 +218,12 @@ def expert_parallel_experts(
     axis of size 1, this is `routed_swiglu_experts` with `ffn` (nothing dropped). Token counts not
     divisible by the batch shards are padded with copies that go nowhere.
 
-    Dropless sizes every buffer for the worst case (C = n K, P times the copies that exist):
-    `jax.lax.ragged_all_to_all` would send only those, but XLA:CPU has no implementation of it
-    (jax 0.10.2: "HLO opcode `ragged-all-to-all` is not supported by XLA:CPU ThunkEmitter"), so the
-    fixed buffers stay, on every platform, until that path can be tested.
+    Dropless with fixed buffers sizes every send buffer for the worst case (C = n K: P times the
+    copies that exist, all of them exchanged). With `exchange` (`jax.lax.ragged_all_to_all` or a
+    function of its signature; `ragged_exchange_for` picks it on GPU and TPU) a dropless call sends
+    only the copies that exist instead (`_ragged_dispatch`). XLA:CPU has no ragged all-to-all (jax
+    0.10.2: "HLO opcode `ragged-all-to-all` is not supported by XLA:CPU ThunkEmitter"), so the CPU
+    keeps the fixed buffers. A capacity factor always uses the fixed buffers.
     """
     n, k = experts.shape
     d = x.shape[-1]
@@ -249,6 +251,7 @@ def expert_parallel_experts(
         experts = jnp.pad(experts, ((0, pad), (0, 0)), constant_values=num_experts)
     local_tokens = (n + pad) // shards
     capacity = expert_capacity(local_tokens, k, p, capacity_factor)  # C
+    dropless = capacity == local_tokens * k
 
     def local(x, weights, experts, gate_proj, up_proj, down_proj):
         # x [n, D], weights/experts [n, K] (this device's tokens); gate/up [L, D, F], down [L, F, D].
@@ -271,6 +274,8 @@ def expert_parallel_experts(
         dropped = jax.lax.psum(jnp.sum(valid & ~kept, dtype=jnp.int32), mesh.axis_names)
         return jnp.sum(y, axis=0), dropped
 
+    if exchange is not None and dropless:
+        local = functools.partial(_ragged_dispatch, expert_axis=expert_axis, devices=p, ffn=ffn, exchange=exchange)
     tokens = PartitionSpec(batch_axes or None)
     stacked = PartitionSpec(expert_axis)
     out, dropped = jax.shard_map(
@@ -281,6 +286,47 @@ def expert_parallel_experts(
         check_vma=False,
     )(x, weights, experts, gate_proj, up_proj, down_proj)
     return out[:n], dropped.astype(jnp.float32) / (n * k)
+
+
+def _ragged_dispatch(x, weights, experts, gate_proj, up_proj, down_proj, *, expert_axis, devices, ffn, exchange):
+    """One device's dropless expert-parallel step with a ragged all-to-all: (out [n, D], dropped 0).
+
+    x [n, D], weights/experts [n, K] (this device's tokens; expert E marks padding, sent nowhere);
+    gate/up [L, D, F], down [L, F, D] (this device's experts). The n K copies, sorted by destination
+    device, go out as one slice per device; every device lays the slices it receives one after the
+    other, in source order, in a buffer of P n K rows (the worst case: all copies of all devices to
+    it), runs `ffn` on them (unwritten rows name expert L: they give 0) and sends each slice back to
+    where it came from.
+    """
+    n, k = experts.shape
+    per_device = gate_proj.shape[0]  # L
+    copies = experts.reshape(-1)  # [n*K]: copy j of token i is row i*K + j
+    dest = copies // per_device  # [n*K] device owning the expert; P for padding copies
+    order = jnp.argsort(dest, stable=True)  # [n*K] copies by destination, padding last
+    send_sizes = jnp.zeros(devices, jnp.int32).at[dest].add(1, mode="drop")  # [P]
+    counts = jax.lax.all_gather(send_sizes, expert_axis)  # [P source, P destination]
+    me = jax.lax.axis_index(expert_axis)
+    sent_from = jnp.cumsum(counts, axis=1) - counts  # [source, destination]: slice start in the source's buffer
+    lands_at = jnp.cumsum(counts, axis=0) - counts  # [source, destination]: slice start in the destination's
+    outbound = (sent_from[me], send_sizes, lands_at[me], counts[:, me])  # offsets, sizes, offsets there, recv sizes
+    inbound = (lands_at[:, me], counts[:, me], sent_from[:, me], send_sizes)  # the same slices, sent back
+
+    def send(rows, into, slices):  # rows land in `into` (its rows not written keep their value)
+        return exchange(rows, into, *slices, axis_name=expert_axis)
+
+    buffer_rows = devices * n * k
+    recv_x = send(jnp.take(x, order // k, axis=0), jnp.zeros((buffer_rows, x.shape[-1]), x.dtype), outbound)
+    recv_e = send((copies % per_device)[order], jnp.full(buffer_rows, per_device, jnp.int32), outbound)  # L: empty
+    ys = ffn(recv_x, recv_e, gate_proj, up_proj, down_proj)  # [P n K, D]
+    back = send(ys, jnp.zeros((n * k, ys.shape[-1]), ys.dtype), inbound)  # [n K, D] by destination
+    y = jnp.take(back, jnp.argsort(order), axis=0).reshape(n, k, -1)  # [n, K, D] in copy order; padding 0
+    return jnp.einsum("nkd,nk->nd", y, weights.astype(y.dtype)), jnp.zeros((), jnp.int32)
+
+
+def ragged_exchange_for(platform: str) -> Callable | None:
+    """The dropless expert-parallel exchange of `platform`: `jax.lax.ragged_all_to_all` on GPU and
+    TPU, None (fixed buffers) on the CPU, which cannot run it."""
+    return jax.lax.ragged_all_to_all if platform in ("gpu", "tpu") else None
 
 
 PLATFORM_FFNS = {"tpu": "gmm", "gpu": "ragged"}  # every other platform (the CPU): "grouped"
@@ -372,6 +418,7 @@ class Experts(nnx.Module):
         platform = jax.default_backend()
         self.backend = resolve_backend(cfg.moe_backend, platform)  # resolved here, once
         self.ffn = expert_ffn_for(self.backend if self.backend in EXPERT_FFNS else platform_ffn(platform), platform)
+        self.exchange = ragged_exchange_for(platform)
         self.capacity_factor = cfg.moe_capacity_factor
 
     def __call__(self, x: jax.Array, weights: jax.Array, experts: jax.Array) -> jax.Array:
@@ -387,7 +434,7 @@ class Experts(nnx.Module):
         params = (cast(self.gate_proj), cast(self.up_proj), cast(self.down_proj))
         if self.backend == "expert_parallel":  # the mesh is the caller's: `jax.set_mesh(mesh)` around the call
             return expert_parallel_experts(
-                x, weights, experts, *params, capacity_factor=self.capacity_factor, ffn=self.ffn
+                x, weights, experts, *params, capacity_factor=self.capacity_factor, ffn=self.ffn, exchange=self.exchange
             )
         if self.backend == "dense":
             return swiglu_experts_dense(x, weights, experts, *params), jnp.zeros((), jnp.float32)

@@ -42,10 +42,28 @@ def inputs(routing: str, seed: int = 0):
     return x, weights, experts.astype(np.int32), gate, up, down
 
 
+def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name):
+    """`jax.lax.ragged_all_to_all`'s documented semantics (one slice per device) from `all_gather`, which
+    XLA:CPU runs: output row r of this device comes from the source s whose slice lands on it."""
+    del recv_sizes  # implied by the senders' send_sizes
+    me = jax.lax.axis_index(axis_name)
+    gather = functools.partial(jax.lax.all_gather, axis_name=axis_name)
+    operands = gather(operand)  # [P, M, ...]
+    starts, sizes, sources = gather(output_offsets)[:, me], gather(send_sizes)[:, me], gather(input_offsets)[:, me]
+    rows = jnp.arange(output.shape[0])
+    inside = (rows >= starts[:, None]) & (rows < (starts + sizes)[:, None])  # [P, R]
+    source = jnp.argmax(inside, axis=0)  # [R]
+    received = operands[source, jnp.clip(sources[source] + rows - starts[source], 0, operand.shape[0] - 1)]
+    mask = jnp.any(inside, axis=0).reshape(-1, *[1] * (output.ndim - 1))
+    return jnp.where(mask, received, output)
+
+
 @functools.cache
-def value_and_grads(backend, mesh_name=None, capacity_factor=None):
+def value_and_grads(backend, mesh_name=None, capacity_factor=None, exchange=None):
     """jit(x, weights, experts, gate, up, down -> ((loss, out, dropped), grads w.r.t. all but experts))."""
     kwargs = {} if mesh_name is None else {"mesh": make_mesh(mesh_name), "capacity_factor": capacity_factor}
+    if exchange is not None:
+        kwargs["exchange"] = exchange
 
     def loss(x, weights, gate, up, down, experts):
         if backend is moe.expert_parallel_experts:
@@ -130,6 +148,7 @@ def test_auto_backend_resolves_by_platform_when_the_model_is_built(monkeypatch):
         assert (experts.backend, experts.ffn) == (backend, ffn)
         parallel = moe.Experts(tiny(moe_backend="expert_parallel"), rngs=nnx.Rngs(0))
         assert (parallel.backend, parallel.ffn) == ("expert_parallel", ffn)
+        assert parallel.exchange is (None if platform == "cpu" else jax.lax.ragged_all_to_all)
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     assert moe.Experts(tiny(moe_backend="gmm"), rngs=nnx.Rngs(0)).ffn.keywords == {"interpret": True}
 
@@ -144,6 +163,44 @@ def test_expert_parallel_matches_dense_outputs_and_gradients(mesh_name, routing)
     assert max_relative_error(out, expected) <= TOL
     for name, g, eg in zip(("x", "weights", "gate", "up", "down"), grads, expected_grads, strict=True):
         assert max_relative_error(g, eg) <= TOL, name
+
+
+@pytest.mark.parametrize("routing", ["uniform", "skewed", "two_experts"])
+@pytest.mark.parametrize("mesh_name", sorted(MESHES))
+def test_ragged_exchange_matches_dense_outputs_and_gradients(mesh_name, routing):
+    """The accelerators' dropless path (only existing copies sent) with the ragged all-to-all emulated."""
+    args = inputs(routing)
+    (_, (expected, _)), expected_grads = value_and_grads(moe.swiglu_experts_dense)(*args)
+    f = value_and_grads(moe.expert_parallel_experts, mesh_name, exchange=emulated_ragged_all_to_all)
+    (_, (out, dropped)), grads = f(*args)
+    assert float(dropped) == 0.0
+    assert max_relative_error(out, expected) <= TOL
+    for name, g, eg in zip(("x", "weights", "gate", "up", "down"), grads, expected_grads, strict=True):
+        assert max_relative_error(g, eg) <= TOL, name
+
+
+@pytest.mark.parametrize(
+    "ffn, platform, marker", [("gmm", "tpu", "tpu_custom_call"), ("ragged", "cuda", "chlo.ragged_dot")]
+)
+def test_ragged_exchange_lowers_for_accelerators(ffn, platform, marker):
+    """Forward and backward with XLA's ragged all-to-all and the platform's grouped matmul, on the 1x8
+    mesh, lower for the accelerator from this CPU (which cannot run them): three exchanges forward
+    (copies, their experts, results), their transposes backward."""
+    mesh = make_mesh("1x8")
+
+    def loss(x, weights, experts, gate, up, down):
+        out, _ = moe.expert_parallel_experts(
+            x, weights, experts, gate, up, down, mesh=mesh, ffn=moe.EXPERT_FFNS[ffn], exchange=jax.lax.ragged_all_to_all
+        )
+        return jnp.sum(out)
+
+    shard = lambda a, spec: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=jax.NamedSharding(mesh, spec))
+    x, weights, experts, gate, up, down = inputs("uniform")
+    tokens, stacked = jax.P(sharding.LOGICAL_RULES["batch"]), jax.P("expert")
+    abstract = [shard(a, tokens) for a in (x, weights, experts)] + [shard(a, stacked) for a in (gate, up, down)]
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 3, 4, 5)))
+    text = grad.trace(*abstract).lower(lowering_platforms=(platform,)).as_text()
+    assert text.count("ragged_all_to_all") >= 5 and marker in text, text.count("ragged_all_to_all")
 
 
 def overflowing_copies(experts, shards, devices, capacity):
