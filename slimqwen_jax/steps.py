@@ -144,11 +144,15 @@ def make_train_step(loss_fn: LossFn, tx, loss_weights: WeightsFn, grad_accum_ste
             (_, metrics), grads = grad_fn(params, teacher_params, tokens_a, weights)
             return jax.tree.map(jnp.add, carry, (grads, metrics)), None
 
-        (_, zero_metrics), zero_grads = jax.tree.map(
-            jnp.zeros_like, jax.eval_shape(grad_fn, params, teacher_params, micro[0], weights)
-        )
-        (grads, metrics), _ = jax.lax.scan(accumulate, (zero_grads, zero_metrics), micro)
-        grads, metrics = jax.tree.map(lambda x: x / grad_accum_steps, (grads, metrics))
+        if grad_accum_steps == 1:  # no loop: the model is traced once, not also for the carry's shapes
+            (_, metrics), grads = grad_fn(params, teacher_params, micro[0], weights)
+        else:
+            # The carry's shapes from a forward-only trace: gradients are shaped like the parameters.
+            zero_metrics = jax.tree.map(
+                jnp.zeros_like, jax.eval_shape(loss_fn, params, teacher_params, micro[0], weights)[1]
+            )
+            (grads, metrics), _ = jax.lax.scan(accumulate, (jax.tree.map(jnp.zeros_like, params), zero_metrics), micro)
+            grads, metrics = jax.tree.map(lambda x: x / grad_accum_steps, (grads, metrics))
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         metrics["grad_norm"] = optax.global_norm(grads)
