@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 from tool_runs import DATA_CACHE_DIR, REPO, run_tool, start_tool
 
-from slimqwen_jax import data, losses, pipeline, pruning, stages, steps, train
+from slimqwen_jax import data, losses, pruning, stages, steps, train
 from slimqwen_jax.checkpoint import load_checkpoint, save_checkpoint
 from slimqwen_jax.config import ConfigError, qwen3_next_80b_a3b, slimqwen_23a2b, tiny
 from slimqwen_jax.model import Qwen3NextForCausalLM
@@ -271,30 +271,40 @@ def test_the_23a2b_dry_run_matches_the_paper_and_the_docs(capsys):
             assert line in documented, line
 
 
+def printed_table(output: str) -> str:
+    return "\n".join(line for line in output.splitlines() if line.startswith("|"))
+
+
 @pytest.mark.slow
 def test_pipeline_runs_teacher_stages_and_baseline_and_reports(tmp_path):
-    """The main job's command in miniature: teacher pretraining, the staged student, the from-scratch
-    baseline, the report; rerun, it reuses the teacher and redoes nothing."""
-    config = staged_config(tmp_path / "pipeline", Path("unused"))
-    config.workdir = str(tmp_path / "pipeline")
-    config.pipeline.teacher.model.update(STAGED_RUN_MODEL)
-    config.pipeline.teacher.data.seq_len, config.pipeline.teacher.data.cache_dir = 32, DATA_CACHE_DIR
-    # In process the mesh spans the 8 fake devices: batches of 8.
-    config.train.update(global_batch_size=8, eval_batch_size=8, eval_mtp_drafts=0)
-    config.pipeline.teacher.train.update(steps=6, global_batch_size=8, eval_batches=2, eval_batch_size=8,
-                                         eval_every=6, checkpoint_every=6, log_every=3, eval_mtp_drafts=0)  # fmt: skip
-    table = pipeline.run(config)
+    """The main job's command in miniature (`python -m slimqwen_jax.pipeline`): teacher pretraining,
+    the staged student (the uninterrupted staged run's settings, so its programs are compiled once),
+    the from-scratch baseline, the report; rerun, it reuses the teacher and redoes nothing."""
     root = tmp_path / "pipeline"
+    teacher_train = dict(steps=6, global_batch_size=4, eval_batches=2, eval_batch_size=4, eval_every=6,
+                         checkpoint_every=6, log_every=3, eval_mtp_drafts=0)  # fmt: skip
+    overrides = [
+        *staged_overrides(root, Path("unused")),  # the pipeline points the student at its own teacher
+        *(f"--config.pipeline.teacher.model.{k}={v}" for k, v in STAGED_RUN_MODEL.items()),
+        "--config.pipeline.teacher.data.seq_len=32",
+        f"--config.pipeline.teacher.data.cache_dir={DATA_CACHE_DIR}",
+        *(f"--config.pipeline.teacher.train.{k}={v}" for k, v in teacher_train.items()),
+    ]
+    code, output = run_tool("pipeline", "slimqwen_tiny.py", *overrides)
+    assert code == 0, output
     rows = json.loads((root / "report.json").read_text())
     assert [r["run"] for r in rows] == ["teacher", "pruned + KD", "from scratch"]
     assert [(r["layers"], r["hidden"], r["experts"]) for r in rows] == [(6, 32, 4), (4, 16, 2), (4, 16, 2)]
-    assert rows[1]["tokens"] == rows[2]["tokens"] == sum(STAGE_STEPS) * 8 * 32
+    assert rows[1]["tokens"] == rows[2]["tokens"] == sum(STAGE_STEPS) * 4 * 32
     assert rows[0]["top1_agreement"] == 1.0 and (root / "report.png").stat().st_size > 0
-    assert table in (root / "report.md").read_text() and "from scratch" in table
+    table = printed_table(output)
+    assert "from scratch" in table and table in (root / "report.md").read_text()
     assert (
         load_checkpoint(root / "from_scratch" / "stage_1" / "checkpoints" / str(sum(STAGE_STEPS))).config.hidden_size
         == 16
     )
     before = (root / "student" / "stage_2" / "metrics.jsonl").read_text()
-    assert pipeline.run(config) == table  # everything done: the report is rewritten, nothing retrained
+    code, output = run_tool("pipeline", "slimqwen_tiny.py", *overrides)
+    assert code == 0 and printed_table(output) == table, output  # all done: the report is rewritten, nothing retrained
+    assert "teacher: reusing" in output
     assert (root / "student" / "stage_2" / "metrics.jsonl").read_text() == before
