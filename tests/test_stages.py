@@ -272,6 +272,7 @@ def test_the_23a2b_dry_run_matches_the_paper_and_the_docs(capsys):
 
 
 def printed_table(output: str) -> str:
+    """The lines of the report table a pipeline run printed."""
     return "\n".join(line for line in output.splitlines() if line.startswith("|"))
 
 
