@@ -301,9 +301,9 @@ def _ragged_dispatch(x, weights, experts, gate_proj, up_proj, down_proj, *, expe
     n, k = experts.shape
     per_device = gate_proj.shape[0]  # L
     copies = experts.reshape(-1)  # [n*K]: copy j of token i is row i*K + j
-    dest = copies // per_device  # [n*K] device owning the expert; P for padding copies
-    order = jnp.argsort(dest, stable=True)  # [n*K] copies by destination, padding last
-    send_sizes = jnp.zeros(devices, jnp.int32).at[dest].add(1, mode="drop")  # [P]
+    # Copies sorted by destination device (expert E's padding copies go nowhere): `source` [n*K] the
+    # copy in each send row (n*K: none), `position` [n*K] the send row of each copy (n*K: none).
+    source, position, send_sizes = expert_layout(copies // per_device, devices, n * k)
     counts = jax.lax.all_gather(send_sizes, expert_axis)  # [P source, P destination]
     me = jax.lax.axis_index(expert_axis)
     sent_from = jnp.cumsum(counts, axis=1) - counts  # [source, destination]: slice start in the source's buffer
@@ -315,11 +315,13 @@ def _ragged_dispatch(x, weights, experts, gate_proj, up_proj, down_proj, *, expe
         return exchange(rows, into, *slices, axis_name=expert_axis)
 
     buffer_rows = devices * n * k
-    recv_x = send(jnp.take(x, order // k, axis=0), jnp.zeros((buffer_rows, x.shape[-1]), x.dtype), outbound)
-    recv_e = send((copies % per_device)[order], jnp.full(buffer_rows, per_device, jnp.int32), outbound)  # L: empty
+    send_x = gather_rows(x, source // k, position.reshape(n, k))  # [n K, D]
+    send_e = jnp.take(copies % per_device, source, mode="fill", fill_value=per_device)  # [n K]
+    recv_x = send(send_x, jnp.zeros((buffer_rows, x.shape[-1]), x.dtype), outbound)  # [P n K, D]
+    recv_e = send(send_e, jnp.full(buffer_rows, per_device, jnp.int32), outbound)  # L: an empty row
     ys = ffn(recv_x, recv_e, gate_proj, up_proj, down_proj)  # [P n K, D]
-    back = send(ys, jnp.zeros((n * k, ys.shape[-1]), ys.dtype), inbound)  # [n K, D] by destination
-    y = jnp.take(back, jnp.argsort(order), axis=0).reshape(n, k, -1)  # [n, K, D] in copy order; padding 0
+    back = send(ys, jnp.zeros((n * k, ys.shape[-1]), ys.dtype), inbound)  # [n K, D] in send order
+    y = gather_rows(back, position, source[:, None]).reshape(n, k, -1)  # [n, K, D] in copy order; padding 0
     return jnp.einsum("nkd,nk->nd", y, weights.astype(y.dtype)), jnp.zeros((), jnp.int32)
 
 
