@@ -66,3 +66,10 @@ def keep_freed_host_memory() -> bool:
     libc = ctypes.CDLL(None)  # the process's own C library
     settings = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1))
     return all(libc.mallopt(parameter, value) == 1 for parameter, value in settings)
+
+
+def start_tool() -> None:
+    """What every `python -m slimqwen_jax.<tool>` does first, before JAX's first computation: logging
+    set-up, then `keep_freed_host_memory`."""
+    setup_logging()
+    keep_freed_host_memory()

@@ -222,8 +222,7 @@ def format_table(report: dict) -> str:
 
 def main(argv: list[str]) -> None:
     del argv
-    cli.setup_logging()
-    cli.keep_freed_host_memory()
+    cli.start_tool()
     try:
         run(flags.FLAGS.config)
     except (

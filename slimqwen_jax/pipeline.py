@@ -113,8 +113,7 @@ def run(config: ml_collections.ConfigDict) -> str:
 
 def main(argv: list[str]) -> None:
     del argv
-    cli.setup_logging()
-    cli.keep_freed_host_memory()
+    cli.start_tool()
     try:
         run(flags.FLAGS.config)
     except train.RUN_ERRORS as error:

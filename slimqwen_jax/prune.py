@@ -138,8 +138,7 @@ def define_flags() -> None:
 
 def main(argv: list[str]) -> None:
     del argv
-    cli.setup_logging()
-    cli.keep_freed_host_memory()
+    cli.start_tool()
     try:
         run(flags.FLAGS.config)
     except (ConfigError, data.DataError, CheckpointMismatchError, FileExistsError, FileNotFoundError) as error:

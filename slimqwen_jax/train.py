@@ -679,8 +679,7 @@ def initialize_distributed(
 
 def main(argv: list[str]) -> None:
     del argv
-    cli.setup_logging()
-    cli.keep_freed_host_memory()
+    cli.start_tool()
     fl = flags.FLAGS
     try:
         initialize_distributed(fl.distributed, fl.coordinator_address, fl.num_processes, fl.process_id)
