@@ -35,20 +35,21 @@ from ml_collections import config_flags
 
 from slimqwen_jax import cli, data, evaluation, loading, losses, pruning, sharding, stacking, steps
 from slimqwen_jax import stages as stages_lib
-from slimqwen_jax.checkpoint import TrainingCheckpoints, on_every_process
+from slimqwen_jax.checkpoint import TrainingCheckpoints
 from slimqwen_jax.config import RUNTIME_FIELDS, ConfigError, Qwen3NextConfig
 from slimqwen_jax.hf import CheckpointMismatchError
-from slimqwen_jax.model import Qwen3NextForCausalLM, abstract_model
 from slimqwen_jax.progress import HELDOUT_METRICS, ProgressLogger, plot_loss_curves, plot_runs
+from slimqwen_jax.train_state import (
+    TrainError,
+    TrainState,
+    abstract_state,
+    architecture_mismatch,
+    check_same_data_order,
+    initial_state,
+    restore,
+)
 
 log = logging.getLogger("slimqwen_jax.train")
-
-# Fields that do not change the parameters or the function the model computes.
-NON_ARCHITECTURE_FIELDS = ("initializer_range", "router_aux_loss_coef", "max_position_embeddings")
-
-
-class TrainError(RuntimeError):
-    """A run that cannot start or must stop; the message says why and what was kept."""
 
 
 class Interrupted(TrainError):
@@ -87,12 +88,6 @@ class InterruptRequests:
 def model_config(config: ml_collections.ConfigDict) -> Qwen3NextConfig:
     """The model config from `config.model` (fields of `Qwen3NextConfig.to_flag_dict`)."""
     return Qwen3NextConfig.from_dict(config.model.to_dict())
-
-
-def architecture_mismatch(expected: Qwen3NextConfig, found: Qwen3NextConfig) -> list[str]:
-    """Human-readable differences between two configs' architectures."""
-    a, b = expected.architecture(), found.architecture()
-    return [f"{k}: expected {a[k]!r}, found {b[k]!r}" for k in a if k not in NON_ARCHITECTURE_FIELDS and a[k] != b[k]]
 
 
 # ---------------------------------------------------------------------------- the teacher
@@ -157,120 +152,6 @@ def load_teacher(config: ml_collections.ConfigDict, teacher_cfg: Qwen3NextConfig
     return Teacher(teacher_cfg, graphdef, params)
 
 
-# ---------------------------------------------------------------------------- train state
-@dataclasses.dataclass
-class TrainState:
-    """What a run resumes from: the global step, parameters, optimizer state, data iterator state.
-    During a stage's loop, parameters and optimizer state are in the train step's layout (`stacking`)."""
-
-    step: int
-    params: nnx.State
-    opt_state: optax.OptState
-    data_state: dict | None = None
-
-
-def abstract_state(cfg: Qwen3NextConfig, tx, mesh):
-    """Graphdef, abstract (sharded ShapeDtypeStruct) params and opt state, and their shardings."""
-    graphdef, params = abstract_model(cfg)
-    param_shardings = sharding.state_shardings(params, mesh)
-    opt_state = jax.eval_shape(tx.init, params)
-    # Optimizer moments take their parameter's sharding; everything else (counts) is replicated.
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    opt_shardings = optax.tree_map_params(
-        tx, lambda _, s: s, opt_state, param_shardings,
-        transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
-    )  # fmt: skip
-    with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
-    abstract_params = jax.tree.map(with_sharding, params, param_shardings)
-    abstract_opt = jax.tree.map(with_sharding, opt_state, opt_shardings)
-    return graphdef, abstract_params, abstract_opt, param_shardings, opt_shardings
-
-
-def initial_params(cfg: Qwen3NextConfig, init_from: str, seed: int, param_shardings):
-    """Parameters from `init_from` (HF directory or our checkpoint, checked by `check_init_from`)
-    or a seeded random init."""
-    if not init_from:
-        init = lambda: nnx.state(Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(seed)), nnx.Param)  # noqa: E731
-        return jax.jit(init, out_shardings=param_shardings)()
-    model = loading.load_model(init_from, role="init_from", **{k: getattr(cfg, k) for k in RUNTIME_FIELDS})
-    return jax.device_put(nnx.state(model, nnx.Param), param_shardings)
-
-
-def restore(checkpoints: TrainingCheckpoints, tx, mesh, run_cfg: Qwen3NextConfig, *, check_architecture: bool):
-    """(config, graphdef, state, shardings) of the newest intact checkpoint in `checkpoints`, with
-    the run's run-time fields (`run_cfg`: dtypes, kernels). A damaged checkpoint (unreadable
-    config, metadata or arrays) is moved aside as `<step>.damaged`, never deleted, and the next
-    older one is tried. With `check_architecture` the stored architecture must be `run_cfg`'s (a
-    workdir of another model is refused, never touched); otherwise it is whatever the checkpoint
-    holds (a stage after pruning)."""
-    for step in sorted(checkpoints.all_steps(), reverse=True):
-        try:
-            stored = checkpoints.model_config(step)
-        except Exception as error:  # noqa: BLE001  (any damage: JSON, tensorstore, missing items)
-            checkpoints.set_aside_damaged(step, error)
-            continue
-        problems = architecture_mismatch(run_cfg, stored) if check_architecture else []
-        if problems:
-            raise TrainError(
-                f"{checkpoints.directory.parent} holds a checkpoint of a different architecture (step {step}); "
-                "refusing to touch it. Use another workdir or the matching config:\n  " + "\n  ".join(problems)
-            )
-        cfg = stored.replace(**{k: getattr(run_cfg, k) for k in RUNTIME_FIELDS})
-        graphdef, abstract_params, abstract_opt, param_shardings, opt_shardings = abstract_state(cfg, tx, mesh)
-        try:
-            params, opt_state, saved = checkpoints.restore(step, abstract_params, abstract_opt)
-            error = None
-        except Exception as exception:  # noqa: BLE001
-            error = exception
-        # Each process reads its own shards: a damaged one may show on one process only.
-        if not on_every_process(error is None):
-            checkpoints.set_aside_damaged(step, error or RuntimeError("unreadable on another process"))
-            continue
-        log.info("resumed from %s at step %d", checkpoints.step_directory(step), step)
-        return cfg, graphdef, TrainState(step, params, opt_state, saved["data"]), (param_shardings, opt_shardings)
-    raise TrainError(
-        f"no intact checkpoint left in {checkpoints.directory} (the damaged ones are kept as <step>.damaged); "
-        "move the workdir away to start over"
-    )
-
-
-# Run-config fields that fix the order of the training data: a resume must not change them.
-DATA_ORDER_FIELDS = ("data.source", "data.paths", "data.tokenizer", "data.seq_len", "data.shuffle_seed",
-                     "train.global_batch_size")  # fmt: skip
-
-
-def check_same_data_order(config: ml_collections.ConfigDict, checkpoints: TrainingCheckpoints) -> None:
-    """Refuse to resume with settings that change the data order the checkpoint continues."""
-    saved = checkpoints.run_config(checkpoints.latest_step())
-    if saved is None:
-        return
-
-    def value(tree, path):
-        for part in path.split("."):
-            tree = tree.get(part) if isinstance(tree, dict) else None
-        return tree
-
-    current = json.loads(config.to_json())
-    changed = [f"{path}: {value(saved, path)!r} -> {value(current, path)!r}" for path in DATA_ORDER_FIELDS
-               if value(saved, path) != value(current, path)]  # fmt: skip
-    if changed:
-        raise TrainError(
-            f"{checkpoints.directory} was written with another data order; resuming would not continue it:\n  "
-            + "\n  ".join(changed)
-            + "\nUse the original values, or another workdir for the new ones"
-        )
-
-
-def initial_state(config: ml_collections.ConfigDict, cfg: Qwen3NextConfig, tx, mesh):
-    """(config, graphdef, state, shardings) at step 0: `init_from`, else a seeded random init."""
-    graphdef, _, _, param_shardings, opt_shardings = abstract_state(cfg, tx, mesh)
-    params = initial_params(cfg, config.init_from, config.seed, param_shardings)
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-    log.info("started from %s", config.init_from or f"random init (seed {config.seed})")
-    return cfg, graphdef, TrainState(0, params, opt_state), (param_shardings, opt_shardings)
-
-
-# ---------------------------------------------------------------------------- checks
 def optimizer_problems(opt: ml_collections.ConfigDict) -> list[str]:
     """Every unusable field of `config.optimizer`, one line each."""
     problems = [f"optimizer.{name} must be >= 0, got {opt[name]}" for name in

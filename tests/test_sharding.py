@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from slimqwen_jax import losses, sharding, steps, train
+from slimqwen_jax import losses, sharding, steps, train_state
 from slimqwen_jax.config import tiny
 from slimqwen_jax.model import Qwen3NextForCausalLM
 
@@ -69,10 +69,10 @@ def test_sharded_train_steps_match_one_device(mesh_shape, moe_backend):
     runs = ((jax.devices()[:1], (1, 1, 1), "ragged"), (jax.devices(), mesh_shape, moe_backend))
     for devices, shape, backend in runs:
         mesh = jax.sharding.Mesh(np.asarray(devices).reshape(shape), sharding.MESH_AXES)
-        graphdef, _, _, param_shardings, opt_shardings = train.abstract_state(
+        graphdef, _, _, param_shardings, opt_shardings = train_state.abstract_state(
             cfg.replace(moe_backend=backend), tx, mesh
         )
-        params = train.initial_params(cfg, "", 0, param_shardings)
+        params = train_state.initial_params(cfg, "", 0, param_shardings)
         opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
         teacher_graphdef, teacher_params = nnx.split(
             Qwen3NextForCausalLM(teacher_cfg.replace(moe_backend=backend), rngs=nnx.Rngs(1)), nnx.Param
