@@ -25,6 +25,7 @@ import ml_collections
 from flax import struct
 
 from slimqwen_jax.model import CausalLMOutput, Qwen3NextForCausalLM
+from slimqwen_jax.sharding import on_batch_shards
 
 WEIGHT_SCHEDULES = ("constant", "linear", "cosine")
 MTP_KD_TARGETS = ("teacher_mtp", "teacher_backbone")
@@ -133,11 +134,15 @@ def token_chunks(x: jax.Array, *, chunk_size: int) -> jax.Array:
 
 def chunked_argmax(hidden: jax.Array, head: jax.Array, *, chunk_size: int) -> jax.Array:
     """argmax over the vocabulary of hidden [N, D] @ head [D, V] -> token ids [N], one [C, V] block
-    of logits at a time (greedy tokens and MTP drafts without [N, V] logits)."""
-    best = jax.lax.map(
-        lambda h: jnp.argmax(chunk_logits(h, head), axis=-1), token_chunks(hidden, chunk_size=chunk_size)
-    )
-    return best.reshape(-1)[: hidden.shape[0]]
+    of logits at a time (greedy tokens and MTP drafts without [N, V] logits); each batch shard of
+    the context mesh its own rows."""
+
+    def local_argmax(hidden, head):
+        chunks = token_chunks(hidden, chunk_size=chunk_size)
+        best = jax.lax.map(lambda h: jnp.argmax(chunk_logits(h, head), axis=-1), chunks)
+        return best.reshape(-1)[: hidden.shape[0]]
+
+    return on_batch_shards(local_argmax, (hidden,), (0,), (head,))
 
 
 def chunked_token_sums(
@@ -158,21 +163,35 @@ def chunked_token_sums(
     whose backward recomputes the chunk's logits instead of storing them: the [C, V] blocks of one
     chunk live at a time, forward and backward. Returns scalars `ce`, and with a teacher `kd` and
     `agree`; `count` is the number of masked-in tokens. The teacher gets no gradient.
+
+    Under a context mesh each batch shard scans its own tokens and the sums meet once at the end
+    (`sharding.on_batch_shards`): scanning sharded rows would gather every token on every device,
+    and the heads' gradients would be reduced over the devices once per chunk.
     """
-    chunks = functools.partial(token_chunks, chunk_size=chunk_size)
-    xs = {"student": chunks(student_hidden), "targets": chunks(targets), "mask": chunks(mask), "teacher": None}
-    if teacher_hidden is not None:
-        xs["teacher"] = chunks(jax.lax.stop_gradient(teacher_hidden))
-        teacher_head = jax.lax.stop_gradient(teacher_head)
+    with_teacher = teacher_hidden is not None
+    names = ("ce", "kd", "agree") if with_teacher else ("ce",)
 
-    def add_chunk(sums, chunk):
-        terms = chunk_sums(chunk["student"], student_head, chunk["teacher"], teacher_head,
-                           chunk["targets"], chunk["mask"], temperature)  # fmt: skip
-        return jax.tree.map(jnp.add, sums, terms), None
+    def local_sums(student_hidden, targets, mask, teacher_hidden, student_head, teacher_head):
+        chunks = functools.partial(token_chunks, chunk_size=chunk_size)
+        xs = {"student": chunks(student_hidden), "targets": chunks(targets), "mask": chunks(mask), "teacher": None}
+        if teacher_hidden is not None:
+            xs["teacher"] = chunks(teacher_hidden)
 
-    names = ("ce", "kd", "agree") if teacher_hidden is not None else ("ce",)
-    sums, _ = jax.lax.scan(add_chunk, {k: jnp.zeros((), jnp.float32) for k in names}, xs)
-    return {**sums, "count": jnp.sum(mask.astype(jnp.float32))}
+        def add_chunk(sums, chunk):
+            terms = chunk_sums(chunk["student"], student_head, chunk["teacher"], teacher_head,
+                               chunk["targets"], chunk["mask"], temperature)  # fmt: skip
+            return jax.tree.map(jnp.add, sums, terms), None
+
+        sums, _ = jax.lax.scan(add_chunk, {k: jnp.zeros((), jnp.float32) for k in names}, xs)
+        return {**sums, "count": jnp.sum(mask.astype(jnp.float32))}
+
+    if with_teacher:
+        teacher = jax.lax.stop_gradient((teacher_hidden, teacher_head))
+        rows, whole, fn = (student_hidden, targets, mask, teacher[0]), (student_head, teacher[1]), local_sums
+    else:
+        rows, whole = (student_hidden, targets, mask), (student_head,)
+        fn = lambda hidden, targets, mask, head: local_sums(hidden, targets, mask, None, head, None)  # noqa: E731
+    return on_batch_shards(fn, rows, (0,) * len(rows), whole, summed=True)
 
 
 # ---------------------------------------------------------------------------- targets

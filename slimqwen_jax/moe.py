@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec
 
 from slimqwen_jax.config import Qwen3NextConfig
 from slimqwen_jax.layers import MLP, Calibration, Linear, capturing, normal_param
-from slimqwen_jax.sharding import LOGICAL_RULES
+from slimqwen_jax.sharding import LOGICAL_RULES, batch_shards, on_batch_shards, pad_rows, rule_axes
 
 
 def route(router_logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
@@ -36,10 +36,15 @@ def route(router_logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Ar
     router_logits [N, E] -> (weights [N, K] float32, experts [N, K] int32). Ties go to the lower index.
     """
     probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)  # [N, E]
-    weights, experts = jax.lax.top_k(probs, top_k)  # [N, K]
+    weights, experts = batch_local_top_k(probs, top_k)  # [N, K]
     if normalize:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return weights, experts
+
+
+def batch_local_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """`jax.lax.top_k` of x [N, E] on each batch shard of the context mesh: (values, indices) [N, k]."""
+    return on_batch_shards(lambda rows: jax.lax.top_k(rows, k), (x,), (0,))
 
 
 def swiglu_experts_dense(x, weights, experts, gate_proj, up_proj, down_proj):
@@ -183,8 +188,12 @@ def swiglu_experts_ragged(x, weights, experts, gate_proj, up_proj, down_proj):
     return routed_swiglu_experts(x, weights, experts, gate_proj, up_proj, down_proj, ffn=expert_ffn_ragged)
 
 
-def _mesh_axes(rule) -> tuple[str, ...]:
-    return () if rule is None else (rule,) if isinstance(rule, str) else tuple(rule)
+def batch_local_experts(x, weights, experts, gate_proj, up_proj, down_proj, *, ffn, mesh=None):
+    """`routed_swiglu_experts` on each batch shard of the mesh (`on_batch_shards`): out [N, D]. Each
+    device sorts and multiplies only its own tokens' copies; padded tokens name expert E (none)."""
+    routed = functools.partial(routed_swiglu_experts, ffn=ffn)
+    pad_values = (0, 0, gate_proj.shape[0])
+    return on_batch_shards(routed, (x, weights, experts), pad_values, (gate_proj, up_proj, down_proj), mesh=mesh)
 
 
 def expert_capacity(local_tokens: int, top_k: int, expert_axis_size: int, capacity_factor: float | None) -> int:
@@ -215,7 +224,7 @@ def expert_parallel_experts(
     None or <= 0).
 
     mesh: a `Mesh`, or None for the context mesh (`jax.set_mesh`). Without a mesh, or with an expert
-    axis of size 1, this is `routed_swiglu_experts` with `ffn` (nothing dropped). Token counts not
+    axis of size 1, this is `batch_local_experts` with `ffn` (nothing dropped). Token counts not
     divisible by the batch shards are padded with copies that go nowhere.
 
     Dropless with fixed buffers sizes every send buffer for the worst case (C = n K: P times the
@@ -230,11 +239,14 @@ def expert_parallel_experts(
     num_experts = gate_proj.shape[0]
     context = mesh is None
     mesh = jax.sharding.get_abstract_mesh() if context else mesh
-    (expert_axis,) = _mesh_axes(LOGICAL_RULES["expert"])
+    (expert_axis,) = rule_axes(LOGICAL_RULES["expert"])
     no_dropped = jnp.zeros((), jnp.float32)
     ffn = expert_ffn_for(platform_ffn(), jax.default_backend()) if ffn is None else ffn
     if mesh is None or mesh.empty or expert_axis not in mesh.axis_names or mesh.shape[expert_axis] == 1:
-        return routed_swiglu_experts(x, weights, experts, gate_proj, up_proj, down_proj, ffn=ffn), no_dropped
+        out = batch_local_experts(
+            x, weights, experts, gate_proj, up_proj, down_proj, ffn=ffn, mesh=None if context else mesh
+        )
+        return out, no_dropped
     p = mesh.shape[expert_axis]
     if num_experts % p:
         raise ValueError(
@@ -242,14 +254,10 @@ def expert_parallel_experts(
             f"'{expert_axis}' axis ({p})"
         )
     per_device = num_experts // p  # L
-    batch_axes = tuple(a for a in _mesh_axes(LOGICAL_RULES["batch"]) if a in mesh.axis_names)
-    shards = math.prod(mesh.shape[a] for a in batch_axes)
-    pad = -n % shards
-    if pad:  # padded copies name expert E: they are sent nowhere and not counted as dropped
-        x = jnp.pad(x, ((0, pad), (0, 0)))
-        weights = jnp.pad(weights, ((0, pad), (0, 0)))
-        experts = jnp.pad(experts, ((0, pad), (0, 0)), constant_values=num_experts)
-    local_tokens = (n + pad) // shards
+    batch_axes, shards = batch_shards(mesh)
+    # Padded copies name expert E: they are sent nowhere and not counted as dropped.
+    x, weights, experts = pad_rows((x, weights, experts), (0, 0, num_experts), shards)
+    local_tokens = x.shape[0] // shards
     capacity = expert_capacity(local_tokens, k, p, capacity_factor)  # C
     dropless = capacity == local_tokens * k
 
@@ -399,13 +407,16 @@ def load_balancing_loss(router_logits: Sequence[jax.Array], top_k: int) -> jax.A
     f[k, e] is the fraction of tokens whose k-th choice is e, P[e] the mean router probability; not
     divided by K, so perfectly uniform routing gives K.
     """
-    logits = jnp.concatenate([r.astype(jnp.float32) for r in router_logits], axis=0)  # [L*N, E]
-    num_experts = logits.shape[-1]
-    probs = jax.nn.softmax(logits, axis=-1)
-    _, selected = jax.lax.top_k(probs, top_k)  # [L*N, K]
-    tokens_per_expert = jnp.mean(jax.nn.one_hot(selected, num_experts, dtype=jnp.float32), axis=0)  # [K, E]
-    prob_per_expert = jnp.mean(probs, axis=0)  # [E]
-    return num_experts * jnp.sum(tokens_per_expert * prob_per_expert[None, :])
+    num_experts = router_logits[0].shape[-1]
+    rows = sum(logits.shape[0] for logits in router_logits)  # HF concatenates the layers: L*N rows
+    chosen = jnp.zeros((top_k, num_experts), jnp.float32)  # [K, E] rows whose k-th choice is e
+    probs_sum = jnp.zeros((num_experts,), jnp.float32)  # [E]
+    for logits in router_logits:  # layer by layer: each layer's rows stay sharded over the batch
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)  # [N, E]
+        _, selected = batch_local_top_k(probs, top_k)  # [N, K]
+        chosen += jnp.sum(jax.nn.one_hot(selected, num_experts, dtype=jnp.float32), axis=0)
+        probs_sum += jnp.sum(probs, axis=0)
+    return num_experts * jnp.sum((chosen / rows) * (probs_sum / rows)[None, :])
 
 
 class Experts(nnx.Module):
@@ -440,7 +451,8 @@ class Experts(nnx.Module):
             )
         if self.backend == "dense":
             return swiglu_experts_dense(x, weights, experts, *params), jnp.zeros((), jnp.float32)
-        return routed_swiglu_experts(x, weights, experts, *params, ffn=self.ffn), jnp.zeros((), jnp.float32)
+        # The mesh, if any, is the caller's context mesh: each batch shard sorts its own copies.
+        return batch_local_experts(x, weights, experts, *params, ffn=self.ffn), jnp.zeros((), jnp.float32)
 
     def copy_outputs(self, x: jax.Array, experts: jax.Array) -> jax.Array:
         """Each token copy's expert output before weighting: x [N, D], experts [N, K] -> [N, K, D].

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -52,7 +53,7 @@ def logical_to_spec(logical_axes, shape, mesh: jax.sharding.Mesh, name: str = ""
     for axis_name, size in zip(logical_axes, shape):
         mesh_axes = LOGICAL_RULES.get(axis_name) if axis_name else None
         if mesh_axes is not None:
-            parts = math.prod(mesh.shape[a] for a in ((mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes))
+            parts = math.prod(mesh.shape[a] for a in rule_axes(mesh_axes))
             if size % parts:
                 raise MeshError(
                     f"{name or 'array'}: axis '{axis_name}' of size {size} is not divisible by mesh {mesh_axes} ({parts})"
@@ -77,3 +78,60 @@ def batch_sharding(mesh: jax.sharding.Mesh, ndim: int, batch_dim: int = 0) -> Na
     spec = [None] * ndim
     spec[batch_dim] = LOGICAL_RULES["batch"]
     return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def rule_axes(rule) -> tuple[str, ...]:
+    """The mesh axes of a `LOGICAL_RULES` value, as a tuple."""
+    return () if rule is None else (rule,) if isinstance(rule, str) else tuple(rule)
+
+
+def batch_shards(mesh) -> tuple[tuple[str, ...], int]:
+    """The mesh axes that the `batch` rule shards tokens over, and their number of shards."""
+    axes = tuple(a for a in rule_axes(LOGICAL_RULES["batch"]) if a in mesh.axis_names)
+    return axes, math.prod(mesh.shape[a] for a in axes)
+
+
+def pad_rows(arrays, pad_values, multiple: int):
+    """Each [N, ...] array padded with its pad value to a multiple of `multiple` rows."""
+    pad = -arrays[0].shape[0] % multiple
+    if not pad:
+        return arrays
+    return tuple(
+        jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1), constant_values=v) for a, v in zip(arrays, pad_values)
+    )
+
+
+def on_batch_shards(fn, rows, pad_values, whole=(), *, summed: bool = False, mesh=None):
+    """fn(*rows, *whole) on each batch shard of the mesh separately (inside `jax.shard_map`).
+
+    `rows` are [N, ...] arrays split by rows over the mesh's batch axes, padded with `pad_values` to
+    a multiple of the shards; `whole` arrays are whole on every device (gathered where sharded).
+    Returns fn's outputs (a pytree) [N, ...] with the padded rows cut off, or with `summed` their
+    sums over the shards (fn must then give padded rows no weight). For row-wise work that XLA's
+    partitioner would otherwise run on all rows on every device: sorting token copies by expert
+    (one global permutation), `jax.lax.top_k` (not partitioned along its rows), and sums over
+    token chunks that would reduce over the devices once per chunk.
+
+    mesh: a `Mesh`, or None for the context mesh (`jax.set_mesh`). Without one, or when it does not
+    shard the batch, this is fn(*rows, *whole).
+    """
+    context = mesh is None
+    mesh = jax.sharding.get_abstract_mesh() if context else mesh
+    axes, shards = ((), 1) if mesh is None or mesh.empty else batch_shards(mesh)
+    if shards == 1:
+        return fn(*rows, *whole)
+
+    def local(*args):
+        out = fn(*args)
+        return jax.lax.psum(out, axes) if summed else out
+
+    n = rows[0].shape[0]
+    tokens = PartitionSpec(axes)
+    out = jax.shard_map(
+        local,
+        mesh=None if context else mesh,
+        in_specs=(tokens,) * len(rows) + (PartitionSpec(),) * len(whole),
+        out_specs=PartitionSpec() if summed else tokens,
+        check_vma=False,
+    )(*pad_rows(rows, pad_values, shards), *whole)
+    return out if summed else jax.tree.map(lambda a: a[:n], out)

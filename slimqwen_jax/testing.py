@@ -7,6 +7,7 @@ Shape letters: B batch, T tokens, Hk / Hv linear-attention key / value heads, Dk
 from __future__ import annotations
 
 import importlib.util
+import re
 import types
 from pathlib import Path
 
@@ -30,6 +31,23 @@ def assert_relative_error(ours, reference, tolerance: float, what: str = "") -> 
     print(f"{what or 'max relative error'}: {error:.2e} (tolerance {tolerance:.0e})")
     assert error <= tolerance, f"{what}: max relative error {error:.3e} > {tolerance:.0e}"
     return error
+
+
+COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter", "ragged-all-to-all")
+
+
+def collective_results(hlo_text: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(op, result shape) of every cross-device collective in a compiled program's HLO text, one entry
+    per array of a tuple result: e.g. ("all-reduce", (16, 16, 8))."""
+    instruction = re.compile(r"\s*(?:ROOT\s+)?\S+\s+=\s+(.*?)\s+(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
+    found = []
+    for line in hlo_text.splitlines():
+        if match := instruction.match(line):
+            result, op = match.groups()
+            found += [
+                (op, tuple(int(d) for d in dims.split(",") if d)) for dims in re.findall(r"\w\[([\d,]*)\]", result)
+            ]
+    return found
 
 
 @nnx.jit

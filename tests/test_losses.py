@@ -13,11 +13,11 @@ import torch
 from flax import nnx
 from hf_reference import add_mtp_tensors, make_hf_model
 
-from slimqwen_jax import hf, losses, steps
+from slimqwen_jax import hf, losses, sharding, steps
 from slimqwen_jax.config import tiny
 from slimqwen_jax.losses import HeadInputs
 from slimqwen_jax.model import Qwen3NextForCausalLM, abstract_model
-from slimqwen_jax.testing import forward, random_tokens
+from slimqwen_jax.testing import collective_results, forward, random_tokens
 
 N, D, V = 45, 8, 37  # tokens, width, vocabulary (small: the references build full [N, V] logits)
 
@@ -95,6 +95,44 @@ def test_chunked_terms_equal_full_softmax_in_value_and_gradient(chunk_size):
     naive = objective(lambda a: naive_means(a, targets, mask))
     for ours_grad, reference in zip(chunked, naive):
         np.testing.assert_allclose(ours_grad, reference, rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_terms_on_the_batch_shards_of_a_mesh():
+    """Under a context mesh of 8 batch shards (45 tokens: padded to 48), each shard scans its own
+    tokens and the sums meet once: values and gradients equal the unchunked objective, greedy
+    tokens equal numpy's argmax, and, with 48 tokens placed on the shards, no collective carries
+    token rows or a head gradient per chunk."""
+    arrays, targets, mask = random_inputs()
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "expert": 2})
+
+    def objective(terms_of):
+        def value(student, student_head, teacher, targets, mask):
+            terms = terms_of(
+                {**arrays, "student": student, "student_head": student_head, "teacher": teacher}, targets, mask
+            )
+            return terms["ce"] + 2.0 * terms["kd"], terms
+
+        return jax.jit(jax.value_and_grad(value, argnums=(0, 1), has_aux=True))
+
+    chunked = objective(lambda a, t, m: chunked_means(a, t, m, 4))
+    argmax = jax.jit(lambda hidden, head: losses.chunked_argmax(hidden, head, chunk_size=4))
+    rows = (arrays["student"], arrays["teacher"], targets, mask)  # [N, ...]
+    head = arrays["student_head"]
+    with jax.set_mesh(mesh):
+        (_, terms), grads = chunked(rows[0], head, *rows[1:])
+        greedy = argmax(rows[0], head)
+        by_rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.LOGICAL_RULES["batch"]))
+        placed = jax.device_put([jnp.concatenate([a, a[: 48 - N]]) for a in rows], by_rows)  # 6 tokens per shard
+        hlo = chunked.lower(placed[0], head, *placed[1:]).compile().as_text()
+    (_, expected), reference = objective(naive_means)(rows[0], head, *rows[1:])
+    for name in ("ce", "kd"):
+        np.testing.assert_allclose(float(terms[name]), float(expected[name]), rtol=1e-5)
+    for ours, expected_grad in zip(grads, reference, strict=True):
+        np.testing.assert_allclose(ours, expected_grad, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(greedy, np.argmax(np.asarray(rows[0] @ head), -1))
+    # One reduction of the sums and one of the head's gradient (not one per chunk inside the scan).
+    results = collective_results(hlo)
+    assert {shape for _, shape in results} <= {(), (D, V)} and results.count(("all-reduce", (D, V))) == 1
 
 
 @pytest.mark.parametrize("tau", [0.5, 2.0])

@@ -13,7 +13,7 @@ from flax import nnx
 from slimqwen_jax import losses, moe, sharding, steps
 from slimqwen_jax.config import ConfigError, tiny
 from slimqwen_jax.model import Qwen3NextForCausalLM
-from slimqwen_jax.testing import max_relative_error
+from slimqwen_jax.testing import collective_results, max_relative_error
 
 N, D, F, E, K = 64, 16, 8, 16, 2
 TOL = 1e-5
@@ -253,6 +253,38 @@ def test_without_an_expert_axis_it_is_the_grouped_backend():
     for mesh in (None, sharding.make_mesh({"data": 4, "fsdp": 2, "expert": 1})):
         out, dropped = moe.expert_parallel_experts(*args, mesh=mesh)
         assert max_relative_error(out, expected) == 0.0 and float(dropped) == 0.0
+
+
+@pytest.mark.parametrize("routing", ["uniform", "skewed"])
+def test_each_batch_shard_routes_its_own_tokens(routing):
+    """`batch_local_experts` and `batch_local_top_k` under a context mesh of 8 batch shards (62 tokens:
+    the last shard padded) equal the unsharded grouped backend and `jax.lax.top_k`, with gradients;
+    the compiled program moves no token rows between devices (each shard sorts its own copies)."""
+    x, weights, experts, gate, up, down = (jnp.asarray(a) for a in inputs(routing))
+    ffn = moe.expert_ffn_for("grouped", "cpu")
+
+    def loss(fn):
+        def value(x, weights, gate, up, down):
+            out = fn(x, weights, experts[: x.shape[0]], gate, up, down, ffn=ffn)
+            return jnp.sum(out * jnp.sin(out))
+
+        return jax.jit(jax.value_and_grad(value, argnums=(0, 1, 2, 3, 4)))
+
+    expected = loss(moe.routed_swiglu_experts)(x[:62], weights[:62], gate, up, down)
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "expert": 2})
+    with jax.set_mesh(mesh):
+        step = loss(moe.batch_local_experts)
+        sharded = step(x[:62], weights[:62], gate, up, down)
+        placed = jax.device_put((x, weights), sharding.batch_sharding(mesh, 2))  # 64 tokens, 8 per shard
+        collectives = step.lower(*placed, gate, up, down).compile().as_text()
+        probs = jax.nn.softmax(x[:62] @ gate[:, :, 0].T)
+        top_k = jax.jit(moe.batch_local_top_k, static_argnums=1)(probs, K)
+    for ours, reference in zip(jax.tree.leaves(sharded), jax.tree.leaves(expected), strict=True):
+        assert max_relative_error(ours, reference) <= TOL
+    # What is left to sum over the shards: the loss and the expert weights' gradients, no token rows.
+    assert {shape for _, shape in collective_results(collectives)} <= {(), gate.shape, down.shape}
+    for ours, reference in zip(top_k, jax.lax.top_k(probs, K), strict=True):
+        np.testing.assert_array_equal(ours, reference)
 
 
 def test_block_uses_the_context_mesh_and_sows_routing_metrics():

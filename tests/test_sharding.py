@@ -1,5 +1,7 @@
 """Mesh construction, logical-axis placement and a sharded train step against one device."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from slimqwen_jax import losses, sharding, steps, train_state
 from slimqwen_jax.config import tiny
 from slimqwen_jax.model import Qwen3NextForCausalLM
+from slimqwen_jax.testing import collective_results
 
 
 @pytest.mark.parametrize(
@@ -95,3 +98,36 @@ def test_sharded_train_steps_match_one_device(mesh_shape, moe_backend):
     for a, b in zip(results[0][0], results[1][0], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     assert results[0][1] == pytest.approx(results[1][1], rel=1e-5)
+
+
+def test_data_parallel_distillation_step_moves_no_token_rows():
+    """The trainer's distillation step (student and teacher with the CPU's grouped MoE, MTP, chunked
+    KD) compiled for a data=8 mesh: each device routes, sorts and scores its own tokens, so the only
+    collectives are all-reduces of the gradients and a few metrics (XLA's partitioner would gather
+    every token's routing, expert rows and LM-head inputs on every device for the sort, `top_k` and
+    the chunked loss without `sharding.on_batch_shards`)."""
+    cfg = tiny(hidden_size=32, num_experts=4)
+    teacher_cfg = tiny(hidden_size=48, num_hidden_layers=5, num_experts=8)
+    mesh = sharding.make_mesh(dict(data=-1, fsdp=1, expert=1))
+    tx = optax.adamw(1e-3)
+    loss = losses.loss_config(distillation=True)
+    graphdef, params, _, param_shardings, opt_shardings = train_state.abstract_state(cfg, tx, mesh)
+    teacher_graphdef, teacher_params = nnx.split(
+        nnx.eval_shape(lambda: Qwen3NextForCausalLM(teacher_cfg, rngs=nnx.Rngs(1))), nnx.Param
+    )
+    objective = losses.distillation_objective(aux_coef=cfg.router_aux_loss_coef, chunk_size=64)
+    loss_fn = steps.make_loss_fn(
+        graphdef, objective, with_mtp=True, teacher_graphdef=teacher_graphdef, teacher_mtp=True
+    )
+    micro = NamedSharding(mesh, PartitionSpec(None, sharding.LOGICAL_RULES["batch"]))
+    step = jax.jit(steps.make_train_step(loss_fn, tx, steps.loss_weights_fn(loss, 4), 1, micro),
+                   out_shardings=(param_shardings, opt_shardings, None))  # fmt: skip
+    tokens = jax.ShapeDtypeStruct((16, 33), jnp.int32, sharding=sharding.batch_sharding(mesh, 2))  # 2 rows per device
+    with jax.set_mesh(mesh):
+        hlo = step.lower(params, jax.eval_shape(tx.init, params), teacher_params, tokens, 0).compile().as_text()
+    results = collective_results(hlo)
+    assert {op for op, _ in results} == {"all-reduce"}
+    sizes = [math.prod(p.shape) for p in jax.tree.leaves(params)]
+    assert max(math.prod(shape) for _, shape in results) <= max(sizes)
+    # Every gradient once; the embedding's and the LM head's twice (the MTP module uses them too).
+    assert sum(sizes) <= sum(math.prod(shape) for _, shape in results) <= 1.25 * sum(sizes)
