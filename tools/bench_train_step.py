@@ -21,6 +21,10 @@ linear-attention projections, the routed top-k experts, the shared expert and it
 the LM head; not the embedding lookup), plus full attention's scores and values, 6 x 2 x H x Dh x
 T / 2 per layer (causal), plus the gated delta rule's state reads and writes, 6 x 3 x Hv x Dk x Dv
 per layer. Prints markdown tables; `--out` writes every number as JSON.
+
+`--bound` adds a third contender to the rounds: our step with the routed experts' grouped matmul
+replaced by plain 2-D matmuls of the same FLOPs (`routed_as_plain_matmuls`: not the model). What it
+reaches bounds what any grouped-matmul kernel could give the step on this machine.
 """
 
 import os
@@ -38,7 +42,7 @@ import numpy as np
 from flax import nnx
 from timing import interleaved_medians
 
-from slimqwen_jax import cli, losses, model, stacking, steps
+from slimqwen_jax import cli, losses, model, moe, stacking, steps
 from slimqwen_jax.config import FULL_ATTENTION, Qwen3NextConfig, tiny
 from slimqwen_jax.testing import hand_count_parameters
 
@@ -100,18 +104,31 @@ def trainer_step(cfg: Qwen3NextConfig, graphdef: nnx.GraphDef, total_steps: int)
     return steps.make_train_step(loss_fn, tx, weights, 1, one_device), tx
 
 
-def our_step(cfg: Qwen3NextConfig, tokens: np.ndarray, total_steps: int):
+def routed_as_plain_matmuls(rows, row_experts, gate_proj, up_proj, down_proj):
+    """Not an MoE: every token copy through expert 0's SwiGLU, three 2-D matmuls of exactly the routed
+    FLOPs (no sort, no padding, no per-block weights). Timed in place of the grouped matmul (`--bound`),
+    it bounds what any grouped-matmul kernel could give this step on the machine."""
+    del row_experts
+    return (jax.nn.silu(rows @ gate_proj[0]) * (rows @ up_proj[0])) @ down_proj[0]
+
+
+def our_step(cfg: Qwen3NextConfig, tokens: np.ndarray, total_steps: int, expert_ffn=None):
     """The trainer's jitted step and its initial arguments: (step, params, opt_state, tokens), the
-    parameters in the trainer's layout (scanned layers stacked)."""
-    graphdef, params = nnx.split(model.Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    parameters in the trainer's layout (scanned layers stacked); `expert_ffn` replaces the routed
+    experts' grouped matmul."""
+    net = model.Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(0))
+    for _, module in nnx.iter_modules(net) if expert_ffn else ():
+        if isinstance(module, moe.Experts):
+            module.ffn = expert_ffn
+    graphdef, params = nnx.split(net, nnx.Param)
     params = stacking.layout_for(params, cfg.scan_layers).stack(params)
     train_step, tx = trainer_step(cfg, graphdef, total_steps)
     return jax.jit(train_step, donate_argnums=(0, 1)), params, tx.init(params), jnp.asarray(tokens)
 
 
-def prepare_ours(cfg: Qwen3NextConfig, tokens: np.ndarray, total_steps: int):
+def prepare_ours(cfg: Qwen3NextConfig, tokens: np.ndarray, total_steps: int, expert_ffn=None):
     """(one blocking train step of ours, {"first_step_s": compile + first step}), warmed up."""
-    step, params, opt_state, batch = our_step(cfg, tokens, total_steps=total_steps)
+    step, params, opt_state, batch = our_step(cfg, tokens, total_steps=total_steps, expert_ffn=expert_ffn)
     start = time.perf_counter()
     params, opt_state, metrics = step(params, opt_state, None, batch, 0)
     jax.block_until_ready(metrics)
@@ -178,6 +195,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per measurement")
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count())
     parser.add_argument("--no-compile", action="store_true", help="skip the 48-layer compile-time measurement")
+    parser.add_argument("--bound", action="store_true",
+                        help="also time our step with the routed experts as plain matmuls (`routed_as_plain_matmuls`)")  # fmt: skip
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     host_memory_kept = cli.keep_freed_host_memory()  # as the trainer's entry points do; torch shares it
@@ -196,13 +215,18 @@ def main() -> None:
             "params": hand_count_parameters(cfg)[0],
             "moe_backend": cfg.moe_backend,
         }
-        ours, row["ours"] = prepare_ours(cfg, tokens, total_steps=args.repeats + 2)
-        hf, row["hf"] = prepare_hf(cfg, tokens, args.torch_threads)
-        for who, (seconds, cpu_seconds) in interleaved_medians({"ours": ours, "hf": hf}, args.repeats).items():
+        contenders = {}
+        contenders["ours"], row["ours"] = prepare_ours(cfg, tokens, total_steps=args.repeats + 2)
+        if args.bound:
+            contenders["bound"], row["bound"] = prepare_ours(cfg, tokens, args.repeats + 2, routed_as_plain_matmuls)
+        contenders["hf"], row["hf"] = prepare_hf(cfg, tokens, args.torch_threads)
+        for who, (seconds, cpu_seconds) in interleaved_medians(contenders, args.repeats).items():
             row[who].update(seconds=seconds, cpu_seconds=cpu_seconds, tokens_per_s=batch * seq_len / seconds,
                             mfu=flops / seconds / 1e9 / results["matmul_peak_gflops"])  # fmt: skip
             print(f"{name} {who}: {json.dumps(row[who])}", flush=True)
         row["speedup"] = row["hf"]["seconds"] / row["ours"]["seconds"]
+        if args.bound:
+            row["bound"]["speedup"] = row["hf"]["seconds"] / row["bound"]["seconds"]
         results["configs"][name] = row
     if not args.no_compile:
         results["compile_48_layers"] = {
@@ -218,6 +242,13 @@ def main() -> None:
         print(f"| {name} | {r['params'] / 1e6:.2f}M | {r['batch']} x {r['seq_len']} | "
               f"{r['ours']['tokens_per_s']:,.0f} | {r['ours']['mfu']:.0%} | {r['hf']['tokens_per_s']:,.0f} | "
               f"{r['hf']['mfu']:.0%} | {r['speedup']:.2f}x |")  # fmt: skip
+    if args.bound:
+        print("\nBound: the routed experts as plain matmuls of the same FLOPs (not the model; see --bound)\n")
+        print("| config | bound tok/s | bound MFU | bound / HF |")
+        print("|---|---:|---:|---:|")
+        for name, r in results["configs"].items():
+            b = r["bound"]
+            print(f"| {name} | {b['tokens_per_s']:,.0f} | {b['mfu']:.0%} | {b['speedup']:.2f}x |")
     if "compile_48_layers" in results:
         c = results["compile_48_layers"]
         scanned, unrolled = c["scanned"]["total"], c["unrolled"]["total"]
