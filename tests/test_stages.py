@@ -251,12 +251,10 @@ def test_from_scratch_baseline_is_the_final_architecture_on_the_whole_budget(tea
 
 
 def test_the_23a2b_dry_run_matches_the_paper_and_the_docs(capsys):
-    start = time.perf_counter()
     config = load_config_file(REPO / "configs" / "slimqwen_23a2b.py").get_config()
     config.dry_run = True
     rows = train.run(config)["stages"]
     printed = capsys.readouterr().out
-    assert time.perf_counter() - start < 60
     assert [r["architecture"] for r in rows] == [
         "42 layers, hidden 2048, 256 experts top-8",
         "36 layers, hidden 1536, 256 experts top-8",
