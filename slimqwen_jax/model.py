@@ -290,9 +290,19 @@ class Qwen3NextForCausalLM(nnx.Module):
         return states
 
 
-@functools.lru_cache(maxsize=8)  # tracing the 80B model's init takes seconds
+class _ShapesOnlyRngs:
+    """Stands in for `nnx.Rngs` when only shapes are traced: every draw is one fixed key. With
+    `nnx.Rngs`, each of the thousands of draws of a large model's init updates a traced key counter,
+    and that update makes jax describe the tracer's origin by walking the whole trace so far (the
+    80B model's init took ~9 s, nearly all of it there)."""
+
+    def params(self) -> jax.Array:
+        return jax.random.key(0)
+
+
+@functools.lru_cache(maxsize=8)
 def _abstract_split(cfg: Qwen3NextConfig) -> tuple[nnx.GraphDef, nnx.State]:
-    return nnx.split(nnx.eval_shape(lambda: Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    return nnx.split(nnx.eval_shape(lambda: Qwen3NextForCausalLM(cfg, rngs=_ShapesOnlyRngs())), nnx.Param)
 
 
 def abstract_model(cfg: Qwen3NextConfig) -> tuple[nnx.GraphDef, nnx.State]:
