@@ -33,7 +33,23 @@ def capturing(module: nnx.Module, variable_type: type[nnx.Variable]) -> bool:
     return any(type(var) is variable_type for var in getattr(module, "__captures__", ()))
 
 
-def normal_param(rngs: nnx.Rngs, shape, axes, cfg: Qwen3NextConfig) -> nnx.Param:
+class InitKeys:
+    """The keys `nnx.Rngs(seed).params()` draws (fold_in(key(seed), 0), then 1, 2, ...), counted in
+    Python: for inits traced under `jit` or `eval_shape`. There `nnx.Rngs` updates a traced counter
+    at every draw, and flax's check of that update makes jax describe the tracer's origin, a walk
+    over the whole trace so far: quadratic in the parameters (tracing the 80B model's init: ~9 s)."""
+
+    def __init__(self, seed: int):
+        self._key = jax.random.key(seed)
+        self._count = 0
+
+    def params(self) -> jax.Array:
+        key = jax.random.fold_in(self._key, self._count)
+        self._count += 1
+        return key
+
+
+def normal_param(rngs: nnx.Rngs | InitKeys, shape, axes, cfg: Qwen3NextConfig) -> nnx.Param:
     """A normal(0, initializer_range) parameter, HF's init for projections and embeddings."""
     value = cfg.initializer_range * jax.random.normal(rngs.params(), shape, jnp.float32)
     return nnx.Param(value.astype(cfg.params_dtype), logical_axes=axes)

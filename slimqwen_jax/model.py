@@ -15,7 +15,17 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from slimqwen_jax.config import FULL_ATTENTION, LINEAR_ATTENTION, Qwen3NextConfig
-from slimqwen_jax.layers import MLP, Attention, Calibration, Embedding, GatedDeltaNet, Linear, RMSNorm, capturing
+from slimqwen_jax.layers import (
+    MLP,
+    Attention,
+    Calibration,
+    Embedding,
+    GatedDeltaNet,
+    InitKeys,
+    Linear,
+    RMSNorm,
+    capturing,
+)
 from slimqwen_jax.moe import SparseMoeBlock, load_balancing_loss
 
 
@@ -290,19 +300,9 @@ class Qwen3NextForCausalLM(nnx.Module):
         return states
 
 
-class _ShapesOnlyRngs:
-    """Stands in for `nnx.Rngs` when only shapes are traced: every draw is one fixed key. With
-    `nnx.Rngs`, each of the thousands of draws of a large model's init updates a traced key counter,
-    and that update makes jax describe the tracer's origin by walking the whole trace so far (the
-    80B model's init took ~9 s, nearly all of it there)."""
-
-    def params(self) -> jax.Array:
-        return jax.random.key(0)
-
-
 @functools.lru_cache(maxsize=8)
 def _abstract_split(cfg: Qwen3NextConfig) -> tuple[nnx.GraphDef, nnx.State]:
-    return nnx.split(nnx.eval_shape(lambda: Qwen3NextForCausalLM(cfg, rngs=_ShapesOnlyRngs())), nnx.Param)
+    return nnx.split(nnx.eval_shape(lambda: Qwen3NextForCausalLM(cfg, rngs=InitKeys(0))), nnx.Param)
 
 
 def abstract_model(cfg: Qwen3NextConfig) -> tuple[nnx.GraphDef, nnx.State]:

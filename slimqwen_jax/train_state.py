@@ -16,6 +16,7 @@ from flax import nnx
 from slimqwen_jax import loading, sharding
 from slimqwen_jax.checkpoint import TrainingCheckpoints, on_every_process
 from slimqwen_jax.config import RUNTIME_FIELDS, Qwen3NextConfig
+from slimqwen_jax.layers import InitKeys
 from slimqwen_jax.model import Qwen3NextForCausalLM, abstract_model
 
 log = logging.getLogger("slimqwen_jax.train")
@@ -66,7 +67,7 @@ def initial_params(cfg: Qwen3NextConfig, init_from: str, seed: int, param_shardi
     """Parameters from `init_from` (HF directory or our checkpoint, checked by `check_init_from`)
     or a seeded random init."""
     if not init_from:
-        init = lambda: nnx.state(Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(seed)), nnx.Param)  # noqa: E731
+        init = lambda: nnx.state(Qwen3NextForCausalLM(cfg, rngs=InitKeys(seed)), nnx.Param)  # noqa: E731
         return jax.jit(init, out_shardings=param_shardings)()
     model = loading.load_model(init_from, role="init_from", **{k: getattr(cfg, k) for k in RUNTIME_FIELDS})
     return jax.device_put(nnx.state(model, nnx.Param), param_shardings)

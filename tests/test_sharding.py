@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from slimqwen_jax import losses, sharding, steps, train_state
+from slimqwen_jax import losses, model, sharding, steps, train_state
 from slimqwen_jax.config import tiny
 from slimqwen_jax.model import Qwen3NextForCausalLM
 from slimqwen_jax.testing import collective_results
@@ -131,3 +131,18 @@ def test_data_parallel_distillation_step_moves_no_token_rows():
     assert max(math.prod(shape) for _, shape in results) <= max(sizes)
     # Every gradient once; the embedding's and the LM head's twice (the MTP module uses them too).
     assert sum(sizes) <= sum(math.prod(shape) for _, shape in results) <= 1.25 * sum(sizes)
+
+
+def test_a_seeded_init_on_a_mesh_equals_the_model_built_with_nnx_rngs():
+    """`train_state.initial_params` (the init jitted onto the mesh, its keys counted by
+    `layers.InitKeys`) equals the jitted init with `nnx.Rngs(seed)`, bit for bit, and
+    `model.abstract_model` has the same graph definition and shapes."""
+    cfg = tiny(hidden_size=32, num_experts=4)
+    mesh = sharding.make_mesh(dict(data=2, fsdp=2, expert=2))
+    graphdef, _, _, param_shardings, _ = train_state.abstract_state(cfg, optax.sgd(0.1), mesh)
+    params = train_state.initial_params(cfg, "", 3, param_shardings)
+    reference = jax.jit(lambda: nnx.split(Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(3)), nnx.Param))
+    expected_graphdef, expected = reference()
+    assert graphdef == expected_graphdef == model.abstract_model(cfg)[0]
+    for (path, ours), theirs in zip(jax.tree.leaves_with_path(params), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(ours, theirs, err_msg=jax.tree_util.keystr(path))
