@@ -105,13 +105,14 @@ def test_a_fault_during_a_save_ends_in_one_line_and_keeps_the_previous_checkpoin
     workdir = tmp_path / "run"
     code, output = run_train(workdir, fault=(fault, 4))
     checkpoints = workdir / "checkpoints"
+    # Looked at first: opening the checkpoints starts orbax's background cleanup of temporary directories.
+    interrupted = list(checkpoints.glob("4.orbax-checkpoint-tmp*"))
     latest = TrainingCheckpoints(workdir).latest_step()  # what a resume takes
     good = re.escape(str(checkpoints / str(latest)))
     assert code == 1 and "Traceback" not in output, output
     assert re.search(message.format(checkpoints=re.escape(str(checkpoints)), good=good), output), output
     # Atomic: a save that failed is never resumed from, only its temporary directory is left; a
     # Ctrl-C lets the save in flight end, and that step is the one a resume takes.
-    interrupted = list(checkpoints.glob("4.orbax-checkpoint-tmp*"))
     assert (latest == 2 and interrupted) if fault == "enospc" else latest == 4
     assert (checkpoints / "4").exists() == (latest == 4)
     assert all(np.isfinite(a).all() for a in checkpoint_params(workdir, latest))
