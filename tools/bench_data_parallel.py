@@ -37,11 +37,10 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from bench_train_step import CONFIGS, OPTIMIZER  # noqa: E402
+from bench_train_step import CONFIGS, trainer_step  # noqa: E402
 from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from slimqwen_jax import cli, losses, model, sharding, steps  # noqa: E402
+from slimqwen_jax import cli, model, sharding  # noqa: E402
 from slimqwen_jax.testing import collective_results  # noqa: E402
 
 
@@ -49,16 +48,12 @@ def compiled_step(cfg, mesh: jax.sharding.Mesh, tokens: np.ndarray):
     """(compiled step, params, opt_state, tokens): the trainer's step with its arguments placed on `mesh`."""
     graphdef, params = nnx.split(model.Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param)
     params = jax.device_put(params, sharding.state_shardings(params, mesh))
-    objective = losses.distillation_objective(aux_coef=cfg.router_aux_loss_coef, chunk_size=1024)
-    loss_fn = steps.make_loss_fn(graphdef, objective, with_mtp=False)
-    tx, _ = steps.make_optimizer(steps.optimizer_config(**OPTIMIZER), 100)
-    weights = steps.loss_weights_fn(losses.loss_config(distillation=False), 100)
-    micro = NamedSharding(mesh, PartitionSpec(None, sharding.LOGICAL_RULES["batch"]))
-    step = jax.jit(steps.make_train_step(loss_fn, tx, weights, 1, micro), donate_argnums=(0, 1))
+    train_step, tx = trainer_step(cfg, graphdef, total_steps=100, mesh=mesh)
+    opt_state = jax.jit(tx.init)(params)
     tokens = jax.device_put(jnp.asarray(tokens), sharding.batch_sharding(mesh, 2))
     with jax.set_mesh(mesh):
-        compiled = step.lower(params, jax.jit(tx.init)(params), None, tokens, 0).compile()
-    return compiled, params, jax.jit(tx.init)(params), tokens
+        compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(params, opt_state, None, tokens, 0).compile()
+    return compiled, params, opt_state, tokens
 
 
 def measure(cfg, mesh: jax.sharding.Mesh, tokens: np.ndarray, repeats: int) -> dict:

@@ -42,7 +42,7 @@ import numpy as np
 from flax import nnx
 from timing import interleaved_medians
 
-from slimqwen_jax import cli, losses, model, moe, stacking, steps
+from slimqwen_jax import cli, losses, model, moe, sharding, stacking, steps
 from slimqwen_jax.config import FULL_ATTENTION, Qwen3NextConfig, tiny
 from slimqwen_jax.testing import hand_count_parameters
 
@@ -92,16 +92,16 @@ def model_flops_per_token(cfg: Qwen3NextConfig, seq_len: int) -> float:
     return 6 * matmul_params + 6 * attention + 6 * delta_rule
 
 
-def trainer_step(cfg: Qwen3NextConfig, graphdef: nnx.GraphDef, total_steps: int):
-    """(train_step, tx): the trainer's step for LM CE + aux loss on one device, not yet jitted."""
+def trainer_step(cfg: Qwen3NextConfig, graphdef: nnx.GraphDef, total_steps: int, mesh=None):
+    """(train_step, tx): the trainer's step for LM CE + aux loss, not yet jitted; its micro-batches
+    split over `mesh`'s batch axes (default: one device)."""
     objective = losses.distillation_objective(aux_coef=cfg.router_aux_loss_coef, chunk_size=1024)
     loss_fn = steps.make_loss_fn(graphdef, objective, with_mtp=False)
     tx, _ = steps.make_optimizer(steps.optimizer_config(**OPTIMIZER), total_steps)
     weights = steps.loss_weights_fn(losses.loss_config(distillation=False), total_steps)
-    one_device = jax.sharding.NamedSharding(
-        jax.sharding.Mesh(jax.devices()[:1], ("batch",)), jax.sharding.PartitionSpec()
-    )
-    return steps.make_train_step(loss_fn, tx, weights, 1, one_device), tx
+    mesh = mesh or sharding.make_mesh(dict(data=1, fsdp=1, expert=1), jax.devices()[:1])
+    micro = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.LOGICAL_RULES["batch"]))
+    return steps.make_train_step(loss_fn, tx, weights, 1, micro), tx
 
 
 def routed_as_plain_matmuls(rows, row_experts, gate_proj, up_proj, down_proj):
