@@ -54,6 +54,22 @@ def test_experts_not_divisible_by_the_expert_axis_are_rejected():
         sharding.state_shardings(state, mesh)
 
 
+STUDENT = tiny(hidden_size=32, num_experts=4)
+TEACHER = tiny(hidden_size=48, num_hidden_layers=5, num_experts=8)  # float32: no bf16 rounding noise
+
+
+def distillation_step(graphdef, teacher_graphdef, tx, loss, mesh, param_shardings, opt_shardings):
+    """The trainer's jitted distillation step (MTP, MTP-KD from the teacher's MTP) for `STUDENT`, its
+    micro-batches over the mesh's batch axes."""
+    objective = losses.distillation_objective(aux_coef=STUDENT.router_aux_loss_coef, chunk_size=loss.chunk_size)
+    loss_fn = steps.make_loss_fn(
+        graphdef, objective, with_mtp=True, teacher_graphdef=teacher_graphdef, teacher_mtp=True
+    )
+    micro = NamedSharding(mesh, PartitionSpec(None, sharding.LOGICAL_RULES["batch"]))
+    return jax.jit(steps.make_train_step(loss_fn, tx, steps.loss_weights_fn(loss, 4), 1, micro),
+                   out_shardings=(param_shardings, opt_shardings, None))  # fmt: skip
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "mesh_shape, moe_backend", [((4, 2, 1), "ragged"), ((2, 1, 4), "expert_parallel")], ids=["fsdp", "expert"]
@@ -62,8 +78,6 @@ def test_sharded_train_steps_match_one_device(mesh_shape, moe_backend):
     """Two distillation steps on a mesh of 8 devices (data=4 x fsdp=2, or data=2 x expert=4 with the
     expert-parallel MoE), student and teacher placed by the same logical-axis rules, equal two steps
     on one device with the ragged MoE."""
-    cfg = tiny(hidden_size=32, num_experts=4)
-    teacher_cfg = tiny(hidden_size=48, num_hidden_layers=5, num_experts=8)  # float32: no bf16 rounding noise
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 257, (2, 8, 33)), jnp.int32)
     tx = optax.sgd(0.5)  # linear in the gradients, so float reassociation noise is not amplified
     loss = losses.loss_config(distillation=True)
@@ -73,21 +87,15 @@ def test_sharded_train_steps_match_one_device(mesh_shape, moe_backend):
     for devices, shape, backend in runs:
         mesh = jax.sharding.Mesh(np.asarray(devices).reshape(shape), sharding.MESH_AXES)
         graphdef, _, _, param_shardings, opt_shardings = train_state.abstract_state(
-            cfg.replace(moe_backend=backend), tx, mesh
+            STUDENT.replace(moe_backend=backend), tx, mesh
         )
-        params = train_state.initial_params(cfg, "", 0, param_shardings)
+        params = train_state.initial_params(STUDENT, "", 0, param_shardings)
         opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
         teacher_graphdef, teacher_params = nnx.split(
-            Qwen3NextForCausalLM(teacher_cfg.replace(moe_backend=backend), rngs=nnx.Rngs(1)), nnx.Param
+            Qwen3NextForCausalLM(TEACHER.replace(moe_backend=backend), rngs=nnx.Rngs(1)), nnx.Param
         )
         teacher_params = jax.device_put(teacher_params, sharding.state_shardings(teacher_params, mesh))
-        loss_fn = steps.make_loss_fn(
-            graphdef, losses.distillation_objective(aux_coef=cfg.router_aux_loss_coef, chunk_size=loss.chunk_size),
-            with_mtp=True, teacher_graphdef=teacher_graphdef, teacher_mtp=True,
-        )  # fmt: skip
-        micro = NamedSharding(mesh, PartitionSpec(None, sharding.LOGICAL_RULES["batch"]))
-        step = jax.jit(steps.make_train_step(loss_fn, tx, steps.loss_weights_fn(loss, 4), 1, micro),
-                       out_shardings=(param_shardings, opt_shardings, None))  # fmt: skip
+        step = distillation_step(graphdef, teacher_graphdef, tx, loss, mesh, param_shardings, opt_shardings)
         with jax.set_mesh(mesh):
             for i, batch in enumerate(tokens):
                 batch = jax.device_put(batch, sharding.batch_sharding(mesh, 2))
@@ -106,22 +114,13 @@ def test_data_parallel_distillation_step_moves_no_token_rows():
     collectives are all-reduces of the gradients and a few metrics (XLA's partitioner would gather
     every token's routing, expert rows and LM-head inputs on every device for the sort, `top_k` and
     the chunked loss without `sharding.on_batch_shards`)."""
-    cfg = tiny(hidden_size=32, num_experts=4)
-    teacher_cfg = tiny(hidden_size=48, num_hidden_layers=5, num_experts=8)
     mesh = sharding.make_mesh(dict(data=-1, fsdp=1, expert=1))
     tx = optax.adamw(1e-3)
     loss = losses.loss_config(distillation=True)
-    graphdef, params, _, param_shardings, opt_shardings = train_state.abstract_state(cfg, tx, mesh)
-    teacher_graphdef, teacher_params = nnx.split(
-        nnx.eval_shape(lambda: Qwen3NextForCausalLM(teacher_cfg, rngs=nnx.Rngs(1))), nnx.Param
-    )
-    objective = losses.distillation_objective(aux_coef=cfg.router_aux_loss_coef, chunk_size=64)
-    loss_fn = steps.make_loss_fn(
-        graphdef, objective, with_mtp=True, teacher_graphdef=teacher_graphdef, teacher_mtp=True
-    )
-    micro = NamedSharding(mesh, PartitionSpec(None, sharding.LOGICAL_RULES["batch"]))
-    step = jax.jit(steps.make_train_step(loss_fn, tx, steps.loss_weights_fn(loss, 4), 1, micro),
-                   out_shardings=(param_shardings, opt_shardings, None))  # fmt: skip
+    loss.chunk_size = 64
+    graphdef, params, _, param_shardings, opt_shardings = train_state.abstract_state(STUDENT, tx, mesh)
+    teacher_graphdef, teacher_params = model.abstract_model(TEACHER)
+    step = distillation_step(graphdef, teacher_graphdef, tx, loss, mesh, param_shardings, opt_shardings)
     tokens = jax.ShapeDtypeStruct((16, 33), jnp.int32, sharding=sharding.batch_sharding(mesh, 2))  # 2 rows per device
     with jax.set_mesh(mesh):
         hlo = step.lower(params, jax.eval_shape(tx.init, params), teacher_params, tokens, 0).compile().as_text()
@@ -137,12 +136,11 @@ def test_a_seeded_init_on_a_mesh_equals_the_model_built_with_nnx_rngs():
     """`train_state.initial_params` (the init jitted onto the mesh, its keys counted by
     `layers.InitKeys`) equals the jitted init with `nnx.Rngs(seed)`, bit for bit, and
     `model.abstract_model` has the same graph definition and shapes."""
-    cfg = tiny(hidden_size=32, num_experts=4)
     mesh = sharding.make_mesh(dict(data=2, fsdp=2, expert=2))
-    graphdef, _, _, param_shardings, _ = train_state.abstract_state(cfg, optax.sgd(0.1), mesh)
-    params = train_state.initial_params(cfg, "", 3, param_shardings)
-    reference = jax.jit(lambda: nnx.split(Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(3)), nnx.Param))
+    graphdef, _, _, param_shardings, _ = train_state.abstract_state(STUDENT, optax.sgd(0.1), mesh)
+    params = train_state.initial_params(STUDENT, "", 3, param_shardings)
+    reference = jax.jit(lambda: nnx.split(Qwen3NextForCausalLM(STUDENT, rngs=nnx.Rngs(3)), nnx.Param))
     expected_graphdef, expected = reference()
-    assert graphdef == expected_graphdef == model.abstract_model(cfg)[0]
+    assert graphdef == expected_graphdef == model.abstract_model(STUDENT)[0]
     for (path, ours), theirs in zip(jax.tree.leaves_with_path(params), jax.tree.leaves(expected), strict=True):
         np.testing.assert_array_equal(ours, theirs, err_msg=jax.tree_util.keystr(path))
