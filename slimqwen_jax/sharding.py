@@ -117,7 +117,7 @@ def on_batch_shards(fn, rows, pad_values, whole=(), *, summed: bool = False, mes
     """
     context = mesh is None
     mesh = jax.sharding.get_abstract_mesh() if context else mesh
-    axes, shards = ((), 1) if mesh is None or mesh.empty else batch_shards(mesh)
+    axes, shards = ((), 1) if mesh.empty else batch_shards(mesh)
     if shards == 1:
         return fn(*rows, *whole)
 
