@@ -1,8 +1,8 @@
 """python -m slimqwen_jax.train --config configs/slimqwen_23a2b.py --config.dry_run=True
 
-The paper's recipe (method.md sections 2-5): Qwen3-Next-80B-A3B (teacher, and the student's start)
--> SlimQwen-23A2B in two depth_first stages on 400B tokens, 40B + 360B: stage 1 removes 6 of the
-12 layers to remove (the last ones) and compresses 512 -> 256 experts, top-10 -> top-8 (REAP
+The paper's recipe (docs/method.md sections 2-5): Qwen3-Next-80B-A3B (teacher, and the student's
+start) -> SlimQwen-23A2B in two depth_first stages on 400B tokens, 40B + 360B: stage 1 removes 6 of
+the 12 layers to remove (the last ones) and compresses 512 -> 256 experts, top-10 -> top-8 (REAP
 importance, partial preservation of half, expert-vector similarity); stage 2 removes the other 6
 layers and cuts the width 2048 -> 1536. Loss: the four terms with lam linear 1.0 -> 0.75 and beta
 cosine 0.3 -> 0.1 over the run, MTP-KD from the teacher's MTP head. Global batch 1,024 sequences of
@@ -11,17 +11,14 @@ to 3e-5, no re-warmup in stage 2. Mesh: 256 devices (e.g. a TPU v5p-512 pod slic
 expert 8, experts sharded with expert parallelism; calibration on 1,024 sequences before each stage.
 
 The dry run prints each stage's architecture, parameter counts, steps, tokens and per-device
-memory without weights, in well under a minute on a CPU. The real run needs the checkpoint:
+memory without weights (docs/stages.md). The real run needs the checkpoint:
   --config.init_from=/path/to/Qwen3-Next-80B-A3B --config.teacher=/path/to/Qwen3-Next-80B-A3B
 """
 
 import ml_collections
 
 from slimqwen_jax.config import qwen3_next_80b_a3b, slimqwen_23a2b
-from slimqwen_jax.data import default_data_config
-from slimqwen_jax.losses import loss_config
-from slimqwen_jax.stages import calibration_config, depth_first
-from slimqwen_jax.steps import optimizer_config
+from slimqwen_jax.run_config import base_config, depth_first, loss_section, model_section, optimizer_section
 
 GLOBAL_BATCH, SEQ_LEN = 1024, 4096
 TOKENS = 400 * 10**9
@@ -30,23 +27,17 @@ TOKENS = 400 * 10**9
 def get_config() -> ml_collections.ConfigDict:
     source = qwen3_next_80b_a3b(dtype="bfloat16", param_dtype="float32", moe_backend="expert_parallel")
     steps = -(-TOKENS // (GLOBAL_BATCH * SEQ_LEN))
-    config = ml_collections.ConfigDict()
+    config = base_config()
     config.workdir = "runs/slimqwen_23a2b"
     config.init_from = "checkpoints/Qwen3-Next-80B-A3B"  # an HF directory: the student starts as the teacher
     config.teacher = "checkpoints/Qwen3-Next-80B-A3B"
-    config.seed = 0
-    config.dry_run = False
-    config.baseline = ""  # "" | from_scratch | pruned_lm_only
-    config.model = source.to_flag_dict()
-    config.data = default_data_config()  # point it at the pretraining data: --config.data.source=tokens ...
-    config.data.seq_len = SEQ_LEN
-    config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=32, expert=8))
-    config.train = ml_collections.ConfigDict(
-        dict(steps=0, global_batch_size=GLOBAL_BATCH, grad_accum_steps=1, log_every=10, eval_every=1000,
-             eval_batches=16, eval_batch_size=64, eval_mtp_drafts=3, checkpoint_every=1000, keep_checkpoints=2)
-    )  # fmt: skip
-    config.loss = loss_config(distillation=True)
-    config.optimizer = optimizer_config(peak_lr=4e-4, end_lr=3e-5, warmup_steps=2000, weight_decay=0.1)
+    config.model = model_section(source)
+    config.data.seq_len = SEQ_LEN  # point the data at the pretraining corpus: --config.data.source=tokens ...
+    config.mesh.update(data=1, fsdp=32, expert=8)
+    config.train.update(steps=0, global_batch_size=GLOBAL_BATCH, log_every=10, eval_every=1000, eval_batches=16,
+                        eval_batch_size=64, checkpoint_every=1000)  # fmt: skip
+    config.loss = loss_section(distillation=True)
+    config.optimizer = optimizer_section(peak_lr=4e-4, end_lr=3e-5, warmup_steps=2000, weight_decay=0.1)
     config.stages = depth_first(source, slimqwen_23a2b(), steps, split=(0.1, 0.9), multiple_of=128)
-    config.calibration = calibration_config(num_samples=1024, seq_len=SEQ_LEN, batch_size=8, log_every=8)
+    config.calibration.update(num_samples=1024, seq_len=SEQ_LEN, batch_size=8, log_every=8)
     return config

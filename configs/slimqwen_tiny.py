@@ -7,7 +7,7 @@ and is pruned and distilled in two depth_first stages (10% / 90% of the steps): 
 layers and compresses 8 -> 4 experts, stage 2 removes 2 more layers (4 left, one 3:1 block) and
 cuts the hidden width 96 -> 64; then the from-scratch baseline: the final architecture from a
 random init, same objective, same tokens. The report (workdir/report.md, report.json,
-report.png) compares teacher, pruned + KD and from scratch.
+report.png) compares teacher, pruned + KD and from scratch; docs/stages.md shows a measured run.
 
 The pipeline points every run at its own root: `<workdir>/teacher`, `<workdir>/student` (teacher and
 init_from set to the teacher's last checkpoint), `<workdir>/from_scratch`. As a plain train config
@@ -18,10 +18,7 @@ in workdir, against the teacher checkpoint `teacher` names.
 import ml_collections
 
 from slimqwen_jax.config import tiny
-from slimqwen_jax.data import default_data_config
-from slimqwen_jax.losses import loss_config
-from slimqwen_jax.stages import calibration_config, depth_first
-from slimqwen_jax.steps import optimizer_config
+from slimqwen_jax.run_config import base_config, depth_first, loss_section, model_section
 
 TEACHER = tiny(
     vocab_size=260, hidden_size=96, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
@@ -33,27 +30,12 @@ TARGET = TEACHER.replace(num_hidden_layers=4, layer_types=None, hidden_size=64, 
 TEACHER_STEPS, STUDENT_STEPS = 400, 300
 
 
-def train_section(steps: int) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(
-        dict(steps=steps, global_batch_size=8, grad_accum_steps=1, log_every=20, eval_every=50, eval_batches=8,
-             eval_batch_size=8, eval_mtp_drafts=3, checkpoint_every=100, keep_checkpoints=2)
-    )  # fmt: skip
-
-
 def teacher_config(workdir: str) -> ml_collections.ConfigDict:
     """Pretraining of the teacher: LM + MTP loss, no teacher of its own."""
-    config = ml_collections.ConfigDict()
+    config = base_config()
     config.workdir = f"{workdir}/teacher"
-    config.init_from = ""
-    config.teacher = ""
-    config.seed = 0
-    config.model = TEACHER.to_flag_dict()
-    config.data = default_data_config()
-    config.data.seq_len = 256
-    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1))
-    config.train = train_section(TEACHER_STEPS)
-    config.loss = loss_config(distillation=False)
-    config.optimizer = optimizer_config()
+    config.model = model_section(TEACHER)
+    config.train.update(steps=TEACHER_STEPS, eval_every=50)
     return config
 
 
@@ -64,11 +46,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.workdir = workdir
     config.init_from = teacher  # the student starts as the teacher
     config.teacher = teacher
-    config.train = train_section(0)  # 0: the sum of the stages
-    config.loss = loss_config(distillation=True)
+    config.train.steps = 0  # the sum of the stages
+    config.loss = loss_section(distillation=True)
     config.loss.teacher_dtype = "float32"  # the tiny teacher runs in float32 on the CPU
     config.stages = depth_first(TEACHER, TARGET, STUDENT_STEPS, split=(0.1, 0.9), multiple_of=16)
-    config.calibration = calibration_config(num_samples=32, seq_len=256)
-    config.baseline = ""  # "" | from_scratch | pruned_lm_only
-    config.pipeline = ml_collections.ConfigDict(dict(teacher=teacher_config(workdir)))
+    config.calibration.num_samples = 32
+    config.pipeline.teacher = teacher_config(workdir)
     return config

@@ -48,16 +48,16 @@ def jax_computes_on_cpu_only() -> bool:
 def keep_freed_host_memory() -> bool:
     """On a CPU-only JAX with glibc, keep freed memory in the process for reuse; True if applied.
 
-    XLA:CPU allocates all of an execution's temporaries as one buffer (1.4 GB for the moe16 train
-    step of tools/bench_train_step.py) and frees it when the execution ends. glibc serves a block
-    that large with a fresh `mmap` (the threads' own arenas always do) and unmaps it on `free`, so
-    every step faults in and zeroes every page of it again: a third of that step's CPU time went
-    to the kernel (docs/performance.md). With one arena, no `mmap` and no trimming of the heap's
-    top below 2 GiB, the freed buffer stays mapped and the next step reuses it. Call before JAX's
+    XLA:CPU allocates all of an execution's temporaries as one buffer (over a gigabyte for the
+    moe16 train step of tools/bench_train_step.py) and frees it when the execution ends. glibc
+    serves a block that large with a fresh `mmap` (the threads' own arenas always do) and unmaps it
+    on `free`, so every step faults in and zeroes every page of it again, in the kernel's time
+    (measured in docs/performance.md). With one arena, no `mmap` and no trimming of the heap's top
+    below 2 GiB, the freed buffer stays mapped and the next step reuses it. Call before JAX's
     first computation: threads that have allocated already keep their arenas. A no-op elsewhere
     (accelerators allocate their own device memory; other C libraries) and with the environment
-    variable SLIMQWEN_JAX_KEEP_HOST_MEMORY=0 (one arena slowed the compile of a 48-layer train step
-    by 5-15%; a cost that compile-bound runs of tiny models notice).
+    variable SLIMQWEN_JAX_KEEP_HOST_MEMORY=0 (one arena slows the compile of a deep train step a
+    little, docs/performance.md; a cost that compile-bound runs of tiny models notice).
     """
     if os.environ.get("SLIMQWEN_JAX_KEEP_HOST_MEMORY", "1") == "0":
         return False

@@ -83,9 +83,8 @@ class Qwen3NextConfig:
     # expert_parallel only: capacity = ceil(factor * local copies / expert-axis size); 0 = dropless.
     moe_capacity_factor: float = 0.0
     # Run the decoder stack as a lax.scan over its repeating block of layers (`model.decoder_stack`):
-    # a deep model compiles faster (48 layers, trained in the stacked layout of `stacking`: 0.19 of
-    # the unrolled time); a shallow one runs slower (8 layers on the CPU: 1.32 vs 1.11 s a step,
-    # docs/performance.md), hence off by default.
+    # a deep model compiles much faster (trained in the stacked layout of `stacking`); a shallow one
+    # runs slower a step (both measured in docs/performance.md), hence off by default.
     scan_layers: bool = False
     # Full attention: "reference" builds all [T, T] scores (HF parity); "chunked" attends a block of
     # at most `attention_chunk_size` queries at a time, skipping the keys above the causal diagonal
@@ -279,7 +278,7 @@ def qwen3_next_80b_a3b(**overrides) -> Qwen3NextConfig:
 
 
 def slimqwen_23a2b(**overrides) -> Qwen3NextConfig:
-    """SlimQwen-23A2B (method.md section 2): 36 layers, width 1536, 256 experts, top-8."""
+    """SlimQwen-23A2B (docs/method.md section 2): 36 layers, width 1536, 256 experts, top-8."""
     return qwen3_next_80b_a3b(**{"num_hidden_layers": 36, "hidden_size": 1536, "num_experts": 256,
                                  "num_experts_per_tok": 8, **overrides})  # fmt: skip
 
@@ -295,11 +294,11 @@ def tiny(**overrides) -> Qwen3NextConfig:
     return Qwen3NextConfig(**{**base, **overrides})
 
 
-PRESETS = {"qwen3_next_80b_a3b": qwen3_next_80b_a3b, "slimqwen_23a2b": slimqwen_23a2b, "tiny": tiny}
+MODEL_PRESETS = {"qwen3_next_80b_a3b": qwen3_next_80b_a3b, "slimqwen_23a2b": slimqwen_23a2b, "tiny": tiny}
 
 
 def preset(name: str, **overrides) -> Qwen3NextConfig:
     """A named preset with field overrides."""
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-    return PRESETS[name](**overrides)
+    if name not in MODEL_PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose from {sorted(MODEL_PRESETS)}")
+    return MODEL_PRESETS[name](**overrides)

@@ -17,7 +17,7 @@ the prompt). Padding tokens take no key slot that valid tokens see, enter the co
 an empty history and leave the recurrent state unchanged (g = 0, beta = 0), so every row computes
 exactly what it would alone.
 
-The MTP module is the draft model (method.md section 7): its first layer is applied recursively,
+The MTP module is the draft model (docs/method.md section 7): its first layer is applied recursively,
 each draft step fed the previous step's output hidden state and drafted token. The verifier (the
 backbone) runs once over [pending token, drafts], keeping the linear-attention states of every
 position, and the longest agreeing prefix is accepted: caches are then exactly those of decoding

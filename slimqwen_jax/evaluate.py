@@ -27,13 +27,13 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from slimqwen_jax import cli, data
+from slimqwen_jax import cli, data, run_config
 from slimqwen_jax.config import ConfigError
 from slimqwen_jax.decoding import Decoder, DecodingError, uncached_generate
-from slimqwen_jax.evaluation import acceptance_rates, add_statistics, batch_statistics, summarize, token_byte_lengths
 from slimqwen_jax.hf import CheckpointMismatchError
 from slimqwen_jax.loading import load_model
 from slimqwen_jax.model import Qwen3NextForCausalLM
+from slimqwen_jax.model_metrics import acceptance_rates, add_statistics, batch_statistics, summarize, token_byte_lengths
 from slimqwen_jax.progress import format_duration
 
 log = logging.getLogger("slimqwen_jax.evaluate")
@@ -44,9 +44,8 @@ class EvaluateError(RuntimeError):
 
 
 def report_path(config: ml_collections.ConfigDict) -> Path:
-    """The JSON report's path, refused if it exists (unless `overwrite`) before anything runs."""
-    if not config.report:
-        raise EvaluateError("config.report is empty: name the JSON report file (--config.report=<path>)")
+    """The JSON report's path (not empty: `run_config.check`), refused if it exists (unless
+    `overwrite`) before anything runs."""
     path = Path(config.report)
     if path.exists() and not config.overwrite:
         raise EvaluateError(f"{path} exists; pass --config.overwrite=true or another --config.report")
@@ -144,23 +143,9 @@ def heldout_prompts(data_cfg, tokenizer, num_prompts: int, prompt_len: int) -> l
 
 
 # ---------------------------------------------------------------------------- the run
-def size_problems(config: ml_collections.ConfigDict) -> list[str]:
-    """Every held-out and decoding size that cannot run (counts >= 1, draft counts >= 0)."""
-    fields = [("heldout", name, 1) for name in ("batch_size", "num_batches")]
-    fields += [("decoding", name, 1) for name in ("num_prompts", "prompt_len", "max_new_tokens", "batch_size")]
-    fields += [("heldout", "num_drafts", 0), ("decoding", "num_drafts", 0)]
-    return [
-        f"{group}.{name} must be >= {low}, got {config[group][name]}"
-        for group, name, low in fields
-        if config[group][name] < low
-    ]
-
-
 def run(config: ml_collections.ConfigDict) -> dict:
     """Evaluate as configured; returns the report. Raises EvaluateError, DataError, ConfigError, ..."""
-    problems = size_problems(config)
-    if problems:
-        raise EvaluateError("; ".join(problems))
+    run_config.check(config, "evaluate")
     path = report_path(config)
     tokenizer = data.make_tokenizer(config.data.tokenizer)
     model = load_model(config.model, dtype=config.dtype)

@@ -21,7 +21,7 @@ from slimqwen_jax.config import Qwen3NextConfig
 
 
 class Calibration(nnx.Intermediate):
-    """Intermediates sown for pruning statistics (`slimqwen_jax.pruning.calibration`).
+    """Intermediates sown for pruning statistics (`slimqwen_jax.compression.calibration`).
 
     A type of its own so that only `nnx.capture(model, Calibration)` collects them: the training
     loss's `nnx.capture(model, nnx.Intermediate)` neither stores nor computes them.
@@ -37,7 +37,7 @@ class InitKeys:
     """The keys `nnx.Rngs(seed).params()` draws (fold_in(key(seed), 0), then 1, 2, ...), counted in
     Python: for inits traced under `jit` or `eval_shape`. There `nnx.Rngs` updates a traced counter
     at every draw, and flax's check of that update makes jax describe the tracer's origin, a walk
-    over the whole trace so far: quadratic in the parameters (tracing the 80B model's init: ~9 s)."""
+    over the whole trace so far: quadratic in the parameters (seconds for the 80B model's init)."""
 
     def __init__(self, seed: int):
         self._key = jax.random.key(seed)

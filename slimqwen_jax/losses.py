@@ -2,7 +2,7 @@
 
     L = (1 - lam) L_LM + lam L_KD + beta ((1 - lam) L_MTP_LM + lam L_MTP_KD) + aux_coef * L_aux
 
-(method.md section 4). An objective reads the models' hidden states before the LM head
+(docs/method.md section 4). An objective reads the models' hidden states before the LM head
 (`HeadInputs`) and applies the head itself, `chunk_size` tokens at a time inside a rematerialised
 scan: one [C, V] block of student and teacher logits lives at a time, in the forward pass and in
 the backward pass, whatever the batch and sequence length.
@@ -229,12 +229,14 @@ def _flat(x: jax.Array) -> jax.Array:  # [B, L, ...] -> [N, ...]
 
 
 def distillation_objective(
-    *, aux_coef: float, chunk_size: int, temperature: float = 1.0, mtp_kd_target: str = "teacher_mtp"
+    *, aux_coef: float, chunk_size: int, temperature: float = 1.0, mtp_kd_target: str = "teacher_mtp",
+    mtp_kd: bool = True,
 ) -> Objective:
-    """The four-term objective of method.md section 4 plus aux_coef x the student's MoE aux loss.
+    """The four-term objective of docs/method.md section 4 plus aux_coef x the student's MoE aux loss.
 
     `weights` holds this step's `lam` and `beta`. Without a teacher only the LM terms exist (lam
-    must then be 0: `check_loss_config`). Without `student.mtp_hidden` the MTP terms are skipped.
+    must then be 0: `loss_problems`). Without `student.mtp_hidden` the MTP terms are skipped;
+    `mtp_kd` (the run's `stage_functions.MtpUse.kd`) says whether the teacher gives MTP-KD targets.
     Metrics: every term (ce, kd, mtp_ce, mtp_kd, aux_loss), lam, beta, loss and, with a teacher,
     `top1_agreement` of the backbones.
     """
@@ -258,11 +260,7 @@ def distillation_objective(
             metrics["kd"], metrics["top1_agreement"] = main["kd"], main["agree"]
         loss = (1.0 - lam) * main["ce"] + lam * metrics.get("kd", 0.0) + aux_coef * student.aux_loss
         if student.mtp_hidden is not None:
-            # A teacher without the MTP head the target asks for gives no MTP-KD (the trainer
-            # allows that only while lam is 0 throughout).
-            mtp_teacher = teacher is not None and (
-                mtp_kd_target == "teacher_backbone" or teacher.mtp_hidden is not None
-            )
+            mtp_teacher = mtp_kd and teacher is not None
             per_depth = []
             for depth in range(student.mtp_hidden.shape[0]):
                 depth_targets, mask = mtp_targets(tokens, depth)
@@ -301,29 +299,8 @@ def is_always_zero(spec: ml_collections.ConfigDict) -> bool:
     return float(spec.start) == 0.0 and (spec.schedule == "constant" or float(spec.end) == 0.0)
 
 
-def loss_config(*, distillation: bool) -> ml_collections.ConfigDict:
-    """`config.loss` defaults: method.md's distillation schedules (lam linear 1.0 -> 0.75, beta
-    cosine 0.3 -> 0.1), or for pretraining lam = 0 and a constant MTP weight beta = 0.3."""
-    lam = (
-        dict(schedule="linear", start=1.0, end=0.75) if distillation else dict(schedule="constant", start=0.0, end=0.0)
-    )
-    beta = (
-        dict(schedule="cosine", start=0.3, end=0.1) if distillation else dict(schedule="constant", start=0.3, end=0.3)
-    )
-    return ml_collections.ConfigDict(
-        dict(
-            lam=lam,  # KD share: (1 - lam) L_LM + lam L_KD, same split for the MTP terms
-            beta=beta,  # weight of the MTP terms
-            temperature=1.0,  # KD temperature tau (the KD terms are scaled by tau^2)
-            mtp_kd_target="teacher_mtp",  # teacher_mtp | teacher_backbone
-            chunk_size=1024,  # tokens per [chunk, vocab] block of the LM head and the loss
-            teacher_dtype="bfloat16",  # the frozen teacher's parameter and compute dtype
-        )
-    )
-
-
-def check_loss_config(loss: ml_collections.ConfigDict, *, has_teacher: bool) -> list[str]:
-    """Every problem of `config.loss` (empty when it is usable)."""
+def loss_problems(loss: ml_collections.ConfigDict, *, has_teacher: bool) -> list[str]:
+    """Every problem of `config.loss` (fields and defaults: `run_config.loss_section`), one line each."""
     problems = []
     for name in ("lam", "beta"):
         spec = loss[name]

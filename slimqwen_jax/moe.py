@@ -105,8 +105,8 @@ def grouped_block_size(rows: int, num_experts: int) -> int:
     """Rows per block of the `grouped` backend: the largest power of two <= rows / (4 E), in [8, 128].
 
     The static row bound pays E (block - 1) rows of padding, under a quarter of the routed rows with
-    this choice; 128-row blocks reach near plain-matmul speed in XLA's CPU batched matmul while
-    64-row blocks ran ~2x slower per FLOP (tools/bench_moe.py, docs/performance.md).
+    this choice; 128-row blocks reach near plain-matmul speed in XLA's CPU batched matmul, smaller
+    ones run markedly slower per FLOP (measured by tools/bench_moe.py, docs/performance.md).
     """
     target = max(1, rows // (4 * num_experts))
     return int(min(128, max(8, 1 << (target.bit_length() - 1))))
@@ -458,7 +458,7 @@ class Experts(nnx.Module):
         """Each token copy's expert output before weighting: x [N, D], experts [N, K] -> [N, K, D].
 
         The backend runs on the N*K copies with one expert each (weight 1), so every backend gives
-        them; calibration sows their norms (REAP importance, `slimqwen_jax.pruning`).
+        them; calibration sows their norms (REAP importance, `slimqwen_jax.compression`).
         """
         n, k = experts.shape
         copies = jnp.repeat(x, k, axis=0)  # [N*K, D]: copy j of token i is row i*K + j

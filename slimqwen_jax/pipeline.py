@@ -23,10 +23,11 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from slimqwen_jax import cli, stages, train
+from slimqwen_jax import cli, train
 from slimqwen_jax.checkpoint import TrainingCheckpoints
+from slimqwen_jax.compression import count_parameters, format_count
+from slimqwen_jax.config import ConfigError, Qwen3NextConfig
 from slimqwen_jax.progress import plot_runs
-from slimqwen_jax.pruning import count_parameters, format_count
 
 log = logging.getLogger("slimqwen_jax.pipeline")
 
@@ -38,6 +39,7 @@ def run_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.C
     teacher.workdir = str(root / "teacher")
     teacher_checkpoint = str(root / "teacher" / "checkpoints" / str(teacher.train.steps))
     student = copy.deepcopy(config)
+    student.pipeline.teacher = None  # a plain staged train run from here on
     student.workdir, student.init_from, student.teacher = str(root / "student"), teacher_checkpoint, teacher_checkpoint
     scratch = copy.deepcopy(student)
     scratch.workdir, scratch.baseline = str(root / "from_scratch"), "from_scratch"
@@ -59,7 +61,7 @@ def write_report(root: Path, configs: dict[str, ml_collections.ConfigDict]) -> s
     rows = []
     for name, label in (("teacher", "teacher"), ("student", "pruned + KD"), ("from_scratch", "from scratch")):
         summary = final_summary(Path(configs[name].workdir))
-        cfg = train.Qwen3NextConfig.from_dict(summary["architecture"])
+        cfg = Qwen3NextConfig.from_dict(summary["architecture"])
         count = count_parameters(cfg)
         rows.append(dict(
             run=label, layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, experts=cfg.num_experts,
@@ -92,20 +94,21 @@ def write_report(root: Path, configs: dict[str, ml_collections.ConfigDict]) -> s
 
 
 def run(config: ml_collections.ConfigDict) -> str:
-    """Run what is missing of the pipeline and write its report; returns the report table."""
+    """Run what is missing of the pipeline and write its report; returns the report table. Every
+    run is planned (every config checked) before the first minute of training."""
+    if config.pipeline.teacher is None:
+        raise ConfigError("a pipeline config needs pipeline.teacher: the train config that pretrains the teacher")
     configs = run_configs(config)
-    for name in ("teacher", "student"):  # refuse bad configs before the first minute of training
-        train.check_run_config(configs[name])
-        stages.plan_stages(configs[name], train.model_config(configs[name]), Path(configs[name].workdir))
+    plans = {name: train.plan_run(run) for name, run in configs.items()}
     teacher = configs["teacher"]
     if TrainingCheckpoints(teacher.workdir).latest_step() == teacher.train.steps:
         log.info("teacher: reusing %s", teacher.workdir)
     else:
         log.info("teacher: pretraining in %s", teacher.workdir)
-        train.run(teacher)
+        train.execute(plans["teacher"])
     for name in ("student", "from_scratch"):
         log.info("%s: %s", name, configs[name].workdir)
-        train.run(configs[name])
+        train.execute(plans[name])
     table = write_report(Path(config.workdir), configs) if jax.process_index() == 0 else ""
     print(table)
     return table

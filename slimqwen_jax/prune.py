@@ -22,12 +22,9 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from slimqwen_jax import cli, data, hf, loading
+from slimqwen_jax import cli, data, hf, loading, run_config
 from slimqwen_jax.checkpoint import save_checkpoint
-from slimqwen_jax.config import ConfigError, Qwen3NextConfig
-from slimqwen_jax.hf import CheckpointMismatchError
-from slimqwen_jax.model import Qwen3NextForCausalLM
-from slimqwen_jax.pruning import (
+from slimqwen_jax.compression import (
     PruneSpec,
     PruningError,
     count_parameters,
@@ -36,8 +33,11 @@ from slimqwen_jax.pruning import (
     prune,
     validate,
 )
-from slimqwen_jax.pruning.param_count import architecture_table, format_count
-from slimqwen_jax.pruning.state import abstract_params, build_model
+from slimqwen_jax.compression.param_count import architecture_table, format_count
+from slimqwen_jax.compression.state import abstract_params, build_model
+from slimqwen_jax.config import ConfigError, Qwen3NextConfig
+from slimqwen_jax.hf import CheckpointMismatchError
+from slimqwen_jax.model import Qwen3NextForCausalLM
 
 log = logging.getLogger("slimqwen_jax.prune")
 
@@ -85,8 +85,6 @@ def _check_creatable(path: Path, field: str) -> None:
 def check_outputs(config: ml_collections.ConfigDict) -> None:
     """Refuse, before any work, to write over an existing checkpoint or HF directory, or to write
     where a file stands in the way."""
-    if not config.output:
-        raise PruningError("config.output (the pruned checkpoint directory) is required unless dry_run")
     if Path(config.output).exists():
         raise FileExistsError(f"output {config.output} already exists; refusing to overwrite it")
     _check_creatable(Path(config.output), "output")
@@ -103,6 +101,7 @@ def run(config: ml_collections.ConfigDict) -> tuple[Qwen3NextConfig, nnx.State]:
     """Prune as configured; returns the pruned (config, params). Raises PruningError / ConfigError /
     DataError / CheckpointMismatchError / FileExistsError / FileNotFoundError, each before anything
     is written."""
+    run_config.check(config, "prune")
     spec = PruneSpec.from_config(config)
     if config.dry_run:
         cfg = source_config(config)

@@ -76,6 +76,23 @@ def load_config_file(path: str | Path) -> types.ModuleType:
     return module
 
 
+def apply_overrides(config, overrides) -> None:
+    """Apply command-line style overrides (`--config.train.steps=3`, `--config.stages[1].steps=5`) to
+    a ConfigDict in place, each value converted to the type of the one it replaces."""
+    for override in overrides:
+        path, value = override.removeprefix("--config.").split("=", 1)
+        *parents, leaf = re.split(r"\.(?![^\[]*\])", path)
+        node = config
+        for part in parents:
+            name, index = re.fullmatch(r"(\w+)(?:\[(\d+)\])?", part).groups()
+            node = node[name] if index is None else node[name][int(index)]
+        current = node[leaf]
+        if isinstance(current, bool):
+            node[leaf] = value.lower() == "true"
+        else:
+            node[leaf] = value if isinstance(current, str) or current is None else type(current)(value)
+
+
 def gated_delta_rule_inputs(
     seed: int, t: int, hk: int, hv: int, *, batch: int = 2, dk: int = 16, dv: int = 32, with_state: bool = True
 ) -> dict[str, np.ndarray | None]:
@@ -101,7 +118,7 @@ def gated_delta_rule_inputs(
 
 
 def hand_count_parameters(cfg: Qwen3NextConfig) -> tuple[int, int]:
-    """(total, active) parameters of the backbone from the tensor list in qwen3_next.md, written out
+    """(total, active) parameters of the backbone from the tensor list in docs/qwen3_next.md, written out
     by hand (the independent reference of `pruning.count_parameters`)."""
     d, hd = cfg.hidden_size, cfg.head_dim
     hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads

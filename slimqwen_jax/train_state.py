@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from typing import Any
 
 import jax
 import ml_collections
@@ -46,8 +47,35 @@ class TrainState:
     data_state: dict | None = None
 
 
-def abstract_state(cfg: Qwen3NextConfig, tx, mesh):
-    """Graphdef, abstract (sharded ShapeDtypeStruct) params and opt state, and their shardings."""
+@dataclasses.dataclass(frozen=True)
+class AbstractState:
+    """The shapes of a student's state on a mesh: graph definition, abstract (sharded
+    ShapeDtypeStruct) parameters and optimizer state, and their shardings."""
+
+    graphdef: nnx.GraphDef
+    params: Any
+    opt_state: Any
+    param_shardings: Any
+    opt_shardings: Any
+
+    @property
+    def shardings(self) -> tuple[Any, Any]:
+        return self.param_shardings, self.opt_shardings
+
+
+@dataclasses.dataclass
+class StageStart:
+    """Where a stage starts or resumes: the student's model config, graph definition, state and its
+    (parameter, optimizer-state) shardings in the per-layer layout."""
+
+    model_cfg: Qwen3NextConfig
+    graphdef: nnx.GraphDef
+    state: TrainState
+    shardings: tuple[Any, Any]
+
+
+def abstract_state(cfg: Qwen3NextConfig, tx, mesh) -> AbstractState:
+    """The `AbstractState` of the model `cfg` with optimizer `tx` on `mesh`."""
     graphdef, params = abstract_model(cfg)
     param_shardings = sharding.state_shardings(params, mesh)
     opt_state = jax.eval_shape(tx.init, params)
@@ -60,7 +88,7 @@ def abstract_state(cfg: Qwen3NextConfig, tx, mesh):
     with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
     abstract_params = jax.tree.map(with_sharding, params, param_shardings)
     abstract_opt = jax.tree.map(with_sharding, opt_state, opt_shardings)
-    return graphdef, abstract_params, abstract_opt, param_shardings, opt_shardings
+    return AbstractState(graphdef, abstract_params, abstract_opt, param_shardings, opt_shardings)
 
 
 def initial_params(cfg: Qwen3NextConfig, init_from: str, seed: int, param_shardings):
@@ -73,11 +101,12 @@ def initial_params(cfg: Qwen3NextConfig, init_from: str, seed: int, param_shardi
     return jax.device_put(nnx.state(model, nnx.Param), param_shardings)
 
 
-def restore(checkpoints: TrainingCheckpoints, tx, mesh, run_cfg: Qwen3NextConfig, *, check_architecture: bool):
-    """(config, graphdef, state, shardings) of the newest intact checkpoint in `checkpoints`, with
-    the run's run-time fields (`run_cfg`: dtypes, kernels). A damaged checkpoint (unreadable
+def restore(checkpoints: TrainingCheckpoints, tx, mesh, model_cfg: Qwen3NextConfig, *, check_architecture: bool
+            ) -> StageStart:  # fmt: skip
+    """The `StageStart` of the newest intact checkpoint in `checkpoints`, with the run's run-time
+    fields (`model_cfg`: dtypes, kernels). A damaged checkpoint (unreadable
     config, metadata or arrays) is moved aside as `<step>.damaged`, never deleted, and the next
-    older one is tried. With `check_architecture` the stored architecture must be `run_cfg`'s (a
+    older one is tried. With `check_architecture` the stored architecture must be `model_cfg`'s (a
     workdir of another model is refused, never touched); otherwise it is whatever the checkpoint
     holds (a stage after pruning)."""
     for step in sorted(checkpoints.all_steps(), reverse=True):
@@ -86,16 +115,16 @@ def restore(checkpoints: TrainingCheckpoints, tx, mesh, run_cfg: Qwen3NextConfig
         except Exception as error:  # noqa: BLE001  (any damage: JSON, tensorstore, missing items)
             checkpoints.set_aside_damaged(step, error)
             continue
-        problems = architecture_mismatch(run_cfg, stored) if check_architecture else []
+        problems = architecture_mismatch(model_cfg, stored) if check_architecture else []
         if problems:
             raise TrainError(
                 f"{checkpoints.directory.parent} holds a checkpoint of a different architecture (step {step}); "
                 "refusing to touch it. Use another workdir or the matching config:\n  " + "\n  ".join(problems)
             )
-        cfg = stored.replace(**{k: getattr(run_cfg, k) for k in RUNTIME_FIELDS})
-        graphdef, abstract_params, abstract_opt, param_shardings, opt_shardings = abstract_state(cfg, tx, mesh)
+        cfg = stored.replace(**{k: getattr(model_cfg, k) for k in RUNTIME_FIELDS})
+        shapes = abstract_state(cfg, tx, mesh)
         try:
-            params, opt_state, saved = checkpoints.restore(step, abstract_params, abstract_opt)
+            params, opt_state, saved = checkpoints.restore(step, shapes.params, shapes.opt_state)
             error = None
         except Exception as exception:  # noqa: BLE001
             error = exception
@@ -104,7 +133,7 @@ def restore(checkpoints: TrainingCheckpoints, tx, mesh, run_cfg: Qwen3NextConfig
             checkpoints.set_aside_damaged(step, error or RuntimeError("unreadable on another process"))
             continue
         log.info("resumed from %s at step %d", checkpoints.step_directory(step), step)
-        return cfg, graphdef, TrainState(step, params, opt_state, saved["data"]), (param_shardings, opt_shardings)
+        return StageStart(cfg, shapes.graphdef, TrainState(step, params, opt_state, saved["data"]), shapes.shardings)
     raise TrainError(
         f"no intact checkpoint left in {checkpoints.directory} (the damaged ones are kept as <step>.damaged); "
         "move the workdir away to start over"
@@ -138,13 +167,10 @@ def check_same_data_order(config: ml_collections.ConfigDict, checkpoints: Traini
         )
 
 
-def initial_state(config: ml_collections.ConfigDict, cfg: Qwen3NextConfig, tx, mesh):
-    """(config, graphdef, state, shardings) at step 0: `init_from`, else a seeded random init."""
-    graphdef, _, _, param_shardings, opt_shardings = abstract_state(cfg, tx, mesh)
-    params = initial_params(cfg, config.init_from, config.seed, param_shardings)
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+def initial_state(config: ml_collections.ConfigDict, cfg: Qwen3NextConfig, tx, mesh) -> StageStart:
+    """The `StageStart` at step 0: `init_from`, else a seeded random init."""
+    shapes = abstract_state(cfg, tx, mesh)
+    params = initial_params(cfg, config.init_from, config.seed, shapes.param_shardings)
+    opt_state = jax.jit(tx.init, out_shardings=shapes.opt_shardings)(params)
     log.info("started from %s", config.init_from or f"random init (seed {config.seed})")
-    return cfg, graphdef, TrainState(0, params, opt_state), (param_shardings, opt_shardings)
-
-
-# ---------------------------------------------------------------------------- checks
+    return StageStart(cfg, shapes.graphdef, TrainState(0, params, opt_state), shapes.shardings)

@@ -1,4 +1,4 @@
-"""Numpy references of the documented pruning rules (docs/pruning.md, method.md section 3), written
+"""Numpy references of the documented pruning rules (docs/pruning.md, docs/method.md section 3), written
 from the text and from parameter names, not from the pruning code or its logical-axis metadata:
 what a pruned checkpoint must hold, given the source weights and the saved calibration statistics.
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from tool_runs import REPO, TINY_RUN, run_tool
 
-from slimqwen_jax import data, stages, train
+from slimqwen_jax import data, run_config, stage_plan, train
 from slimqwen_jax.checkpoint import TrainingCheckpoints
 from slimqwen_jax.testing import checkpoint_params, load_config_file
 
@@ -42,7 +42,7 @@ def snapshot(directory: Path) -> dict:
           "--config.train.eval_batches=0", "--config.data.heldout_fraction=0", "--config.data.shuffle_seed=-1",
           "--config.data.source=parquet"],
          ["optimizer.init_lr must be >= 0, got -0.001",
-          "optimizer.schedule must be 'cosine', 'wsd' or 'constant', got 'linear'",
+          "optimizer.schedule must be one of ('cosine', 'wsd', 'constant'), got 'linear'",
           "optimizer.b2 must be in [0, 1), got 1.0", "train.eval_batches must be >= 1, got 0",
           "data: heldout_fraction must be in (0, 1), got 0.0", "data: shuffle_seed must be in [0, 2**32), got -1",
           "data: unknown source 'parquet'"]),
@@ -231,7 +231,7 @@ def test_bad_data_sources_are_refused_naming_the_file(tmp_path, fields, message)
     """What the trainer's data set-up (`train_iterator`, `heldout_batches`) raises: a RUN_ERROR,
     so one line and exit code 1 from the command line; nothing is written."""
     write_sources(tmp_path)
-    data_cfg = data.default_data_config()
+    data_cfg = run_config.data_section()
     data_cfg.update({k: v.format(root=tmp_path) if isinstance(v, str) else v for k, v in fields.items()})
     before = snapshot(tmp_path)
     with pytest.raises(train.RUN_ERRORS) as error:
@@ -253,7 +253,7 @@ def test_an_init_from_that_is_no_model_is_refused_before_the_data(tmp_path, init
     write_sources(tmp_path)
     config = load_config_file(REPO / "configs" / "quickstart.py").get_config()
     config.update(dict(init_from=str(tmp_path / init_from), workdir=str(tmp_path / "run")))
-    first = stages.plan_stages(config, train.model_config(config), tmp_path / "run")[0]
+    first = stage_plan.plan_stages(config, run_config.model_config(config), tmp_path / "run")[0]
     with pytest.raises(train.RUN_ERRORS, match=message.format(root=re.escape(str(tmp_path)))):
-        train.check_init_from(config, train.model_config(config), first)
+        train.check_init_from(config, run_config.model_config(config), first)
     assert not (tmp_path / "run").exists()

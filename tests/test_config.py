@@ -6,7 +6,7 @@ import pytest
 from hf_reference import HF_CONFIGS
 from transformers import Qwen3NextConfig as HFConfig
 
-from slimqwen_jax.config import PRESETS, ConfigError, Qwen3NextConfig, preset, tiny
+from slimqwen_jax.config import MODEL_PRESETS, ConfigError, Qwen3NextConfig, preset, tiny
 
 
 @pytest.mark.parametrize("name", sorted(HF_CONFIGS))
@@ -22,7 +22,7 @@ def test_reads_transformers_config_json(name):
     assert ours.partial_rotary_factor == hf_config.rope_parameters["partial_rotary_factor"]
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", sorted(MODEL_PRESETS))
 def test_hf_dict_round_trip_through_transformers(name):
     ours = preset(name)
     reread = Qwen3NextConfig.from_hf_dict(HFConfig(**ours.to_hf_dict()).to_dict())

@@ -17,7 +17,6 @@ from slimqwen_jax.data import (
     HFTokenizer,
     WindowSource,
     calibration_samples,
-    default_data_config,
     heldout_batches,
     make_tokenizer,
     pack_documents,
@@ -26,20 +25,21 @@ from slimqwen_jax.data import (
     train_iterator,
     unigram_entropy,
 )
+from slimqwen_jax.run_config import data_section
 
 BYTE = ByteTokenizer()
 DOCS = ["def f(x):\n    return x\n", "héllo wörld ✓", "a", "\n\n", "0123456789" * 7, "∑ over ∞"]
 
 
 def config(**overrides):
-    cfg = default_data_config()
+    cfg = data_section()
     cfg.update(overrides)
     return cfg
 
 
 def namespace_config(**overrides):
     """Any attribute object works as a data config; unlike a ConfigDict it takes `paths` as a list."""
-    return types.SimpleNamespace(**{**default_data_config().to_dict(), **overrides})
+    return types.SimpleNamespace(**{**data_section().to_dict(), **overrides})
 
 
 def naive_stream(texts, eos=256):

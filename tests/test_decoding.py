@@ -12,8 +12,8 @@ from hf_reference import add_mtp_tensors, make_hf_model
 from slimqwen_jax import hf
 from slimqwen_jax.config import tiny
 from slimqwen_jax.decoding import Decoder, DecodingError, _decode_step, pad_prompts, sample_tokens
-from slimqwen_jax.evaluation import acceptance_rates
 from slimqwen_jax.model import Qwen3NextForCausalLM
+from slimqwen_jax.model_metrics import acceptance_rates
 from slimqwen_jax.testing import assert_relative_error, forward
 
 MAX_LEN = 96

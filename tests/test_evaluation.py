@@ -14,7 +14,8 @@ from tool_runs import run_tool
 from slimqwen_jax.checkpoint import save_checkpoint
 from slimqwen_jax.config import tiny
 from slimqwen_jax.data import ByteTokenizer
-from slimqwen_jax.evaluation import (
+from slimqwen_jax.model import Qwen3NextForCausalLM
+from slimqwen_jax.model_metrics import (
     acceptance_rates,
     accepted_drafts,
     add_statistics,
@@ -22,7 +23,6 @@ from slimqwen_jax.evaluation import (
     summarize,
     token_byte_lengths,
 )
-from slimqwen_jax.model import Qwen3NextForCausalLM
 from slimqwen_jax.testing import forward
 
 SMALL = dict(hidden_size=32, head_dim=8, linear_key_head_dim=8, linear_value_head_dim=8, moe_intermediate_size=16,

@@ -17,10 +17,10 @@ from tool_runs import REPO, run_tool
 from slimqwen_jax import loading
 from slimqwen_jax import prune as prune_cli
 from slimqwen_jax.checkpoint import save_checkpoint
+from slimqwen_jax.compression import CalibrationStats, PruningError, load_or_calibrate
 from slimqwen_jax.config import ConfigError, tiny
 from slimqwen_jax.hf import INDEX_FILE, SINGLE_FILE, CheckpointFileError, CheckpointMismatchError
 from slimqwen_jax.model import Qwen3NextForCausalLM
-from slimqwen_jax.pruning import CalibrationStats, PruningError, load_or_calibrate
 from slimqwen_jax.testing import load_config_file
 
 

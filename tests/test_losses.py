@@ -13,7 +13,7 @@ import torch
 from flax import nnx
 from hf_reference import add_mtp_tensors, make_hf_model
 
-from slimqwen_jax import hf, losses, sharding, steps
+from slimqwen_jax import hf, losses, run_config, sharding, stage_functions
 from slimqwen_jax.config import tiny
 from slimqwen_jax.losses import HeadInputs
 from slimqwen_jax.model import Qwen3NextForCausalLM, abstract_model
@@ -230,10 +230,10 @@ def test_weight_schedules():
 
 
 def test_bad_loss_configs_name_every_problem():
-    loss = losses.loss_config(distillation=True)
+    loss = run_config.loss_section(distillation=True)
     loss.lam.schedule, loss.beta.start, loss.temperature, loss.chunk_size = "step", -1.0, 0.0, 0
     loss.mtp_kd_target = "teacher"
-    problems = "\n".join(losses.check_loss_config(loss, has_teacher=False))
+    problems = "\n".join(losses.loss_problems(loss, has_teacher=False))
     for message in ("loss.lam.schedule", "loss.beta.start", "no teacher is set", "temperature", "mtp_kd_target",
                     "chunk_size"):  # fmt: skip
         assert message in problems
@@ -251,11 +251,9 @@ def graphdef_of(cfg):
 def loss_fn_of(cfg, loss_cfg, teacher_cfg=None):
     """The trainer's loss function for a student of `cfg` (and a teacher of `teacher_cfg`)."""
     teacher_graphdef = None if teacher_cfg is None else graphdef_of(teacher_cfg)
-    config = ml_collections.ConfigDict(dict(loss=loss_cfg))
-    return steps.make_loss_fn(
-        graphdef_of(cfg), steps.make_objective(config, cfg), with_mtp=not losses.is_always_zero(loss_cfg.beta),
-        teacher_graphdef=teacher_graphdef, teacher_mtp=teacher_cfg is not None and teacher_cfg.num_mtp_layers > 0,
-    )  # fmt: skip
+    mtp = stage_functions.decide_mtp_use(loss_cfg, cfg, teacher_cfg)
+    objective = stage_functions.make_objective(loss_cfg, cfg, mtp)
+    return stage_functions.make_loss_fn(graphdef_of(cfg), objective, mtp, teacher_graphdef)
 
 
 def step_fn(cfg, tx, loss_cfg, teacher_cfg=None, grad_accum_steps=1):
@@ -264,8 +262,8 @@ def step_fn(cfg, tx, loss_cfg, teacher_cfg=None, grad_accum_steps=1):
     replicated = jax.sharding.NamedSharding(
         jax.sharding.Mesh(jax.devices()[:1], ("batch",)), jax.sharding.PartitionSpec()
     )
-    weights = steps.loss_weights_fn(loss_cfg, 10)
-    return jax.jit(steps.make_train_step(loss_fn, tx, weights, grad_accum_steps, replicated))
+    weights = stage_functions.loss_weights_fn(loss_cfg, 10)
+    return jax.jit(stage_functions.make_train_step(loss_fn, tx, weights, grad_accum_steps, replicated))
 
 
 def params_of(cfg, seed):
@@ -273,7 +271,7 @@ def params_of(cfg, seed):
 
 
 def distillation_loss(chunk_size=8, **weights):
-    loss = losses.loss_config(distillation=True)
+    loss = run_config.loss_section(distillation=True)
     loss.chunk_size = chunk_size
     for name, (kind, start, end) in weights.items():
         loss[name] = schedule(kind, start, end)
@@ -355,7 +353,7 @@ def test_gradient_accumulation_equals_one_big_batch():
     params = nnx.state(Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param)
     results = []
     for accumulation in (1, 2):
-        step = step_fn(cfg, tx, losses.loss_config(distillation=False), grad_accum_steps=accumulation)
+        step = step_fn(cfg, tx, run_config.loss_section(distillation=False), grad_accum_steps=accumulation)
         new_params, _, metrics = step(params, tx.init(params), None, TOKENS, 0)
         results.append((jax.tree.leaves(new_params), float(metrics["loss"])))
     # MoE aux loss is computed per micro-batch, so losses differ slightly; the CE gradients dominate.

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from slimqwen_jax import losses, moe, sharding, steps
+from slimqwen_jax import losses, moe, sharding, stage_functions
 from slimqwen_jax.config import ConfigError, tiny
 from slimqwen_jax.model import Qwen3NextForCausalLM
+from slimqwen_jax.stage_functions import MtpUse
 from slimqwen_jax.testing import collective_results, max_relative_error
 
 N, D, F, E, K = 64, 16, 8, 16, 2
@@ -316,7 +317,7 @@ def test_block_uses_the_context_mesh_and_sows_routing_metrics():
 def lm_loss(graphdef, cfg):
     """The trainer's pretraining loss (CE + 0.3 x MTP CE + aux) as (params, tokens) -> (loss, metrics)."""
     objective = losses.distillation_objective(aux_coef=cfg.router_aux_loss_coef, chunk_size=16)
-    loss_fn = steps.make_loss_fn(graphdef, objective, with_mtp=True)
+    loss_fn = stage_functions.make_loss_fn(graphdef, objective, MtpUse(student=True))
     return lambda params, tokens: loss_fn(params, None, tokens, {"lam": 0.0, "beta": 0.3})
 
 

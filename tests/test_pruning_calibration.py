@@ -12,13 +12,13 @@ from flax import nnx
 from hf_reference import make_hf_model
 
 from slimqwen_jax import hf
+from slimqwen_jax.compression import CalibrationStats, calibrate, expert_importance
+from slimqwen_jax.compression.calibration import cosine_sum, routing_sums
+from slimqwen_jax.compression.experts import expert_similarity
+from slimqwen_jax.compression.state import flat_params
 from slimqwen_jax.config import tiny
 from slimqwen_jax.layers import Calibration
 from slimqwen_jax.model import Qwen3NextForCausalLM
-from slimqwen_jax.pruning import CalibrationStats, calibrate, expert_importance
-from slimqwen_jax.pruning.calibration import cosine_sum, routing_sums
-from slimqwen_jax.pruning.experts import expert_similarity
-from slimqwen_jax.pruning.state import flat_params
 
 
 def hand_made_routing(seed=0, n=60, e=6, k=2):

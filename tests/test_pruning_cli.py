@@ -9,10 +9,10 @@ from tool_runs import REPO, run_tool
 
 from slimqwen_jax import prune as prune_cli
 from slimqwen_jax.checkpoint import load_checkpoint, save_checkpoint
+from slimqwen_jax.compression import CalibrationStats, count_parameters, format_count
+from slimqwen_jax.compression.state import flat_params
 from slimqwen_jax.config import FULL_ATTENTION, preset, tiny
 from slimqwen_jax.model import Qwen3NextForCausalLM
-from slimqwen_jax.pruning import CalibrationStats, count_parameters, format_count
-from slimqwen_jax.pruning.state import flat_params
 from slimqwen_jax.testing import hand_count_parameters, load_config_file
 
 SMALL_CALIBRATION = [

@@ -7,7 +7,7 @@ from hf_reference import add_mtp_tensors, make_hf_model
 from transformers import Qwen3NextForCausalLM as HFModel
 
 from slimqwen_jax import hf
-from slimqwen_jax.pruning import (
+from slimqwen_jax.compression import (
     DepthSpec,
     ExpertSpec,
     PruneSpec,

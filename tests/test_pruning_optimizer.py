@@ -7,10 +7,8 @@ import optax
 import pytest
 from flax import nnx
 
-from slimqwen_jax import losses, steps
-from slimqwen_jax.config import tiny
-from slimqwen_jax.model import Qwen3NextForCausalLM, abstract_model
-from slimqwen_jax.pruning import (
+from slimqwen_jax import losses, optimizer, run_config, stage_functions
+from slimqwen_jax.compression import (
     DepthSpec,
     ExpertSpec,
     PruneSpec,
@@ -22,7 +20,10 @@ from slimqwen_jax.pruning import (
     prune,
     prune_optimizer_state,
 )
-from slimqwen_jax.pruning.state import flat_params, logical_axes, to_state
+from slimqwen_jax.compression.state import flat_params, logical_axes, to_state
+from slimqwen_jax.config import tiny
+from slimqwen_jax.model import Qwen3NextForCausalLM, abstract_model
+from slimqwen_jax.stage_functions import MtpUse
 from slimqwen_jax.testing import max_relative_error, random_tokens
 
 CFG = tiny(initializer_range=0.1)
@@ -36,10 +37,10 @@ TOKENS = random_tokens(4, 25, CFG.vocab_size, seed=3)
 
 def train_step(cfg, tx):
     objective = losses.distillation_objective(aux_coef=cfg.router_aux_loss_coef, chunk_size=32)
-    loss_fn = steps.make_loss_fn(abstract_model(cfg)[0], objective, with_mtp=True)
+    loss_fn = stage_functions.make_loss_fn(abstract_model(cfg)[0], objective, MtpUse(student=True))
     replicated = jax.sharding.NamedSharding(jax.sharding.Mesh(jax.devices()[:1], ("b",)), jax.sharding.PartitionSpec())
     weights = lambda step: {"lam": 0.0, "beta": 0.3}  # noqa: E731
-    return jax.jit(steps.make_train_step(loss_fn, tx, weights, 1, replicated))
+    return jax.jit(stage_functions.make_train_step(loss_fn, tx, weights, 1, replicated))
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def trained():
     """A model, its AdamW state after two steps (nonzero moments), and calibration statistics."""
     model = Qwen3NextForCausalLM(CFG, rngs=nnx.Rngs(0))
     params = nnx.state(model, nnx.Param)
-    tx, _ = steps.make_optimizer(steps.optimizer_config(warmup_steps=0, peak_lr=1e-2), total_steps=10)
+    tx, _ = optimizer.make_optimizer(run_config.optimizer_section(warmup_steps=0, peak_lr=1e-2), total_steps=10)
     opt_state = tx.init(params)
     step = train_step(CFG, tx)
     for i in range(2):

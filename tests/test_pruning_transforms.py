@@ -6,9 +6,7 @@ import pruning_reference as ref
 import pytest
 from flax import nnx
 
-from slimqwen_jax.config import FULL_ATTENTION, tiny
-from slimqwen_jax.model import Qwen3NextForCausalLM
-from slimqwen_jax.pruning import (
+from slimqwen_jax.compression import (
     CalibrationStats,
     DepthSpec,
     ExpertSpec,
@@ -25,8 +23,10 @@ from slimqwen_jax.pruning import (
     prune_depth,
     prune_experts,
 )
-from slimqwen_jax.pruning.experts import apply_plans, expert_similarity, moe_blocks, plan_layers
-from slimqwen_jax.pruning.state import flat_params, logical_axes
+from slimqwen_jax.compression.experts import apply_plans, expert_similarity, moe_blocks, plan_layers
+from slimqwen_jax.compression.state import flat_params, logical_axes
+from slimqwen_jax.config import FULL_ATTENTION, tiny
+from slimqwen_jax.model import Qwen3NextForCausalLM
 from slimqwen_jax.testing import forward, hand_count_parameters, max_relative_error
 
 # Every layer kind (full attention at 1 and 3), a dense-MLP layer (1), MoE elsewhere, MTP.

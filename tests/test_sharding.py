@@ -10,9 +10,10 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from slimqwen_jax import losses, model, sharding, steps, train_state
+from slimqwen_jax import losses, model, run_config, sharding, stage_functions, train_state
 from slimqwen_jax.config import tiny
 from slimqwen_jax.model import Qwen3NextForCausalLM
+from slimqwen_jax.stage_functions import MtpUse
 from slimqwen_jax.testing import collective_results
 
 
@@ -62,11 +63,11 @@ def distillation_step(graphdef, teacher_graphdef, tx, loss, mesh, param_sharding
     """The trainer's jitted distillation step (MTP, MTP-KD from the teacher's MTP) for `STUDENT`, its
     micro-batches over the mesh's batch axes."""
     objective = losses.distillation_objective(aux_coef=STUDENT.router_aux_loss_coef, chunk_size=loss.chunk_size)
-    loss_fn = steps.make_loss_fn(
-        graphdef, objective, with_mtp=True, teacher_graphdef=teacher_graphdef, teacher_mtp=True
+    loss_fn = stage_functions.make_loss_fn(
+        graphdef, objective, MtpUse(student=True, teacher=True, kd=True), teacher_graphdef
     )
     micro = NamedSharding(mesh, PartitionSpec(None, sharding.LOGICAL_RULES["batch"]))
-    return jax.jit(steps.make_train_step(loss_fn, tx, steps.loss_weights_fn(loss, 4), 1, micro),
+    return jax.jit(stage_functions.make_train_step(loss_fn, tx, stage_functions.loss_weights_fn(loss, 4), 1, micro),
                    out_shardings=(param_shardings, opt_shardings, None))  # fmt: skip
 
 
@@ -80,15 +81,14 @@ def test_sharded_train_steps_match_one_device(mesh_shape, moe_backend):
     on one device with the ragged MoE."""
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 257, (2, 8, 33)), jnp.int32)
     tx = optax.sgd(0.5)  # linear in the gradients, so float reassociation noise is not amplified
-    loss = losses.loss_config(distillation=True)
+    loss = run_config.loss_section(distillation=True)
     loss.chunk_size = 48
     results = []
     runs = ((jax.devices()[:1], (1, 1, 1), "ragged"), (jax.devices(), mesh_shape, moe_backend))
     for devices, shape, backend in runs:
         mesh = jax.sharding.Mesh(np.asarray(devices).reshape(shape), sharding.MESH_AXES)
-        graphdef, _, _, param_shardings, opt_shardings = train_state.abstract_state(
-            STUDENT.replace(moe_backend=backend), tx, mesh
-        )
+        shapes = train_state.abstract_state(STUDENT.replace(moe_backend=backend), tx, mesh)
+        graphdef, param_shardings, opt_shardings = shapes.graphdef, shapes.param_shardings, shapes.opt_shardings
         params = train_state.initial_params(STUDENT, "", 0, param_shardings)
         opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
         teacher_graphdef, teacher_params = nnx.split(
@@ -116,9 +116,11 @@ def test_data_parallel_distillation_step_moves_no_token_rows():
     the chunked loss without `sharding.on_batch_shards`)."""
     mesh = sharding.make_mesh(dict(data=-1, fsdp=1, expert=1))
     tx = optax.adamw(1e-3)
-    loss = losses.loss_config(distillation=True)
+    loss = run_config.loss_section(distillation=True)
     loss.chunk_size = 64
-    graphdef, params, _, param_shardings, opt_shardings = train_state.abstract_state(STUDENT, tx, mesh)
+    shapes = train_state.abstract_state(STUDENT, tx, mesh)
+    graphdef, params, param_shardings, opt_shardings = (shapes.graphdef, shapes.params, shapes.param_shardings,
+                                                        shapes.opt_shardings)  # fmt: skip
     teacher_graphdef, teacher_params = model.abstract_model(TEACHER)
     step = distillation_step(graphdef, teacher_graphdef, tx, loss, mesh, param_shardings, opt_shardings)
     tokens = jax.ShapeDtypeStruct((16, 33), jnp.int32, sharding=sharding.batch_sharding(mesh, 2))  # 2 rows per device
@@ -137,7 +139,8 @@ def test_a_seeded_init_on_a_mesh_equals_the_model_built_with_nnx_rngs():
     `layers.InitKeys`) equals the jitted init with `nnx.Rngs(seed)`, bit for bit, and
     `model.abstract_model` has the same graph definition and shapes."""
     mesh = sharding.make_mesh(dict(data=2, fsdp=2, expert=2))
-    graphdef, _, _, param_shardings, _ = train_state.abstract_state(STUDENT, optax.sgd(0.1), mesh)
+    shapes = train_state.abstract_state(STUDENT, optax.sgd(0.1), mesh)
+    graphdef, param_shardings = shapes.graphdef, shapes.param_shardings
     params = train_state.initial_params(STUDENT, "", 3, param_shardings)
     reference = jax.jit(lambda: nnx.split(Qwen3NextForCausalLM(STUDENT, rngs=nnx.Rngs(3)), nnx.Param))
     expected_graphdef, expected = reference()

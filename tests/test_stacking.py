@@ -8,9 +8,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from slimqwen_jax import losses, sharding, stacking, steps
+from slimqwen_jax import losses, optimizer, run_config, sharding, stacking, stage_functions
 from slimqwen_jax.config import FULL_ATTENTION, LINEAR_ATTENTION, tiny
 from slimqwen_jax.model import Qwen3NextForCausalLM
+from slimqwen_jax.stage_functions import MtpUse
 from slimqwen_jax.testing import random_tokens
 
 F, L = FULL_ATTENTION, LINEAR_ATTENTION
@@ -27,7 +28,7 @@ def test_stack_and_unstack_are_exact_for_params_moments_and_shardings():
     _, params = split()
     layout = stacking.layout_for(params, scan_layers=True)
     assert layout == stacking.Layout(period=4, num_blocks=2)
-    tx, _ = steps.make_optimizer(steps.optimizer_config(), 10)
+    tx, _ = optimizer.make_optimizer(run_config.optimizer_section(), 10)
     opt_state = jax.tree.map(lambda x: x + 1.0, tx.init(params))  # moments unlike the zeros they start as
     stacked_params, stacked_opt = layout.stack((params, opt_state))
 
@@ -79,15 +80,15 @@ def test_a_train_step_in_the_stacked_layout_equals_one_per_layer():
     graphdef, params = split(cfg)
     layout = stacking.layout_for(params, scan_layers=True)
     # A large learning rate and weight decay: decaying a stacked vector would show.
-    opt = steps.optimizer_config(peak_lr=3e-2, init_lr=3e-2, warmup_steps=0, schedule="constant", weight_decay=0.5)
-    tx, _ = steps.make_optimizer(opt, 10)
+    opt = run_config.optimizer_section(peak_lr=3e-2, init_lr=3e-2, warmup_steps=0, schedule="constant", weight_decay=0.5)
+    tx, _ = optimizer.make_optimizer(opt, 10)
     objective = losses.distillation_objective(aux_coef=cfg.router_aux_loss_coef, chunk_size=64)
-    loss_fn = steps.make_loss_fn(graphdef, objective, with_mtp=False)
-    weights = steps.loss_weights_fn(losses.loss_config(distillation=False), 10)
+    loss_fn = stage_functions.make_loss_fn(graphdef, objective, MtpUse())
+    weights = stage_functions.loss_weights_fn(run_config.loss_section(distillation=False), 10)
     replicated = jax.sharding.NamedSharding(
         jax.sharding.Mesh(jax.devices()[:1], ("batch",)), jax.sharding.PartitionSpec()
     )
-    train_step = jax.jit(steps.make_train_step(loss_fn, tx, weights, 1, replicated))
+    train_step = jax.jit(stage_functions.make_train_step(loss_fn, tx, weights, 1, replicated))
     tokens = jnp.asarray(random_tokens(2, 17, cfg.vocab_size))
 
     def two_steps(params):
@@ -115,8 +116,8 @@ def test_a_stacked_teacher_gives_the_same_distillation_loss():
     graphdef, params = split(cfg)
     teacher_graphdef, teacher_params = nnx.split(Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(1)), nnx.Param)
     objective = losses.distillation_objective(aux_coef=cfg.router_aux_loss_coef, chunk_size=64)
-    loss_fn = steps.make_loss_fn(graphdef, objective, with_mtp=False, teacher_graphdef=teacher_graphdef)
-    eval_step = jax.jit(steps.make_eval_step(loss_fn, steps.loss_weights_fn(losses.loss_config(distillation=True), 10)))
+    loss_fn = stage_functions.make_loss_fn(graphdef, objective, MtpUse(), teacher_graphdef)
+    eval_step = jax.jit(stage_functions.make_eval_step(loss_fn, stage_functions.loss_weights_fn(run_config.loss_section(distillation=True), 10)))
     tokens = jnp.asarray(random_tokens(2, 17, cfg.vocab_size))
     stacked_teacher = stacking.layout_for(teacher_params, scan_layers=True).stack(teacher_params)
     per_layer, stacked = eval_step(params, teacher_params, tokens, 0), eval_step(params, stacked_teacher, tokens, 0)

@@ -3,7 +3,6 @@ stage transition against the prune CLI, exact resume after SIGKILL, the 23A2B dr
 
 import json
 import math
-import re
 import signal
 import time
 from pathlib import Path
@@ -14,11 +13,11 @@ import pytest
 from flax import nnx
 from tool_runs import DATA_CACHE_DIR, REPO, run_tool, start_tool
 
-from slimqwen_jax import data, losses, pruning, stages, steps, train
+from slimqwen_jax import compression, data, losses, optimizer, run_config, stage_plan, train
 from slimqwen_jax.checkpoint import load_checkpoint, save_checkpoint
 from slimqwen_jax.config import ConfigError, qwen3_next_80b_a3b, slimqwen_23a2b, tiny
 from slimqwen_jax.model import Qwen3NextForCausalLM
-from slimqwen_jax.testing import checkpoint_params, load_config_file
+from slimqwen_jax.testing import apply_overrides, checkpoint_params, load_config_file
 
 # The tiny pipeline's student config, shrunk: a 6-layer source (3 linear + 1 full + 2 linear),
 # stage 1 removes the last layer and compresses 4 -> 2 experts, stage 2 removes one more layer
@@ -57,16 +56,7 @@ def run_staged(workdir: Path, teacher: Path, *extra: str, wait: bool = True):
 def staged_config(workdir: Path, teacher: Path):
     """The same run's config, in process (the overrides applied by hand)."""
     config = load_config_file(REPO / "configs" / "slimqwen_tiny.py").get_config()
-    for override in staged_overrides(workdir, teacher):
-        path, value = override.removeprefix("--config.").split("=", 1)
-        *parents, leaf = re.split(r"\.(?![^\[]*\])", path)
-        node = config
-        for part in parents:
-            name, index = re.fullmatch(r"(\w+)(?:\[(\d+)\])?", part).groups()
-            node = node[name] if index is None else node[name][int(index)]
-        name, index = re.fullmatch(r"(\w+)(?:\[(\d+)\])?", leaf).groups()
-        current = node[name]
-        node[name] = type(current)(value) if not isinstance(current, str) else value
+    apply_overrides(config, staged_overrides(workdir, teacher))
     config.data.cache_dir = DATA_CACHE_DIR
     return config
 
@@ -89,10 +79,10 @@ def straight(tmp_path_factory, teacher) -> tuple[Path, str]:
 TARGET = slimqwen_23a2b()
 
 
-@pytest.mark.parametrize("preset", sorted(stages.PRESETS))
+@pytest.mark.parametrize("preset", sorted(run_config.SCHEDULE_PRESETS))
 def test_presets_reach_the_target_by_their_route(preset):
     source = qwen3_next_80b_a3b()
-    planned = plan(stages.PRESETS[preset](source, TARGET, 1000, multiple_of=128), source)
+    planned = plan(run_config.SCHEDULE_PRESETS[preset](source, TARGET, 1000, multiple_of=128), source)
     last = planned[-1].architecture
     assert (last.num_hidden_layers, last.hidden_size, last.num_experts, last.num_experts_per_tok) == (36, 1536, 256, 8)
     first = planned[0].architecture
@@ -110,12 +100,12 @@ def test_presets_reach_the_target_by_their_route(preset):
 def plan(stage_list, source):
     config = load_config_file(REPO / "configs" / "slimqwen_23a2b.py").get_config()
     config.stages = stage_list
-    return stages.plan_stages(config, source, Path("/nonexistent"))
+    return stage_plan.plan_stages(config, source, Path("/nonexistent"))
 
 
 def test_n_stage_splits_budget_and_cuts_evenly():
     source = qwen3_next_80b_a3b()
-    planned = plan(stages.n_stage(source, TARGET, 999, [1, 1, 1], expert_stage=2, multiple_of=128), source)
+    planned = plan(run_config.n_stage(source, TARGET, 999, [1, 1, 1], expert_stage=2, multiple_of=128), source)
     assert [s.steps for s in planned] == [333, 333, 333]
     assert [s.architecture.num_hidden_layers for s in planned] == [44, 40, 36]
     assert [s.architecture.hidden_size for s in planned] == [1920, 1792, 1536]
@@ -155,7 +145,7 @@ def test_stages_prune_between_them_and_schedules_run_on_the_global_step(straight
 
     config = staged_config(workdir, teacher)
     total = sum(STAGE_STEPS)
-    lr = steps.learning_rate_schedule(config.optimizer, total)
+    lr = optimizer.learning_rate_schedule(config.optimizer, total)
     lam = losses.weight_schedule(config.loss.lam, total)
     beta = losses.weight_schedule(config.loss.beta, total)
     logged = {**history(workdir, "stage_1"), **history(workdir, "stage_2")}
@@ -174,11 +164,11 @@ def test_stage_transition_equals_the_prune_cli_on_the_same_statistics(straight, 
     workdir, _ = straight
     config = staged_config(workdir, teacher)
     source = workdir / "stage_1" / "checkpoints" / str(STAGE_STEPS[0])
-    ours = pruning.CalibrationStats.load(workdir / "stage_2" / "calibration.npz")
+    ours = compression.CalibrationStats.load(workdir / "stage_2" / "calibration.npz")
     cal = config.calibration
     samples = data.calibration_samples(config.data, data.make_tokenizer(config.data.tokenizer),
                                        num_samples=cal.num_samples, seq_len=cal.seq_len, seed=cal.seed)  # fmt: skip
-    theirs = pruning.calibrate(load_checkpoint(source), samples, batch_size=cal.batch_size)
+    theirs = compression.calibrate(load_checkpoint(source), samples, batch_size=cal.batch_size)
     assert ours.sums.keys() == theirs.sums.keys() and ours.num_tokens == theirs.num_tokens
     for key, value in ours.sums.items():
         np.testing.assert_allclose(value, theirs.sums[key], rtol=1e-5, err_msg=key)
@@ -192,12 +182,14 @@ def test_stage_transition_equals_the_prune_cli_on_the_same_statistics(straight, 
     # The transition itself, in process (on the 8 fake devices: batches of 8), with stage 2's
     # checkpoints moved away.
     config.train.update(global_batch_size=8, eval_batch_size=8)
-    run, planned = train.prepare_run(config)
+    plan = train.plan_run(config)
+    context, planned = train.prepare_run(plan), plan.stages
     second = planned[1]
     moved = second.directory / "checkpoints"
     moved.rename(tmp_path / "stage_2_checkpoints")
     try:
-        cfg, _, state, _ = train.stage_start(run, second, planned[0])
+        start = train.stage_start(context, second, planned[0])
+        cfg, state = start.model_cfg, start.state
     finally:
         (tmp_path / "stage_2_checkpoints").rename(moved)
     cli = load_checkpoint(tmp_path / "cli")
@@ -239,15 +231,15 @@ def test_sigkill_around_a_stage_transition_resumes_bitwise(straight, teacher, tm
 def test_from_scratch_baseline_is_the_final_architecture_on_the_whole_budget(teacher, tmp_path):
     config = staged_config(tmp_path / "run", teacher)
     config.baseline = "from_scratch"
-    baseline = stages.apply_baseline(config, train.model_config(config))
-    planned = stages.plan_stages(baseline, train.model_config(baseline), tmp_path)
+    plan = train.plan_run(config)
+    baseline, planned = plan.config, plan.stages
     assert len(planned) == 1 and planned[0].steps == sum(STAGE_STEPS) and baseline.init_from == ""
     assert (baseline.model.num_hidden_layers, baseline.model.hidden_size, baseline.model.num_experts) == (4, 16, 2)
     config.baseline = "pruned_lm_only"
-    assert losses.is_always_zero(stages.apply_baseline(config, train.model_config(config)).loss.lam)
+    assert losses.is_always_zero(train.plan_run(config).config.loss.lam)
     config.baseline = "scratch"
     with pytest.raises(ConfigError, match="baseline must be one of"):
-        stages.apply_baseline(config, train.model_config(config))
+        train.plan_run(config)
 
 
 def test_the_23a2b_dry_run_matches_the_paper_and_the_docs(capsys):

@@ -18,7 +18,7 @@ import json
 
 import ml_collections
 
-from slimqwen_jax import data
+from slimqwen_jax import data, run_config
 from slimqwen_jax.decoding import Decoder
 from slimqwen_jax.evaluate import decoding_metrics, heldout_prompts
 from slimqwen_jax.loading import load_model
@@ -37,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model = load_model(args.model)
-    data_cfg = data.default_data_config()
+    data_cfg = run_config.data_section()
     data_cfg.cache_dir = args.cache_dir
     tokenizer = data.make_tokenizer(data_cfg.tokenizer)
     prompts = heldout_prompts(data_cfg, tokenizer, args.prompts, args.prompt_len)

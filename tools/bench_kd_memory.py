@@ -33,9 +33,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from slimqwen_jax import losses, steps
+from slimqwen_jax import losses, run_config, stage_functions
 from slimqwen_jax.config import tiny
 from slimqwen_jax.model import abstract_model
+from slimqwen_jax.stage_functions import MtpUse
 
 CHUNK_BLOCKS = 4  # float32 [C, V] blocks of one chunk alive at once (see the module docstring)
 SMALL_VOCAB = 1024  # where the LM head's blocks are negligible: the step's other temporaries alone
@@ -80,17 +81,17 @@ def full_logits_objective(aux_coef: float, temperature: float = 1.0) -> losses.O
 
 def compiled_step(student, teacher, objective, batch: int, seq_len: int):
     """The trainer's train step, compiled for abstract (shape-only) arguments."""
-    loss = losses.loss_config(distillation=True)
+    loss = run_config.loss_section(distillation=True)
     graphdef, params = abstract_model(student)
     teacher_graphdef, teacher_params = abstract_model(teacher)
-    loss_fn = steps.make_loss_fn(
-        graphdef, objective, with_mtp=True, teacher_graphdef=teacher_graphdef, teacher_mtp=True
+    loss_fn = stage_functions.make_loss_fn(
+        graphdef, objective, MtpUse(student=True, teacher=True, kd=True), teacher_graphdef
     )
     tx = optax.adamw(1e-4)
     replicated = jax.sharding.NamedSharding(
         jax.sharding.Mesh(jax.devices()[:1], ("batch",)), jax.sharding.PartitionSpec()
     )
-    step = steps.make_train_step(loss_fn, tx, steps.loss_weights_fn(loss, 1000), 1, replicated)
+    step = stage_functions.make_train_step(loss_fn, tx, stage_functions.loss_weights_fn(loss, 1000), 1, replicated)
     shapes = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)  # noqa: E731
     tokens = jax.ShapeDtypeStruct((batch, seq_len + 1), jnp.int32)
     args = (shapes(params), jax.eval_shape(tx.init, shapes(params)), shapes(teacher_params), tokens, 0)

@@ -7,7 +7,7 @@ In one run on the machine at hand:
    denominator of model FLOP utilisation, MFU);
 2. for each config, one AdamW step (global-norm clipping, weight decay) of LM cross-entropy plus the
    MoE load-balancing loss, without MTP (transformers' model has none): ours is the trainer's own
-   jitted step (`steps.make_train_step`, float32, parameters donated), theirs
+   jitted step (`stage_functions.make_train_step`, float32, parameters donated), theirs
    `Qwen3NextForCausalLM(labels=..., output_router_logits=True)` + `loss.backward()` +
    `torch.optim.AdamW` with its pure-torch fallbacks, on `--torch-threads` threads (default: every
    core jax may use; torch's default, spinning OpenMP threads: passive waiting halved HF's step
@@ -42,8 +42,9 @@ import numpy as np
 from flax import nnx
 from timing import interleaved_medians
 
-from slimqwen_jax import cli, losses, model, moe, sharding, stacking, steps
+from slimqwen_jax import cli, losses, model, moe, optimizer, run_config, sharding, stacking, stage_functions
 from slimqwen_jax.config import FULL_ATTENTION, Qwen3NextConfig, tiny
+from slimqwen_jax.stage_functions import MtpUse
 from slimqwen_jax.testing import hand_count_parameters
 
 # The architectures of issue 14's table: the quickstart model and a wider one with 16 experts.
@@ -96,12 +97,12 @@ def trainer_step(cfg: Qwen3NextConfig, graphdef: nnx.GraphDef, total_steps: int,
     """(train_step, tx): the trainer's step for LM CE + aux loss, not yet jitted; its micro-batches
     split over `mesh`'s batch axes (default: one device)."""
     objective = losses.distillation_objective(aux_coef=cfg.router_aux_loss_coef, chunk_size=1024)
-    loss_fn = steps.make_loss_fn(graphdef, objective, with_mtp=False)
-    tx, _ = steps.make_optimizer(steps.optimizer_config(**OPTIMIZER), total_steps)
-    weights = steps.loss_weights_fn(losses.loss_config(distillation=False), total_steps)
+    loss_fn = stage_functions.make_loss_fn(graphdef, objective, MtpUse())
+    tx, _ = optimizer.make_optimizer(run_config.optimizer_section(**OPTIMIZER), total_steps)
+    weights = stage_functions.loss_weights_fn(run_config.loss_section(distillation=False), total_steps)
     mesh = mesh or sharding.make_mesh(dict(data=1, fsdp=1, expert=1), jax.devices()[:1])
     micro = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.LOGICAL_RULES["batch"]))
-    return steps.make_train_step(loss_fn, tx, weights, 1, micro), tx
+    return stage_functions.make_train_step(loss_fn, tx, weights, 1, micro), tx
 
 
 def routed_as_plain_matmuls(rows, row_experts, gate_proj, up_proj, down_proj):

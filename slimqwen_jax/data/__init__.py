@@ -1,11 +1,10 @@
 """Data pipeline: sources -> tokenizer -> one packed token stream -> grain windows and batches."""
 
-from slimqwen_jax.data.pipeline import (
+from slimqwen_jax.data.batching import (
     WindowSource,
     calibration_samples,
     check_token_ids,
     data_config_problems,
-    default_data_config,
     heldout_batches,
     pack_documents,
     row_digests,
@@ -25,7 +24,6 @@ __all__ = [
     "calibration_samples",
     "check_token_ids",
     "data_config_problems",
-    "default_data_config",
     "heldout_batches",
     "make_tokenizer",
     "pack_documents",

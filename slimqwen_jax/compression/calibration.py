@@ -33,14 +33,14 @@ import numpy as np
 from flax import nnx
 
 from slimqwen_jax import data
+from slimqwen_jax.compression.spec import PruningError
+from slimqwen_jax.compression.state import EMBED_AXIS, flat_params, logical_axes
 from slimqwen_jax.config import ConfigError, Qwen3NextConfig
 from slimqwen_jax.layers import Calibration
 from slimqwen_jax.model import Qwen3NextForCausalLM
 from slimqwen_jax.progress import format_duration
-from slimqwen_jax.pruning.spec import PruningError
-from slimqwen_jax.pruning.state import EMBED_AXIS, flat_params, logical_axes
 
-log = logging.getLogger("slimqwen_jax.pruning")
+log = logging.getLogger("slimqwen_jax.compression")
 
 RESIDUAL_COS = "residual_cos"
 ABS_OUTPUT = "abs_output"

@@ -24,13 +24,13 @@ import numpy as np
 import optax
 from flax import nnx
 
+from slimqwen_jax.compression.calibration import CalibrationStats
+from slimqwen_jax.compression.depth import layers_to_keep, select_layers
+from slimqwen_jax.compression.experts import ExpertPlan, apply_plans, plan_layers
+from slimqwen_jax.compression.spec import PruneSpec, PruningError, validate
+from slimqwen_jax.compression.state import abstract_params, check_fits, is_abstract
+from slimqwen_jax.compression.width import channels_to_keep, select_channels
 from slimqwen_jax.config import Qwen3NextConfig
-from slimqwen_jax.pruning.calibration import CalibrationStats
-from slimqwen_jax.pruning.depth import layers_to_keep, select_layers
-from slimqwen_jax.pruning.experts import ExpertPlan, apply_plans, plan_layers
-from slimqwen_jax.pruning.spec import PruneSpec, PruningError, validate
-from slimqwen_jax.pruning.state import abstract_params, check_fits, is_abstract
-from slimqwen_jax.pruning.width import channels_to_keep, select_channels
 
 PLACEHOLDER_NOTE = (
     "no calibration statistics (abstract parameters): the kept layers, experts and channels are a placeholder "

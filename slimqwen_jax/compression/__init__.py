@@ -1,4 +1,4 @@
-"""Structural pruning of Qwen3-Next models, driven by calibration statistics (method.md section 3).
+"""Structural pruning of Qwen3-Next models, driven by calibration statistics (docs/method.md section 3).
 
     stats = calibrate(model, samples)                          # streaming statistics, save/load
     cfg, params, notes = prune(cfg, nnx.state(model), spec, stats)   # depth -> experts -> width
@@ -13,20 +13,20 @@ Each axis is also a pure transform `(config, params, stats, spec) -> (config, pa
 and active counts of any config.
 """
 
-from slimqwen_jax.pruning.calibration import (
+from slimqwen_jax.compression.calibration import (
     CalibrationStats,
     calibrate,
     load_or_calibrate,
     load_statistics,
     residual_norms,
 )
-from slimqwen_jax.pruning.depth import block_influence, layers_to_keep, prune_depth
-from slimqwen_jax.pruning.experts import ExpertPlan, expert_importance, plan_experts, prune_experts
-from slimqwen_jax.pruning.param_count import ParameterCount, architecture_table, count_parameters, format_count
-from slimqwen_jax.pruning.pipeline import PruningDecision, apply_decision, decide, prune, prune_optimizer_state
-from slimqwen_jax.pruning.spec import DepthSpec, ExpertSpec, PruneSpec, PruningError, WidthSpec, validate
-from slimqwen_jax.pruning.state import abstract_params, build_model
-from slimqwen_jax.pruning.width import channel_importance, prune_width
+from slimqwen_jax.compression.decision import PruningDecision, apply_decision, decide, prune, prune_optimizer_state
+from slimqwen_jax.compression.depth import block_influence, layers_to_keep, prune_depth
+from slimqwen_jax.compression.experts import ExpertPlan, expert_importance, plan_experts, prune_experts
+from slimqwen_jax.compression.param_count import ParameterCount, architecture_table, count_parameters, format_count
+from slimqwen_jax.compression.spec import DepthSpec, ExpertSpec, PruneSpec, PruningError, WidthSpec, validate
+from slimqwen_jax.compression.state import abstract_params, build_model
+from slimqwen_jax.compression.width import channel_importance, prune_width
 
 __all__ = [
     "CalibrationStats",

@@ -8,7 +8,7 @@ several batches with `add_statistics`); `summarize` turns the totals into the re
   total nats / ln 2 / total bytes of the target tokens (`token_byte_lengths`);
 - with a reference model (the teacher): top1_agreement (argmax equal) and mean_kl =
   mean over tokens of KL(reference || model);
-- with num_drafts J > 0: teacher-forced MTP acceptance acc_1 .. acc_J (method.md section 7), drafts
+- with num_drafts J > 0: teacher-forced MTP acceptance acc_1 .. acc_J (docs/method.md section 7), drafts
   made from the data's tokens instead of the model's own (no decoding needed; `decoding` measures
   the real thing).
 `acceptance_rates` turns accepted draft counts (speculative decoding) into the same rates.

@@ -26,10 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from slimqwen_jax.compression.calibration import LOGIT_GRAM, REAP, SELECTED, WEIGHT, CalibrationStats
+from slimqwen_jax.compression.spec import ExpertSpec, PruningError, expert_problems
+from slimqwen_jax.compression.state import flat_params, require_abstract, take, with_values
 from slimqwen_jax.config import Qwen3NextConfig
-from slimqwen_jax.pruning.calibration import LOGIT_GRAM, REAP, SELECTED, WEIGHT, CalibrationStats
-from slimqwen_jax.pruning.spec import ExpertSpec, PruningError, expert_problems
-from slimqwen_jax.pruning.state import flat_params, require_abstract, take, with_values
 
 EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
 

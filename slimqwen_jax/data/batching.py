@@ -21,9 +21,7 @@ from typing import Any
 
 import grain
 import jax
-import ml_collections
 import numpy as np
-from ml_collections import config_dict
 
 from slimqwen_jax.data import sources
 from slimqwen_jax.data.sources import DataError
@@ -34,29 +32,9 @@ CACHE_VERSION = 1
 READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
 
 
-def default_data_config() -> ml_collections.ConfigDict:
-    """The data section of a run config: the standard library, byte tokens, 256-token windows.
-
-    `paths` is a comma-separated string of files and globs so that `--config.data.paths=a,b`
-    works from the command line (the functions here also take a list).
-    """
-    return ml_collections.ConfigDict(
-        dict(
-            source="stdlib",  # stdlib | text | jsonl | tokens
-            paths="",
-            jsonl_field="text",
-            token_dtype="uint16",  # of raw .bin token files
-            tokenizer="byte",  # "byte" or a path to a HF tokenizer.json
-            heldout_fraction=0.01,
-            seq_len=256,
-            shuffle_seed=0,
-            cache_dir=config_dict.placeholder(str),  # None: no on-disk cache of tokenized streams
-        )
-    )
-
-
 def data_config_problems(data_cfg: Any) -> list[str]:
-    """Every unusable field of `data_cfg`, one line each (nothing is read)."""
+    """Every unusable field of `data_cfg` (fields and defaults: `run_config.data_section`), one line
+    each (nothing is read)."""
     problems = []
     if data_cfg.source not in sources.SOURCES:
         problems.append(f"unknown source {data_cfg.source!r}; choose from {sources.SOURCES}")

@@ -15,8 +15,8 @@ import dataclasses
 
 from flax import nnx
 
+from slimqwen_jax.compression.state import EXPERT_AXIS, abstract_params, flat_params, logical_axes
 from slimqwen_jax.config import Qwen3NextConfig
-from slimqwen_jax.pruning.state import EXPERT_AXIS, abstract_params, flat_params, logical_axes
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,10 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from slimqwen_jax.config import Qwen3NextConfig
-from slimqwen_jax.pruning.calibration import ABS_OUTPUT, CalibrationStats, residual_norms
-from slimqwen_jax.pruning.spec import PruningError, WidthSpec, width_problems
-from slimqwen_jax.pruning.state import (
+from slimqwen_jax.compression.calibration import ABS_OUTPUT, CalibrationStats, residual_norms
+from slimqwen_jax.compression.spec import PruningError, WidthSpec, width_problems
+from slimqwen_jax.compression.state import (
     EMBED_AXIS,
     EMBED_PAIR_AXIS,
     flat_params,
@@ -30,6 +29,7 @@ from slimqwen_jax.pruning.state import (
     take,
     with_values,
 )
+from slimqwen_jax.config import Qwen3NextConfig
 
 
 def channel_importance(params: nnx.State, stats: CalibrationStats) -> np.ndarray:

@@ -13,10 +13,10 @@ import re
 import numpy as np
 from flax import nnx
 
+from slimqwen_jax.compression.calibration import RESIDUAL_COS, CalibrationStats
+from slimqwen_jax.compression.spec import DepthSpec, PruningError, depth_problems
+from slimqwen_jax.compression.state import flat_params, require_abstract, with_values
 from slimqwen_jax.config import FULL_ATTENTION, Qwen3NextConfig
-from slimqwen_jax.pruning.calibration import RESIDUAL_COS, CalibrationStats
-from slimqwen_jax.pruning.spec import DepthSpec, PruningError, depth_problems
-from slimqwen_jax.pruning.state import flat_params, require_abstract, with_values
 
 _LAYER_PATH = re.compile(r"model\.layers\.(?P<index>\d+)\.(?P<rest>.*)")
 

@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from slimqwen_jax.compression.spec import PruningError
 from slimqwen_jax.config import Qwen3NextConfig
 from slimqwen_jax.model import Qwen3NextForCausalLM, abstract_model
-from slimqwen_jax.pruning.spec import PruningError
 
 # The logical axis of the hidden dimension, and of the MTP fc input [2D] = [embedding half | hidden half].
 EMBED_AXIS = "embed"
