@@ -99,7 +99,7 @@ def run(config: ml_collections.ConfigDict) -> str:
     if config.pipeline.teacher is None:
         raise ConfigError("a pipeline config needs pipeline.teacher: the train config that pretrains the teacher")
     configs = run_configs(config)
-    plans = {name: train.plan_run(run) for name, run in configs.items()}
+    plans = {name: train.plan_run(configs[name]) for name in configs}
     teacher = configs["teacher"]
     if TrainingCheckpoints(teacher.workdir).latest_step() == teacher.train.steps:
         log.info("teacher: reusing %s", teacher.workdir)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -36,6 +37,22 @@ def routing_scalars(metrics: dict) -> dict[str, float]:
     }
 
 
+def tensorboard_writer_class():
+    """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch whenever it
+    is installed, only to accept torch tensors (about a second of every command's start-up; we log
+    Python floats). A process that has imported torch already keeps it."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # an import of torch now raises ImportError, which tensorboardX catches
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class ProgressLogger:
     """Logs every `log_every` steps; held-out losses whenever given. Only the main process writes
     (log lines, tensorboard, metrics.jsonl); every process keeps its summary."""
@@ -63,8 +80,7 @@ class ProgressLogger:
         self.history_file = workdir / "metrics.jsonl"
         self._writer = None
         if is_main:
-            from tensorboardX import SummaryWriter
-
+            SummaryWriter = tensorboard_writer_class()
             workdir.mkdir(parents=True, exist_ok=True)
             drop_history_after(self.history_file, start_step)
             # A resumed run replays the steps after its checkpoint: drop their old events too.

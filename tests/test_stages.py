@@ -14,9 +14,8 @@ from flax import nnx
 from tool_runs import DATA_CACHE_DIR, REPO, run_tool, start_tool
 
 from slimqwen_jax import compression, data, losses, optimizer, run_config, stage_plan, train
-from slimqwen_jax.checkpoint import load_checkpoint, save_checkpoint
+from slimqwen_jax.checkpoint import load_checkpoint
 from slimqwen_jax.config import ConfigError, qwen3_next_80b_a3b, slimqwen_23a2b, tiny
-from slimqwen_jax.model import Qwen3NextForCausalLM
 from slimqwen_jax.testing import apply_overrides, checkpoint_params, load_config_file
 
 # The tiny pipeline's student config, shrunk: a 6-layer source (3 linear + 1 full + 2 linear),
@@ -61,18 +60,42 @@ def staged_config(workdir: Path, teacher: Path):
     return config
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
-    return save_checkpoint(Qwen3NextForCausalLM(SOURCE, rngs=nnx.Rngs(3)), tmp_path_factory.mktemp("t") / "teacher")
+TEACHER_TRAIN = dict(steps=6, global_batch_size=4, eval_batches=2, eval_batch_size=4, eval_every=6,
+                     checkpoint_every=6, log_every=3, eval_mtp_drafts=0)  # fmt: skip
+
+
+def pipeline_overrides(root: Path) -> list[str]:
+    """The main job's command in miniature: a teacher of the staged run's source architecture,
+    pretrained for a few steps, then the staged run itself as its student, then the baseline."""
+    return [
+        *staged_overrides(root, Path("unused")),  # the pipeline points the student at its own teacher
+        *(f"--config.pipeline.teacher.model.{k}={v}" for k, v in STAGED_RUN_MODEL.items()),
+        "--config.pipeline.teacher.data.seq_len=32",
+        f"--config.pipeline.teacher.data.cache_dir={DATA_CACHE_DIR}",
+        *(f"--config.pipeline.teacher.train.{k}={v}" for k, v in TEACHER_TRAIN.items()),
+    ]
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, teacher) -> tuple[Path, str]:
-    """An uninterrupted staged run: (workdir, output)."""
-    workdir = tmp_path_factory.mktemp("straight") / "run"
-    code, output = run_staged(workdir, teacher)
+def pipeline(tmp_path_factory) -> tuple[Path, str]:
+    """One pipeline run shared by the tests of this file: (root, output). Its `student/` is the
+    uninterrupted staged run (`staged_overrides`) from the teacher in `teacher/`."""
+    root = tmp_path_factory.mktemp("pipeline") / "root"
+    code, output = run_tool("pipeline", "slimqwen_tiny.py", *pipeline_overrides(root))
     assert code == 0, output
-    return workdir, output
+    return root, output
+
+
+@pytest.fixture(scope="module")
+def teacher(pipeline) -> Path:
+    """The pipeline's pretrained teacher: the source of the staged run (6 layers, hidden 32, 4 experts)."""
+    return pipeline[0] / "teacher" / "checkpoints" / str(TEACHER_TRAIN["steps"])
+
+
+@pytest.fixture(scope="module")
+def straight(pipeline) -> tuple[Path, str]:
+    """The uninterrupted staged run, the pipeline's student: (workdir, output)."""
+    return pipeline[0] / "student", pipeline[1]
 
 
 # ---------------------------------------------------------------------------- presets and planning
@@ -267,22 +290,10 @@ def printed_table(output: str) -> str:
 
 
 @pytest.mark.slow
-def test_pipeline_runs_teacher_stages_and_baseline_and_reports(tmp_path):
-    """The main job's command in miniature (`python -m slimqwen_jax.pipeline`): teacher pretraining,
-    the staged student (the uninterrupted staged run's settings, so its programs are compiled once),
-    the from-scratch baseline, the report; rerun, it reuses the teacher and redoes nothing."""
-    root = tmp_path / "pipeline"
-    teacher_train = dict(steps=6, global_batch_size=4, eval_batches=2, eval_batch_size=4, eval_every=6,
-                         checkpoint_every=6, log_every=3, eval_mtp_drafts=0)  # fmt: skip
-    overrides = [
-        *staged_overrides(root, Path("unused")),  # the pipeline points the student at its own teacher
-        *(f"--config.pipeline.teacher.model.{k}={v}" for k, v in STAGED_RUN_MODEL.items()),
-        "--config.pipeline.teacher.data.seq_len=32",
-        f"--config.pipeline.teacher.data.cache_dir={DATA_CACHE_DIR}",
-        *(f"--config.pipeline.teacher.train.{k}={v}" for k, v in teacher_train.items()),
-    ]
-    code, output = run_tool("pipeline", "slimqwen_tiny.py", *overrides)
-    assert code == 0, output
+def test_pipeline_runs_teacher_stages_and_baseline_and_reports(pipeline):
+    """`python -m slimqwen_jax.pipeline`: teacher pretraining, the staged student, the from-scratch
+    baseline, the report; rerun, it reuses the teacher and redoes nothing."""
+    root, output = pipeline
     rows = json.loads((root / "report.json").read_text())
     assert [r["run"] for r in rows] == ["teacher", "pruned + KD", "from scratch"]
     assert [(r["layers"], r["hidden"], r["experts"]) for r in rows] == [(6, 32, 4), (4, 16, 2), (4, 16, 2)]
@@ -295,7 +306,7 @@ def test_pipeline_runs_teacher_stages_and_baseline_and_reports(tmp_path):
         == 16
     )
     before = (root / "student" / "stage_2" / "metrics.jsonl").read_text()
-    code, output = run_tool("pipeline", "slimqwen_tiny.py", *overrides)
+    code, output = run_tool("pipeline", "slimqwen_tiny.py", *pipeline_overrides(root))
     assert code == 0 and printed_table(output) == table, output  # all done: the report is rewritten, nothing retrained
     assert "teacher: reusing" in output
     assert (root / "student" / "stage_2" / "metrics.jsonl").read_text() == before

@@ -29,16 +29,16 @@ def run_train(workdir: Path, *overrides: str, steps: int = 6, checkpoint_every: 
 
 
 def test_pulse_run_writes_checkpoint_and_tensorboard_events(tmp_path):
-    code, output = run_train(tmp_path, steps=4, checkpoint_every=2)
+    code, output = run_train(tmp_path)  # the programs of test_bad_inputs.py's runs: compiled once
     assert code == 0, output
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "4"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3", "6"]
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["step"] == 4 and np.isfinite(summary["heldout_ce"])
+    assert summary["step"] == 6 and np.isfinite(summary["heldout_ce"])
     assert (tmp_path / "loss_curve.png").stat().st_size > 0
     assert "tok/s" in output and "ETA" in output
     # A finished run rerun with the same command resumes at its last step and does nothing more.
-    code, output = run_train(tmp_path, steps=4, checkpoint_every=2)
+    code, output = run_train(tmp_path)
     assert code == 0 and "resumed" in output, output
 
 
@@ -48,7 +48,7 @@ def test_sigkill_and_rerun_resumes_bitwise_exactly(tmp_path):
     # (slimqwen_jax/stacking.py) and its checkpoints per layer, so the rerun restores per layer and
     # stacks again. Unrolled runs resume through the same save and restore: test_stages.py's kill test.
     scanned = ("--config.model.num_hidden_layers=8", "--config.model.scan_layers=True")
-    steps, every = 24, 6
+    steps, every = 12, 4
     code, output = run_train(tmp_path / "straight", *scanned, steps=steps, checkpoint_every=every)
     assert code == 0, output
 
@@ -97,10 +97,10 @@ def test_init_from_with_another_architecture_is_refused(tmp_path):
 
 
 def test_workdir_of_another_architecture_is_refused_and_kept(tmp_path):
-    code, output = run_train(tmp_path, steps=2, checkpoint_every=2)
+    code, output = run_train(tmp_path)
     assert code == 0, output
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
-    code, output = run_train(tmp_path, "--config.model.num_experts=8", steps=4)
+    code, output = run_train(tmp_path, "--config.model.num_experts=8")
     assert code == 1 and "different architecture" in output and "num_experts" in output, output
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
 
@@ -117,7 +117,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert saved == [1] and f"last good checkpoint is {tmp_path / 'checkpoints' / '1'}" in output, output
     assert all(np.isfinite(a).all() for a in checkpoint_params(tmp_path, 1))
     # The named checkpoint really is good: rerun with a sane learning rate, it resumes and finishes.
-    code, output = run_train(tmp_path, "--config.optimizer.peak_lr=1e-3", steps=10, checkpoint_every=5)
+    code, output = run_train(tmp_path, "--config.optimizer.peak_lr=1e-3", steps=4, checkpoint_every=2)
     assert code == 0 and "at step 1" in output, output
 
 

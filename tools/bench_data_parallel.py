@@ -52,7 +52,7 @@ def compiled_step(cfg, mesh: jax.sharding.Mesh, tokens: np.ndarray):
     opt_state = jax.jit(tx.init)(params)
     tokens = jax.device_put(jnp.asarray(tokens), sharding.batch_sharding(mesh, 2))
     with jax.set_mesh(mesh):
-        compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(params, opt_state, None, tokens, 0).compile()
+        compiled = train_step.lower(params, opt_state, None, tokens, 0).compile()
     return compiled, params, opt_state, tokens
 
 

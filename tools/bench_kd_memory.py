@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from slimqwen_jax import losses, run_config, stage_functions
+from slimqwen_jax import losses, run_config, sharding, stage_functions, train_state
 from slimqwen_jax.config import tiny
 from slimqwen_jax.model import abstract_model
 from slimqwen_jax.stage_functions import MtpUse
@@ -80,22 +80,21 @@ def full_logits_objective(aux_coef: float, temperature: float = 1.0) -> losses.O
 
 
 def compiled_step(student, teacher, objective, batch: int, seq_len: int):
-    """The trainer's train step, compiled for abstract (shape-only) arguments."""
-    loss = run_config.loss_section(distillation=True)
-    graphdef, params = abstract_model(student)
-    teacher_graphdef, teacher_params = abstract_model(teacher)
-    loss_fn = stage_functions.make_loss_fn(
-        graphdef, objective, MtpUse(student=True, teacher=True, kd=True), teacher_graphdef
-    )
+    """The trainer's train step (`stage_functions.build`), compiled for abstract (shape-only)
+    arguments on one device."""
+    config = run_config.base_config()
+    config.loss = run_config.loss_section(distillation=True)
+    mesh = sharding.make_mesh(dict(data=1, fsdp=1, expert=1), jax.devices()[:1])
     tx = optax.adamw(1e-4)
-    replicated = jax.sharding.NamedSharding(
-        jax.sharding.Mesh(jax.devices()[:1], ("batch",)), jax.sharding.PartitionSpec()
-    )
-    step = stage_functions.make_train_step(loss_fn, tx, stage_functions.loss_weights_fn(loss, 1000), 1, replicated)
-    shapes = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)  # noqa: E731
+    shapes = train_state.abstract_state(student, tx, mesh)
+    teacher_graphdef, teacher_params = abstract_model(teacher)
+    fns = stage_functions.build(
+        config, student, shapes.graphdef, tx, mesh, shapes.shardings, mtp=MtpUse(student=True, teacher=True, kd=True),
+        total_steps=1000, teacher_graphdef=teacher_graphdef, teacher_shardings=sharding.state_shardings(teacher_params, mesh),
+        objective=objective,
+    )  # fmt: skip
     tokens = jax.ShapeDtypeStruct((batch, seq_len + 1), jnp.int32)
-    args = (shapes(params), jax.eval_shape(tx.init, shapes(params)), shapes(teacher_params), tokens, 0)
-    return jax.jit(step, donate_argnums=(0, 1)).lower(*args).compile()
+    return fns.train_step.lower(shapes.params, shapes.opt_state, teacher_params, tokens, 0).compile()
 
 
 def nbytes(tree) -> int:

@@ -7,7 +7,7 @@ In one run on the machine at hand:
    denominator of model FLOP utilisation, MFU);
 2. for each config, one AdamW step (global-norm clipping, weight decay) of LM cross-entropy plus the
    MoE load-balancing loss, without MTP (transformers' model has none): ours is the trainer's own
-   jitted step (`stage_functions.make_train_step`, float32, parameters donated), theirs
+   jitted step (`stage_functions.build`, float32, parameters donated), theirs
    `Qwen3NextForCausalLM(labels=..., output_router_logits=True)` + `loss.backward()` +
    `torch.optim.AdamW` with its pure-torch fallbacks, on `--torch-threads` threads (default: every
    core jax may use; torch's default, spinning OpenMP threads: passive waiting halved HF's step
@@ -42,9 +42,8 @@ import numpy as np
 from flax import nnx
 from timing import interleaved_medians
 
-from slimqwen_jax import cli, losses, model, moe, optimizer, run_config, sharding, stacking, stage_functions
+from slimqwen_jax import cli, model, moe, optimizer, run_config, sharding, stacking, stage_functions, train_state
 from slimqwen_jax.config import FULL_ATTENTION, Qwen3NextConfig, tiny
-from slimqwen_jax.stage_functions import MtpUse
 from slimqwen_jax.testing import hand_count_parameters
 
 # The architectures of issue 14's table: the quickstart model and a wider one with 16 experts.
@@ -94,15 +93,20 @@ def model_flops_per_token(cfg: Qwen3NextConfig, seq_len: int) -> float:
 
 
 def trainer_step(cfg: Qwen3NextConfig, graphdef: nnx.GraphDef, total_steps: int, mesh=None):
-    """(train_step, tx): the trainer's step for LM CE + aux loss, not yet jitted; its micro-batches
-    split over `mesh`'s batch axes (default: one device)."""
-    objective = losses.distillation_objective(aux_coef=cfg.router_aux_loss_coef, chunk_size=1024)
-    loss_fn = stage_functions.make_loss_fn(graphdef, objective, MtpUse())
-    tx, _ = optimizer.make_optimizer(run_config.optimizer_section(**OPTIMIZER), total_steps)
-    weights = stage_functions.loss_weights_fn(run_config.loss_section(distillation=False), total_steps)
+    """(train_step, tx): the trainer's own jitted and donated step (`stage_functions.build`) for LM
+    CE + aux loss (the models here have no MTP module), its arguments sharded over `mesh` (default:
+    one device) in the stage layout of `cfg`."""
+    config = run_config.base_config()
+    config.optimizer = run_config.optimizer_section(**OPTIMIZER)
+    config.train.eval_mtp_drafts = 0
     mesh = mesh or sharding.make_mesh(dict(data=1, fsdp=1, expert=1), jax.devices()[:1])
-    micro = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.LOGICAL_RULES["batch"]))
-    return stage_functions.make_train_step(loss_fn, tx, weights, 1, micro), tx
+    tx, _ = optimizer.make_optimizer(config.optimizer, total_steps)
+    shapes = train_state.abstract_state(cfg, tx, mesh)
+    fns = stage_functions.build(
+        config, cfg, graphdef, tx, mesh, stacking.layout_for(shapes.params, cfg.scan_layers).stack_shardings(
+            shapes.shardings), mtp=stage_functions.decide_mtp_use(config.loss, cfg, None), total_steps=total_steps,
+    )  # fmt: skip
+    return fns.train_step, tx
 
 
 def routed_as_plain_matmuls(rows, row_experts, gate_proj, up_proj, down_proj):
@@ -124,7 +128,7 @@ def our_step(cfg: Qwen3NextConfig, tokens: np.ndarray, total_steps: int, expert_
     graphdef, params = nnx.split(net, nnx.Param)
     params = stacking.layout_for(params, cfg.scan_layers).stack(params)
     train_step, tx = trainer_step(cfg, graphdef, total_steps)
-    return jax.jit(train_step, donate_argnums=(0, 1)), params, tx.init(params), jnp.asarray(tokens)
+    return train_step, params, tx.init(params), jnp.asarray(tokens)
 
 
 def prepare_ours(cfg: Qwen3NextConfig, tokens: np.ndarray, total_steps: int, expert_ffn=None):
@@ -175,8 +179,7 @@ def compile_seconds(cfg: Qwen3NextConfig, batch: int = 2, seq_len: int = 32) -> 
     """Seconds to trace, lower and compile the trainer's step for `cfg` (shapes only: nothing is
     allocated or run). Run without a persistent compilation cache, or a repeat reads it."""
     graphdef, params = model.abstract_model(cfg)
-    train_step, tx = trainer_step(cfg, graphdef, total_steps=10)
-    step = jax.jit(train_step)
+    step, tx = trainer_step(cfg, graphdef, total_steps=10)
     shapes = jax.eval_shape(stacking.layout_for(params, cfg.scan_layers).stack, params)
     tokens = jax.ShapeDtypeStruct((batch, seq_len + 1), jnp.int32)
     start = time.perf_counter()
