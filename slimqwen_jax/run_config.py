@@ -27,9 +27,9 @@ from pathlib import Path
 import ml_collections
 from ml_collections import config_dict
 
-from slimqwen_jax import data, losses, optimizer, stage_plan
+from slimqwen_jax import data, losses, optimizer, sharding, stage_plan
 from slimqwen_jax.compression import DepthSpec, ExpertSpec, PruneSpec, WidthSpec
-from slimqwen_jax.compression.spec import DEPTH_METHODS, EXPERT_IMPORTANCES, EXPERT_METHODS, EXPERT_SIMILARITIES
+from slimqwen_jax.compression.spec import choice_problems
 from slimqwen_jax.config import DTYPES, ConfigError, Qwen3NextConfig, tiny
 
 COMMANDS = ("train", "prune", "evaluate")
@@ -88,8 +88,10 @@ def loss_section(*, distillation: bool = False) -> ml_collections.ConfigDict:
     """`config.loss`: the objective (docs/method.md section 4). With `distillation`, the paper's
     schedules (lam linear 1.0 -> 0.75, beta cosine 0.3 -> 0.1); otherwise pretraining: lam 0 and a
     constant MTP weight beta 0.3."""
-    lam = dict(schedule="linear", start=1.0, end=0.75) if distillation else dict(schedule="constant", start=0.0, end=0.0)
-    beta = dict(schedule="cosine", start=0.3, end=0.1) if distillation else dict(schedule="constant", start=0.3, end=0.3)
+    if distillation:
+        lam, beta = dict(schedule="linear", start=1.0, end=0.75), dict(schedule="cosine", start=0.3, end=0.1)
+    else:
+        lam, beta = dict(schedule="constant", start=0.0, end=0.0), dict(schedule="constant", start=0.3, end=0.3)
     return ml_collections.ConfigDict(
         dict(
             lam=lam,  # KD share: (1 - lam) L_LM + lam L_KD, same split for the MTP terms
@@ -349,7 +351,9 @@ SCHEDULE_PRESETS = {"one_stage": one_stage, "depth_first": depth_first, "width_f
 
 
 # ---------------------------------------------------------------------------- baselines
-def resolve_baseline(config: ml_collections.ConfigDict, stages: Sequence[stage_plan.Stage]) -> ml_collections.ConfigDict:
+def resolve_baseline(
+    config: ml_collections.ConfigDict, stages: Sequence[stage_plan.Stage]
+) -> ml_collections.ConfigDict:
     """The run config of `config.baseline`, for comparisons at equal tokens, given the planned
     `stages` of `config`: `from_scratch` trains the final architecture of the stages from a random
     init on their whole budget (same objective; set lam to 0 too for LM only); `pruned_lm_only`
@@ -413,12 +417,11 @@ def _model_problems(config: ml_collections.ConfigDict) -> tuple[Qwen3NextConfig 
 
 
 def _mesh_problems(mesh: ml_collections.ConfigDict, *, dry_run: bool) -> list[str]:
-    sizes = {axis: int(mesh[axis]) for axis in mesh.keys()}
-    if any(s == 0 or s < -1 for s in sizes.values()) or list(sizes.values()).count(-1) > 1:
-        return [f"mesh sizes {sizes}: each must be positive, at most one may be -1"]
-    if dry_run and -1 in sizes.values():
+    found = sharding.mesh_size_problems(mesh)
+    sizes = {axis: int(mesh[axis]) for axis in sharding.MESH_AXES}
+    if not found and dry_run and -1 in sizes.values():
         return [f"a dry run needs every mesh size given (no -1), got {sizes}"]
-    return []
+    return found
 
 
 def _calibration_problems(calibration: ml_collections.ConfigDict) -> list[str]:
@@ -461,11 +464,7 @@ def _prune_problems(config: ml_collections.ConfigDict) -> list[str]:
         found.append(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
     if not config.source:
         found += _model_problems(config)[1]
-    choices = (("depth.method", config.depth.method, DEPTH_METHODS),
-               ("experts.importance", config.experts.importance, EXPERT_IMPORTANCES),
-               ("experts.method", config.experts.method, EXPERT_METHODS),
-               ("experts.similarity", config.experts.similarity, EXPERT_SIMILARITIES))  # fmt: skip
-    found += [f"{name} {value!r} is not one of {options}" for name, value, options in choices if value not in options]
+    found += choice_problems(PruneSpec.from_config(config))
     found += [f"data: {problem}" for problem in data.data_config_problems(config.data)]
     found += _calibration_problems(config.calibration)
     if not config.dry_run and not config.output:

@@ -29,12 +29,20 @@ class MeshError(ValueError):
     """A mesh that does not fit the devices or the model."""
 
 
+def mesh_size_problems(mesh_cfg) -> list[str]:
+    """The problem of mesh sizes that no device count fits: every size positive, or -1 once."""
+    sizes = [int(mesh_cfg[axis]) for axis in MESH_AXES]
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        return [f"mesh sizes {dict(zip(MESH_AXES, sizes))}: each must be positive, at most one may be -1"]
+    return []
+
+
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
     """A mesh with axes (data, fsdp, expert); one size may be -1 to take the remaining devices."""
     devices = jax.devices() if devices is None else devices
+    if problems := mesh_size_problems(mesh_cfg):
+        raise MeshError(problems[0])
     sizes = [int(mesh_cfg[axis]) for axis in MESH_AXES]
-    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise MeshError(f"mesh sizes {dict(zip(MESH_AXES, sizes))}: each must be positive, at most one may be -1")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:

@@ -203,6 +203,10 @@ class RunContext:
         return self.plan.stages[-1].end_step
 
     @property
+    def teacher_params(self):
+        return self.teacher.params if self.teacher else None
+
+    @property
     def token_sharding(self):
         return sharding.batch_sharding(self.mesh, 2)
 
@@ -262,7 +266,8 @@ def stage_start(context: RunContext, stage: stage_plan.Stage, previous: stage_pl
     if first:
         start = initial_state(config, cfg, context.tx, context.mesh)
     else:
-        start = restore(TrainingCheckpoints(previous.directory), context.tx, context.mesh, cfg, check_architecture=False)
+        previous_checkpoints = TrainingCheckpoints(previous.directory)
+        start = restore(previous_checkpoints, context.tx, context.mesh, cfg, check_architecture=False)
         if start.state.step != previous.end_step:  # its last checkpoint was damaged and set aside
             raise TrainError(
                 f"{previous.name} must end at step {previous.end_step} but its newest intact checkpoint is step "
@@ -317,15 +322,15 @@ def stage_functions_for(context: RunContext, start: StageStart, layout: stacking
     return stage_functions.build(
         context.config, start.model_cfg, start.graphdef, context.tx, context.mesh,
         layout.stack_shardings(start.shardings), mtp=context.mtp, total_steps=context.total_steps,
-        teacher_graphdef=teacher.graphdef if teacher else None, teacher_shardings=teacher.shardings if teacher else None,
+        teacher_graphdef=teacher.graphdef if teacher else None,
+        teacher_shardings=teacher.shardings if teacher else None,
     )  # fmt: skip
 
 
 def evaluate_heldout(context: RunContext, fns: StageFunctions, params, step: int) -> dict[str, float]:
     """The objective's terms on the held-out batches, and the teacher-forced MTP acceptance."""
-    teacher_params = context.teacher.params if context.teacher else None
     batches = [context.heldout_to_global(b) for b in context.heldout]
-    results = [fns.eval_step(params, teacher_params, b, step - 1) for b in batches]
+    results = [fns.eval_step(params, context.teacher_params, b, step - 1) for b in batches]
     metrics = {k: float(np.mean([r[k] for r in results])) for k in HELDOUT_METRICS if k in results[0]}
     if fns.acceptance is not None:
         totals = None
@@ -337,13 +342,19 @@ def evaluate_heldout(context: RunContext, fns: StageFunctions, params, step: int
     return metrics
 
 
+def stop_error(checkpoints: TrainingCheckpoints, reason: str, advice: str, error: type[TrainError] = TrainError
+               ) -> TrainError:  # fmt: skip
+    """Why a stage stops, the last good checkpoint of `checkpoints` and what to do next, as one error."""
+    return error(f"{reason}. The last good checkpoint is {checkpoints.last_complete()}: {advice}")
+
+
 def finite_or_stop(values: dict[str, float], what: str, checkpoints: TrainingCheckpoints) -> None:
     """Raise TrainError, naming the last good checkpoint, when any of `values` is not finite."""
     if all(np.isfinite(v) for v in values.values()):
         return
     shown = ", ".join(f"{k} {v}" for k, v in values.items())
-    raise TrainError(f"non-finite values {what} ({shown}); stopped without saving. The last good checkpoint is "
-                     f"{checkpoints.last_complete()}: lower the learning rate or tighten clip_norm, then rerun")  # fmt: skip
+    raise stop_error(checkpoints, f"non-finite values {what} ({shown}); stopped without saving",
+                     "lower the learning rate or tighten clip_norm, then rerun")  # fmt: skip
 
 
 def train_stage(context: RunContext, stage: stage_plan.Stage, start: StageStart) -> dict:
@@ -362,7 +373,7 @@ def train_stage(context: RunContext, stage: stage_plan.Stage, start: StageStart)
     state.params, state.opt_state = layout.stack_placed((state.params, state.opt_state), start.shardings)
     to_checkpoint_layout = jax.jit(stacking.unstack, out_shardings=start.shardings) if layout.num_blocks else None
     fns = stage_functions_for(context, start, layout)
-    teacher_params = context.teacher.params if context.teacher else None
+    teacher_params = context.teacher_params
     checkpoints = TrainingCheckpoints(stage.directory, max_to_keep=tc.keep_checkpoints)
     progress = ProgressLogger(stage.directory, total_steps=context.total_steps, start_step=state.step,
                               tokens_per_step=tc.global_batch_size * config.data.seq_len, log_every=tc.log_every,
@@ -374,9 +385,6 @@ def train_stage(context: RunContext, stage: stage_plan.Stage, start: StageStart)
         train_state = json.loads(json.dumps(train_state, default=_json_default))
         tree = (state.params, state.opt_state)
         checkpoints.save(step, *(to_checkpoint_layout(tree) if to_checkpoint_layout else tree), cfg, train_state)
-
-    def stopped(reason: str, advice: str, error: type[TrainError] = TrainError) -> TrainError:
-        return error(f"{reason}. The last good checkpoint is {checkpoints.last_complete()}: {advice}")
 
     with jax.set_mesh(context.mesh):  # the context mesh of the expert-parallel MoE's shard_map
         try:
@@ -407,15 +415,16 @@ def train_stage(context: RunContext, stage: stage_plan.Stage, start: StageStart)
                     save(step)
                 if context.interrupts.requested:
                     checkpoints.wait_until_finished()  # the checkpoint in flight becomes the one to resume from
-                    raise stopped(f"interrupted (Ctrl-C) after step {step}", "rerun the same command to resume",
-                                  Interrupted)  # fmt: skip
+                    raise stop_error(checkpoints, f"interrupted (Ctrl-C) after step {step}",
+                                     "rerun the same command to resume", Interrupted)  # fmt: skip
             checkpoints.wait_until_finished()  # a failed write of the last save shows here
         except KeyboardInterrupt:
-            raise stopped(f"interrupted (Ctrl-C) after step {state.step}", "rerun the same command to resume",
-                          Interrupted) from None  # fmt: skip
+            raise stop_error(checkpoints, f"interrupted (Ctrl-C) after step {state.step}",
+                             "rerun the same command to resume", Interrupted) from None  # fmt: skip
         except OSError as error:  # a full disk or a lost mount, in a save (orbax's writer threads) or a log file
-            raise stopped(f"cannot write {error.filename or stage.directory}: {error.strerror or error}",
-                          "free space (or fix the directory), then rerun the same command to resume") from error
+            where = error.filename or stage.directory
+            raise stop_error(checkpoints, f"cannot write {where}: {error.strerror or error}",
+                             "free space (or fix the directory), then rerun the same command to resume") from error
         finally:
             checkpoints.close()
             progress.close()

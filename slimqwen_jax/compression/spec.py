@@ -115,6 +115,17 @@ def _choice(name: str, value: str, options: tuple[str, ...]) -> list[str]:
     return [] if value in options else [f"{name} {value!r} is not one of {options}"]
 
 
+def _expert_choice_problems(spec: ExpertSpec) -> list[str]:
+    problems = _choice("experts.importance", spec.importance, EXPERT_IMPORTANCES)
+    problems += _choice("experts.method", spec.method, EXPERT_METHODS)
+    return problems + _choice("experts.similarity", spec.similarity, EXPERT_SIMILARITIES)
+
+
+def choice_problems(spec: PruneSpec) -> list[str]:
+    """The fields of `spec` that name no known method (no model needed to see them)."""
+    return _choice("depth.method", spec.depth.method, DEPTH_METHODS) + _expert_choice_problems(spec.experts)
+
+
 def depth_problems(cfg: Qwen3NextConfig, spec: DepthSpec) -> list[str]:
     problems = _choice("depth.method", spec.method, DEPTH_METHODS)
     n, layers = spec.num_layers_to_remove, cfg.num_hidden_layers
@@ -142,9 +153,7 @@ def width_problems(cfg: Qwen3NextConfig, spec: WidthSpec) -> list[str]:
 
 
 def expert_problems(cfg: Qwen3NextConfig, spec: ExpertSpec) -> list[str]:
-    problems = _choice("experts.importance", spec.importance, EXPERT_IMPORTANCES)
-    problems += _choice("experts.method", spec.method, EXPERT_METHODS)
-    problems += _choice("experts.similarity", spec.similarity, EXPERT_SIMILARITIES)
+    problems = _expert_choice_problems(spec)
     if not 0.0 <= spec.preserve_fraction <= 1.0:
         problems.append(f"experts.preserve_fraction must be in [0, 1], got {spec.preserve_fraction}")
     if spec.is_identity(cfg):
