@@ -10,6 +10,10 @@ cosine 0.3 -> 0.1 over the run, MTP-KD from the teacher's MTP head. Global batch
 to 3e-5, no re-warmup in stage 2. Mesh: 256 devices (e.g. a TPU v5p-512 pod slice), fsdp 32 x
 expert 8, experts sharded with expert parallelism; calibration on 1,024 sequences before each stage.
 
+The stages come from `config.schedule` (a preset) and the whole cut in `config.schedule_options`, so
+another schedule is one flag away: `--config.schedule=joint` (or one_stage, width_first, n_stage
+with --config.schedule_options.num_stages=3), `--config.schedule_options.split="(0.2,0.8)"`.
+
 The dry run prints each stage's architecture, parameter counts, steps, tokens and per-device
 memory without weights (docs/stages.md). The real run needs the checkpoint:
   --config.init_from=/path/to/Qwen3-Next-80B-A3B --config.teacher=/path/to/Qwen3-Next-80B-A3B
@@ -18,7 +22,7 @@ memory without weights (docs/stages.md). The real run needs the checkpoint:
 import ml_collections
 
 from slimqwen_jax.config import qwen3_next_80b_a3b, slimqwen_23a2b
-from slimqwen_jax.run_config import base_config, depth_first, loss_section, model_section, optimizer_section
+from slimqwen_jax.run_config import base_config, loss_section, model_section, optimizer_section
 
 GLOBAL_BATCH, SEQ_LEN = 1024, 4096
 TOKENS = 400 * 10**9
@@ -38,6 +42,12 @@ def get_config() -> ml_collections.ConfigDict:
                         eval_batch_size=64, checkpoint_every=1000)  # fmt: skip
     config.loss = loss_section(distillation=True)
     config.optimizer = optimizer_section(peak_lr=4e-4, end_lr=3e-5, warmup_steps=2000, weight_decay=0.1)
-    config.stages = depth_first(source, slimqwen_23a2b(), steps, split=(0.1, 0.9), multiple_of=128)
+    target = slimqwen_23a2b()
+    config.schedule = "depth_first"
+    options = config.schedule_options
+    options.update(steps=steps, split=(0.1, 0.9), expert_stage=1)
+    options.depth.num_layers_to_remove = source.num_hidden_layers - target.num_hidden_layers
+    options.width.update(hidden_size=target.hidden_size, multiple_of=128)
+    options.experts.update(num_experts=target.num_experts, num_experts_per_tok=target.num_experts_per_tok)
     config.calibration.update(num_samples=1024, seq_len=SEQ_LEN, batch_size=8, log_every=8)
     return config

@@ -5,18 +5,20 @@ a teacher pretrained from scratch (8 layers, 3 linear + 1 full attention twice, 
 experts top-2, MTP; reused when its checkpoint is there), then a student that starts as the teacher
 and is pruned and distilled in two depth_first stages (10% / 90% of the steps): stage 1 removes 2
 layers and compresses 8 -> 4 experts, stage 2 removes 2 more layers (4 left, one 3:1 block) and
-cuts the hidden width 96 -> 64; then the from-scratch baseline: the final architecture from a
-random init, same objective, same tokens. The report (workdir/report.md, report.json,
-report.png) compares teacher, pruned + KD and from scratch; docs/stages.md shows a measured run.
+cuts the hidden width 96 -> 64; then the baselines at the same tokens: pruned + LM only (the same
+stages without the KD terms) and from scratch (the student's final architecture from a random init,
+same objective). The report (workdir/report.md, report.json, report.png) compares teacher,
+pruned + KD, pruned + LM only and from scratch; docs/stages.md shows a measured run.
 
 The pipeline points every run at its own root: `<workdir>/teacher`, `<workdir>/student` (teacher and
-init_from set to the teacher's last checkpoint), `<workdir>/from_scratch`. As a plain train config
+init_from set to the teacher's last checkpoint), `<workdir>/pruned_lm_only`, `<workdir>/from_scratch`. As a plain train config
 (`python -m slimqwen_jax.train --config configs/slimqwen_tiny.py`) it runs the student's stages alone
 in workdir, against the teacher checkpoint `teacher` names.
 """
 
 import ml_collections
 
+from slimqwen_jax.compression import PruneSpec, WidthSpec
 from slimqwen_jax.config import tiny
 from slimqwen_jax.run_config import base_config, depth_first, loss_section, model_section
 
@@ -49,7 +51,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.steps = 0  # the sum of the stages
     config.loss = loss_section(distillation=True)
     config.loss.teacher_dtype = "float32"  # the tiny teacher runs in float32 on the CPU
-    config.stages = depth_first(TEACHER, TARGET, STUDENT_STEPS, split=(0.1, 0.9), multiple_of=16)
+    config.stages = depth_first(TEACHER, TARGET, STUDENT_STEPS, split=(0.1, 0.9),
+                                methods=PruneSpec(width=WidthSpec(multiple_of=16)))
     config.calibration.num_samples = 32
     config.pipeline.teacher = teacher_config(workdir)
     return config

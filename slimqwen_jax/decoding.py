@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -166,18 +166,22 @@ def _linear_extend(lin: GatedDeltaNet, x: jax.Array, cache: LinearAttentionCache
     return lin.output(o, z), LinearAttentionCache(conv, state)
 
 
-def _layer_extend(layer: DecoderLayer, x: jax.Array, cache, plan: _WritePlan, per_position: bool):
-    """`DecoderLayer.__call__` on T new tokens with the layer's cache: (x [B, T, D], new cache)."""
-    normed = layer.input_layernorm(x)
-    if layer.layer_type == LINEAR_ATTENTION:
-        mixed, cache = _linear_extend(layer.linear_attn, normed, cache, plan, per_position)
-    else:
-        mixed, cache = _attention_extend(layer.self_attn, normed, cache, plan)
+def layer_with_mixer(layer: DecoderLayer, x: jax.Array, mixer: Callable):
+    """`DecoderLayer.__call__` with its token mixer replaced by `mixer(normed [B, T, D]) -> (mixed
+    [B, T, D], extra)`, e.g. attention over a cache: (x [B, T, D], extra)."""
+    mixed, extra = mixer(layer.input_layernorm(x))
     x = x + mixed
     mlp_out = layer.mlp(layer.post_attention_layernorm(x))
     if isinstance(layer.mlp, SparseMoeBlock):
         mlp_out = mlp_out[0]  # drop the router logits
-    return x + mlp_out, cache
+    return x + mlp_out, extra
+
+
+def _layer_extend(layer: DecoderLayer, x: jax.Array, cache, plan: _WritePlan, per_position: bool):
+    """`DecoderLayer.__call__` on T new tokens with the layer's cache: (x [B, T, D], new cache)."""
+    if layer.layer_type == LINEAR_ATTENTION:
+        return layer_with_mixer(layer, x, lambda n: _linear_extend(layer.linear_attn, n, cache, plan, per_position))
+    return layer_with_mixer(layer, x, lambda n: _attention_extend(layer.self_attn, n, cache, plan))
 
 
 def _stack_extend(layers: Sequence[DecoderLayer], x: jax.Array, cache: Cache, token_valid, per_position: bool):

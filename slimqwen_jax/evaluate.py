@@ -5,8 +5,10 @@
 `model` (and the optional `reference`, e.g. the teacher) is an HF directory or one of our
 checkpoints (a training run's `checkpoints/<step>` directory included). Held-out windows of any
 `slimqwen_jax.data` source give loss / bits per byte / perplexity, top-1 agreement and KL against
-the reference, and teacher-forced MTP acceptance; held-out prompts are then decoded greedily with
-caches, without them, and with MTP speculative decoding (acceptance rates acc_1..acc_J, speed-up).
+the reference, and teacher-forced MTP acceptance (a proxy: drafts from the data's tokens); held-out
+prompts are then decoded greedily with caches, without them, and with MTP speculative decoding
+(acceptance rates acc_0..acc_{J-1}, speed-up). acc_k, the paper's convention: the share of positions
+(teacher-forced) or verification rounds (speculative) whose first k + 1 drafts were all accepted.
 Writes a JSON report (never over an existing one unless `overwrite`) and prints a short table.
 """
 
@@ -186,7 +188,7 @@ def format_table(report: dict) -> str:
     rows += [("bits per byte", f"{h['bits_per_byte']:.4f}")] if "bits_per_byte" in h else []
     if "top1_agreement" in h:
         rows += [("top-1 agreement with reference", f"{h['top1_agreement']:.4f}"), ("mean KL", f"{h['mean_kl']:.4f}")]
-    tf = sorted(k for k in h if k.startswith("teacher_forced_acc_"))
+    tf = _acceptance_keys(h, "teacher_forced_")
     if tf:
         rows += [("teacher-forced MTP " + " ".join(k[15:] for k in tf), " ".join(f"{h[k]:.3f}" for k in tf))]
     rows += [("cached decode tok/s", f"{d['cached']['tokens_per_s']:.1f}")]
@@ -194,15 +196,25 @@ def format_table(report: dict) -> str:
         rows += [("uncached decode tok/s", f"{d['uncached']['tokens_per_s']:.1f}")]
     if "speculative" in d:
         s = d["speculative"]
-        accs = [k for k in s if k.startswith("acc_")]
+        accs = _acceptance_keys(s)
         rows += [
             ("speculative " + " ".join(accs), " ".join(f"{s[k]:.3f}" for k in accs)),
             ("speculative tokens / round", f"{s['tokens_per_step']:.3f}"),
             ("speculative tok/s (speed-up)", f"{s['tokens_per_s']:.1f} ({s['speedup']:.2f}x)"),
             ("speculative output == greedy", str(s["identical_to_cached"])),
         ]
+    if tf or "speculative" in d:
+        rows += [("acc_k", "share of positions / rounds whose first k+1 drafts were all accepted")]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _acceptance_keys(rates: dict, prefix: str = "") -> list[str]:
+    """The keys prefix + acc_0, acc_1, ... present in `rates`, in draft order."""
+    keys = []
+    while f"{prefix}acc_{len(keys)}" in rates:
+        keys.append(f"{prefix}acc_{len(keys)}")
+    return keys
 
 
 def main(argv: list[str]) -> None:

@@ -1,8 +1,9 @@
 """Training objectives: language modelling and knowledge distillation, chunked over tokens.
 
-    L = (1 - lam) L_LM + lam L_KD + beta ((1 - lam) L_MTP_LM + lam L_MTP_KD) + aux_coef * L_aux
+    L = (1 - lam) L_LM + lam L_KD + beta ((1 - mu) L_MTP_LM + mu L_MTP_KD) + aux_coef * L_aux
 
-(docs/method.md section 4). An objective reads the models' hidden states before the LM head
+(docs/method.md section 4), where the MTP terms' KD share mu (`mtp_lam`) is lam unless its own
+schedule is given. An objective reads the models' hidden states before the LM head
 (`HeadInputs`) and applies the head itself, `chunk_size` tokens at a time inside a rematerialised
 scan: one [C, V] block of student and teacher logits lives at a time, in the forward pass and in
 the backward pass, whatever the batch and sequence length.
@@ -28,6 +29,8 @@ from slimqwen_jax.model import CausalLMOutput, Qwen3NextForCausalLM
 from slimqwen_jax.sharding import on_batch_shards
 
 WEIGHT_SCHEDULES = ("constant", "linear", "cosine")
+FOLLOW_LAM = "lam"  # loss.mtp_lam.schedule: the MTP terms' KD share is lam at every step
+WEIGHT_SPANS = ("run", "stage")
 MTP_KD_TARGETS = ("teacher_mtp", "teacher_backbone")
 
 
@@ -234,10 +237,11 @@ def distillation_objective(
 ) -> Objective:
     """The four-term objective of docs/method.md section 4 plus aux_coef x the student's MoE aux loss.
 
-    `weights` holds this step's `lam` and `beta`. Without a teacher only the LM terms exist (lam
-    must then be 0: `loss_problems`). Without `student.mtp_hidden` the MTP terms are skipped;
-    `mtp_kd` (the run's `stage_functions.MtpUse.kd`) says whether the teacher gives MTP-KD targets.
-    Metrics: every term (ce, kd, mtp_ce, mtp_kd, aux_loss), lam, beta, loss and, with a teacher,
+    `weights` holds this step's `lam`, `mtp_lam` and `beta`. Without a teacher only the LM terms
+    exist (lam and mtp_lam must then be 0: `loss_problems`). Without `student.mtp_hidden` the MTP
+    terms are skipped; `mtp_kd` (the run's `stage_functions.MtpUse.kd`) says whether the teacher
+    gives MTP-KD targets.
+    Metrics: every term (ce, kd, mtp_ce, mtp_kd, aux_loss), lam, mtp_lam, beta, loss and, with a teacher,
     `top1_agreement` of the backbones.
     """
 
@@ -251,11 +255,11 @@ def distillation_objective(
         return {k: v / count for k, v in sums.items()}
 
     def objective(student, teacher, tokens, weights):
-        lam, beta = weights["lam"], weights["beta"]
+        lam, mtp_lam, beta = weights["lam"], weights["mtp_lam"], weights["beta"]
         targets = tokens[:, 1:]
         teacher_hidden, teacher_head = (None, None) if teacher is None else (teacher.hidden, teacher.head)
         main = means(student.hidden, student.head, teacher_hidden, teacher_head, targets, jnp.ones(targets.shape, bool))
-        metrics = {"ce": main["ce"], "aux_loss": student.aux_loss, "lam": lam, "beta": beta}
+        metrics = {"ce": main["ce"], "aux_loss": student.aux_loss, "lam": lam, "mtp_lam": mtp_lam, "beta": beta}
         if teacher is not None:
             metrics["kd"], metrics["top1_agreement"] = main["kd"], main["agree"]
         loss = (1.0 - lam) * main["ce"] + lam * metrics.get("kd", 0.0) + aux_coef * student.aux_loss
@@ -270,7 +274,7 @@ def distillation_objective(
             metrics["mtp_ce"] = jnp.mean(jnp.stack([m["ce"] for m in per_depth]))
             if mtp_teacher:
                 metrics["mtp_kd"] = jnp.mean(jnp.stack([m["kd"] for m in per_depth]))
-            loss = loss + beta * ((1.0 - lam) * metrics["mtp_ce"] + lam * metrics.get("mtp_kd", 0.0))
+            loss = loss + beta * ((1.0 - mtp_lam) * metrics["mtp_ce"] + mtp_lam * metrics.get("mtp_kd", 0.0))
         metrics["loss"] = loss
         return loss, metrics
 
@@ -299,19 +303,28 @@ def is_always_zero(spec: ml_collections.ConfigDict) -> bool:
     return float(spec.start) == 0.0 and (spec.schedule == "constant" or float(spec.end) == 0.0)
 
 
+def mtp_lam_spec(loss: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The schedule of the MTP terms' KD share: `loss.mtp_lam`, or `loss.lam` when it follows lam."""
+    return loss.lam if loss.mtp_lam.schedule == FOLLOW_LAM else loss.mtp_lam
+
+
 def loss_problems(loss: ml_collections.ConfigDict, *, has_teacher: bool) -> list[str]:
     """Every problem of `config.loss` (fields and defaults: `run_config.loss_section`), one line each."""
     problems = []
-    for name in ("lam", "beta"):
+    for name in ("lam", "mtp_lam", "beta"):
         spec = loss[name]
-        if spec.schedule not in WEIGHT_SCHEDULES:
-            problems.append(f"loss.{name}.schedule must be one of {WEIGHT_SCHEDULES}, got {spec.schedule!r}")
+        schedules = (*WEIGHT_SCHEDULES, FOLLOW_LAM) if name == "mtp_lam" else WEIGHT_SCHEDULES
+        if spec.schedule not in schedules:
+            problems.append(f"loss.{name}.schedule must be one of {schedules}, got {spec.schedule!r}")
         for end in ("start", "end"):
-            low, high = (0.0, 1.0) if name == "lam" else (0.0, math.inf)
+            low, high = (0.0, math.inf) if name == "beta" else (0.0, 1.0)
             if not low <= float(spec[end]) <= high:
                 problems.append(f"loss.{name}.{end} must be in [{low}, {high}], got {spec[end]}")
-    if not has_teacher and not is_always_zero(loss.lam):
-        problems.append("loss.lam is not 0 but no teacher is set: set --config.teacher=<HF dir or checkpoint>")
+    for name, spec in (("lam", loss.lam), ("mtp_lam", loss.mtp_lam)):
+        if not has_teacher and spec.schedule != FOLLOW_LAM and not is_always_zero(spec):
+            problems.append(f"loss.{name} is not 0 but no teacher is set: set --config.teacher=<HF dir or checkpoint>")
+    if loss.weight_span not in WEIGHT_SPANS:
+        problems.append(f"loss.weight_span must be one of {WEIGHT_SPANS}, got {loss.weight_span!r}")
     if not loss.temperature > 0:
         problems.append(f"loss.temperature must be > 0, got {loss.temperature}")
     if loss.mtp_kd_target not in MTP_KD_TARGETS:

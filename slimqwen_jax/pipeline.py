@@ -1,13 +1,15 @@
-"""The SlimQwen pipeline as one command: teacher, pruned + distilled student, baseline, report.
+"""The SlimQwen pipeline as one command: teacher, pruned + distilled student, baselines, report.
 
     python -m slimqwen_jax.pipeline --config configs/slimqwen_tiny.py [--config.key=value ...]
 
 The config is a staged train config (the student) with `pipeline.teacher`, the train config that
 pretrains the teacher. Under `workdir`: `teacher/` (skipped when its last checkpoint exists),
-`student/` (init_from and teacher: the teacher's last checkpoint), `from_scratch/` (the
-`from_scratch` baseline of the student config: the final architecture, random init, same objective
-and tokens), then `report.md`, `report.json` and `report.png` (held-out loss curves). Every run
-resumes where it was killed. Exit codes: 0 done, 1 bad input or a failed run, 2 bad command line.
+`student/` (init_from and teacher: the teacher's last checkpoint), then the runs
+`pipeline.baselines` names at the same tokens: `pruned_lm_only/` (the same stages, LM and MTP-LM
+losses only) and `from_scratch/` (the student's final architecture as it came out of its stages,
+random init, same objective), then `report.md`, `report.json` and `report.png` (the held-out loss
+curves of every run together). Every run resumes where it was killed. Exit codes: 0 done, 1 bad
+input or a failed run, 2 bad command line.
 """
 
 from __future__ import annotations
@@ -26,14 +28,19 @@ from ml_collections import config_flags
 from slimqwen_jax import cli, train
 from slimqwen_jax.checkpoint import TrainingCheckpoints
 from slimqwen_jax.compression import count_parameters, format_count
-from slimqwen_jax.config import ConfigError, Qwen3NextConfig
+from slimqwen_jax.config import ConfigError
 from slimqwen_jax.progress import plot_runs
 
 log = logging.getLogger("slimqwen_jax.pipeline")
 
+# The report's label of each run, in the report's order.
+LABELS = {"teacher": "teacher", "student": "pruned + KD", "pruned_lm_only": "pruned + LM only",
+          "from_scratch": "from scratch"}  # fmt: skip
+
 
 def run_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
-    """The three train configs (teacher, student, from_scratch), all under `config.workdir`."""
+    """The train configs of the pipeline's runs (teacher, student, then `pipeline.baselines` in the
+    report's order), each in its own directory under `config.workdir`."""
     root = Path(config.workdir)
     teacher = copy.deepcopy(config.pipeline.teacher)
     teacher.workdir = str(root / "teacher")
@@ -41,33 +48,31 @@ def run_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.C
     student = copy.deepcopy(config)
     student.pipeline.teacher = None  # a plain staged train run from here on
     student.workdir, student.init_from, student.teacher = str(root / "student"), teacher_checkpoint, teacher_checkpoint
-    scratch = copy.deepcopy(student)
-    scratch.workdir, scratch.baseline = str(root / "from_scratch"), "from_scratch"
-    return {"teacher": teacher, "student": student, "from_scratch": scratch}
-
-
-def final_summary(workdir: Path) -> dict:
-    """The last stage's summary.json of a finished run (single-stage runs: the workdir's own)."""
-    stages = sorted(workdir.glob("stage_*"), key=lambda p: int(p.name.split("_")[1]))
-    return json.loads(((stages[-1] if stages else workdir) / "summary.json").read_text())
+    configs = {"teacher": teacher, "student": student}
+    for name in (name for name in LABELS if name in config.pipeline.baselines):
+        configs[name] = copy.deepcopy(student)
+        configs[name].workdir, configs[name].baseline = str(root / name), name
+    return configs
 
 
 def histories(workdir: Path) -> list[Path]:
-    return sorted(workdir.glob("stage_*/metrics.jsonl")) or [workdir / "metrics.jsonl"]
+    """The metrics.jsonl of a run's stages in order (single-stage runs: the workdir's own)."""
+    stages = sorted(workdir.glob("stage_*/metrics.jsonl"), key=lambda p: int(p.parent.name.split("_")[1]))
+    return stages or [workdir / "metrics.jsonl"]
 
 
 def write_report(root: Path, configs: dict[str, ml_collections.ConfigDict]) -> str:
-    """report.json, report.md (the table) and report.png (held-out CE of student and baseline)."""
+    """report.json, report.md (the table) and report.png (held-out CE of every run)."""
     rows = []
-    for name, label in (("teacher", "teacher"), ("student", "pruned + KD"), ("from_scratch", "from scratch")):
-        summary = final_summary(Path(configs[name].workdir))
-        cfg = Qwen3NextConfig.from_dict(summary["architecture"])
+    for name, config in configs.items():
+        summary = train.final_summary(Path(config.workdir))
+        cfg = train.final_architecture(Path(config.workdir))
         count = count_parameters(cfg)
         rows.append(dict(
-            run=label, layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, experts=cfg.num_experts,
+            run=LABELS[name], layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, experts=cfg.num_experts,
             top_k=cfg.num_experts_per_tok, total=count.total, active=count.active,
             heldout_ce=summary["heldout_ce"], top1_agreement=summary.get("heldout_top1_agreement", 1.0),
-            tokens=summary["step"] * configs[name].train.global_batch_size * configs[name].data.seq_len,
+            tokens=summary["step"] * config.train.global_batch_size * config.data.seq_len,
         ))  # fmt: skip
     (root / "report.json").write_text(json.dumps(rows, indent=2) + "\n")
     lines = [
@@ -80,33 +85,43 @@ def write_report(root: Path, configs: dict[str, ml_collections.ConfigDict]) -> s
         f"({format_count(r['active'])}) | {r['tokens']:,} | {r['heldout_ce']:.4f} | {r['top1_agreement']:.1%} |"
         for r in rows
     ]
-    student, scratch = rows[1]["heldout_ce"], rows[2]["heldout_ce"]
-    verdict = (f"pruned + KD ends {scratch - student:.3f} nats below from scratch" if student < scratch
-               else f"pruned + KD does NOT beat from scratch ({student:.4f} vs {scratch:.4f})")  # fmt: skip
-    lines += ["", verdict]
+    ce = {name: row["heldout_ce"] for name, row in zip(configs, rows)}
+    lines.append("")
+    for name in ("pruned_lm_only", "from_scratch"):
+        if name in ce:
+            difference = ce[name] - ce["student"]
+            lines.append(f"pruned + KD ends {difference:.3f} nats below {LABELS[name]}" if difference > 0 else
+                         f"pruned + KD does NOT beat {LABELS[name]} ({ce['student']:.4f} vs {ce[name]:.4f})")  # fmt: skip
     table = "\n".join(lines)
     (root / "report.md").write_text(table + "\n")
-    curves = {f"pruned + KD, {p.parent.name}": p for p in histories(Path(configs["student"].workdir))}
-    curves.update({"from scratch": p for p in histories(Path(configs["from_scratch"].workdir))})
-    teacher = {f"teacher ({rows[0]['heldout_ce']:.3f})": rows[0]["heldout_ce"]}
-    plot_runs(curves, root / "report.png", "heldout/ce", "held-out cross-entropy at equal tokens", teacher)
+    curves = {LABELS[name]: histories(Path(config.workdir)) for name, config in configs.items()}
+    teacher = {f"teacher's final ({ce['teacher']:.3f})": ce["teacher"]}
+    plot_runs(curves, root / "report.png", "heldout/ce", "held-out cross-entropy of every run", teacher)
     return table
 
 
 def run(config: ml_collections.ConfigDict) -> str:
     """Run what is missing of the pipeline and write its report; returns the report table. Every
-    run is planned (every config checked) before the first minute of training."""
+    run is planned (every config checked) before the first minute of training; the from-scratch
+    baseline is planned again once the student has run, on the architecture its stages produced."""
     if config.pipeline.teacher is None:
         raise ConfigError("a pipeline config needs pipeline.teacher: the train config that pretrains the teacher")
     configs = run_configs(config)
-    plans = {name: train.plan_run(configs[name]) for name in configs}
+    plans = {name: train.plan_run(configs[name]) for name in configs if name != "from_scratch"}
+    if "from_scratch" in configs:  # checked now on the planned architecture
+        train.plan_run(configs["from_scratch"], plans["student"].stages[-1].architecture)
     teacher = configs["teacher"]
     if TrainingCheckpoints(teacher.workdir).latest_step() == teacher.train.steps:
         log.info("teacher: reusing %s", teacher.workdir)
     else:
         log.info("teacher: pretraining in %s", teacher.workdir)
         train.execute(plans["teacher"])
-    for name in ("student", "from_scratch"):
+    for name in configs:
+        if name == "teacher":
+            continue
+        if name == "from_scratch":
+            architecture = train.final_architecture(Path(configs["student"].workdir))
+            plans[name] = train.plan_run(configs[name], architecture)
         log.info("%s: %s", name, configs[name].workdir)
         train.execute(plans[name])
     table = write_report(Path(config.workdir), configs) if jax.process_index() == 0 else ""

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +124,8 @@ class ProgressLogger:
         parts = " ".join(f"{k} {float(metrics[k]):.4f}" for k in _LOGGED_TERMS if k in metrics)
         if "kd" in metrics:
             parts += f" | lam {float(metrics['lam']):.3f} beta {float(metrics['beta']):.3f}"
+            if float(metrics["mtp_lam"]) != float(metrics["lam"]):
+                parts += f" mtp_lam {float(metrics['mtp_lam']):.3f}"
         if np.any(np.asarray(metrics.get("dropped_fraction", 0.0))):
             parts += f" dropped {float(np.mean(metrics['dropped_fraction'])):.2%}"
         log.info(
@@ -212,22 +215,24 @@ def read_history(history_file: Path, metric: str) -> dict[int, float]:
 
 
 def plot_runs(
-    histories: dict[str, Path],
+    histories: dict[str, Path | Sequence[Path]],
     output: Path,
     metric: str = "heldout/ce",
     title: str = "",
     reference: dict[str, float] | None = None,
 ) -> None:
-    """One metric of several runs against step, one line per run (`{label: metrics.jsonl}`), and
-    dashed horizontal `reference` lines ({label: value})."""
+    """One metric of several runs against step, one line per run (`{label: metrics.jsonl}`, or the
+    files of its stages in order), and dashed horizontal `reference` lines ({label: value})."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for label, history_file in histories.items():
-        points = read_history(history_file, metric)
+    for label, files in histories.items():
+        points = {}
+        for history_file in [files] if isinstance(files, Path) else files:
+            points.update(read_history(history_file, metric))
         steps = sorted(points)
         ax.plot(steps, [points[s] for s in steps], marker="o", ms=3, label=label)
     for label, value in (reference or {}).items():

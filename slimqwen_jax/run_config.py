@@ -19,6 +19,7 @@ The schedule presets (`one_stage`, `depth_first`, `width_first`, `joint`, `n_sta
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import math
 from collections.abc import Sequence
@@ -30,10 +31,11 @@ from ml_collections import config_dict
 from slimqwen_jax import data, losses, optimizer, sharding, stage_plan
 from slimqwen_jax.compression import DepthSpec, ExpertSpec, PruneSpec, WidthSpec
 from slimqwen_jax.compression.spec import choice_problems
-from slimqwen_jax.config import DTYPES, ConfigError, Qwen3NextConfig, tiny
+from slimqwen_jax.config import DTYPES, RUNTIME_FIELDS, ConfigError, Qwen3NextConfig, tiny
 
 COMMANDS = ("train", "prune", "evaluate")
 BASELINES = ("", "from_scratch", "pruned_lm_only")
+PIPELINE_BASELINES = ("pruned_lm_only", "from_scratch")
 
 
 # ---------------------------------------------------------------------------- sections
@@ -77,7 +79,7 @@ def train_section() -> ml_collections.ConfigDict:
             eval_every=100,  # steps between held-out evaluations (and at each stage's end)
             eval_batches=8,  # held-out batches per evaluation
             eval_batch_size=8,  # sequences per held-out batch
-            eval_mtp_drafts=3,  # teacher-forced MTP acceptance acc_1..acc_J at each evaluation; 0: none
+            eval_mtp_drafts=3,  # teacher-forced MTP acceptance acc_0..acc_{J-1} at each evaluation; 0: none
             checkpoint_every=100,  # steps between checkpoints (and at each stage's end)
             keep_checkpoints=2,  # newest checkpoints kept per stage
         )
@@ -87,15 +89,18 @@ def train_section() -> ml_collections.ConfigDict:
 def loss_section(*, distillation: bool = False) -> ml_collections.ConfigDict:
     """`config.loss`: the objective (docs/method.md section 4). With `distillation`, the paper's
     schedules (lam linear 1.0 -> 0.75, beta cosine 0.3 -> 0.1); otherwise pretraining: lam 0 and a
-    constant MTP weight beta 0.3."""
+    constant MTP weight beta 0.3. The MTP terms' KD share follows lam unless `mtp_lam` is given."""
     if distillation:
         lam, beta = dict(schedule="linear", start=1.0, end=0.75), dict(schedule="cosine", start=0.3, end=0.1)
     else:
         lam, beta = dict(schedule="constant", start=0.0, end=0.0), dict(schedule="constant", start=0.3, end=0.3)
     return ml_collections.ConfigDict(
         dict(
-            lam=lam,  # KD share: (1 - lam) L_LM + lam L_KD, same split for the MTP terms
+            lam=lam,  # KD share: (1 - lam) L_LM + lam L_KD
+            # KD share of the MTP terms, (1 - mtp_lam) L_MTP_LM + mtp_lam L_MTP_KD; schedule "lam": equal to lam
+            mtp_lam=dict(schedule="lam", start=0.0, end=0.0),
             beta=beta,  # weight of the MTP terms
+            weight_span="run",  # run | stage: lam, mtp_lam and beta run over the whole run, or restart each stage
             temperature=1.0,  # KD temperature tau (the KD terms are scaled by tau^2)
             mtp_kd_target="teacher_mtp",  # teacher_mtp | teacher_backbone
             chunk_size=1024,  # tokens per [chunk, vocab] block of the LM head and the loss
@@ -144,7 +149,7 @@ def depth_section(spec: DepthSpec = DepthSpec()) -> ml_collections.ConfigDict:
     """`depth` of a pruning spec (`compression.DepthSpec`; 0 layers to remove keeps the depth)."""
     return ml_collections.ConfigDict(
         dict(
-            method=spec.method,  # last | similarity
+            method=spec.method,  # last | similarity (per-layer influence) | block_similarity (adjacent block)
             num_layers_to_remove=spec.num_layers_to_remove,
         )
     )
@@ -156,6 +161,7 @@ def width_section(spec: WidthSpec = WidthSpec()) -> ml_collections.ConfigDict:
         dict(
             hidden_size=spec.hidden_size,  # the new hidden size; 0 keeps it
             multiple_of=spec.multiple_of,  # the new width's grid (128: the TPU lane width)
+            rescale_norms=spec.rescale_norms,  # norm scales x sqrt(D / D'); False: the paper's plain slicing
         )
     )
 
@@ -170,6 +176,7 @@ def experts_section(spec: ExpertSpec = ExpertSpec()) -> ml_collections.ConfigDic
             method=spec.method,  # prune | merge | partial_preservation
             similarity=spec.similarity,  # router_logits | router_weights | expert_vector (merge groups)
             preserve_fraction=spec.preserve_fraction,  # partial_preservation: share of kept experts untouched
+            preserve_rounding=spec.preserve_rounding,  # round (half to even) | floor (the paper) of that share
         )
     )
 
@@ -204,6 +211,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.seed = 0  # random init and the student's random parts
     config.dry_run = False  # print the stages' plan from shapes alone; nothing is read or written
     config.baseline = ""  # "" | from_scratch | pruned_lm_only (`resolve_baseline`)
+    config.baseline_from = ""  # from_scratch: train the final architecture of this finished run (its workdir)
     config.model = model_section()
     config.data = data_section()
     config.mesh = mesh_section()
@@ -211,9 +219,15 @@ def base_config() -> ml_collections.ConfigDict:
     config.loss = loss_section()
     config.optimizer = optimizer_section()
     config.stages = []  # prune -> train stages (`stage_section`, the schedule presets); []: one stage
+    config.schedule = ""  # "": `stages` as written; a preset (SCHEDULE_PRESETS) builds them from schedule_options
+    config.schedule_options = schedule_options_section()
     config.calibration = calibration_section()
-    # pipeline only: the train config of the teacher it pretrains first (a config like this one)
-    config.pipeline = ml_collections.ConfigDict(dict(teacher=None))
+    config.pipeline = ml_collections.ConfigDict(
+        dict(
+            teacher=None,  # pipeline only: the train config of the teacher it pretrains first (like this one)
+            baselines=PIPELINE_BASELINES,  # pipeline only: the comparison runs beside the student
+        )
+    )
     return config
 
 
@@ -247,7 +261,7 @@ def evaluate_base_config() -> ml_collections.ConfigDict:
         dict(
             batch_size=8,  # held-out windows per batch
             num_batches=8,
-            num_drafts=3,  # teacher-forced MTP acceptance acc_1..acc_J; 0: none
+            num_drafts=3,  # teacher-forced MTP acceptance acc_0..acc_{J-1} (first k+1 drafts accepted); 0: none
         )
     )
     config.decoding = ml_collections.ConfigDict(
@@ -294,15 +308,14 @@ def n_stage(
     depth_shares: Sequence[float] | None = None,
     width_shares: Sequence[float] | None = None,
     expert_stage: int = 1,
-    depth_method: str = "last",
-    multiple_of: int = 128,
-    **expert_options,
+    methods: PruneSpec = PruneSpec(),
 ) -> list[ml_collections.ConfigDict]:
     """Stages going from `source` to `target` (layers, hidden size, experts, top-k), the budget
     `steps` split by `split`. `depth_shares` / `width_shares`: the cumulative share of the layers /
     channels to remove that is gone after each stage (default: equal steps, all gone at the end).
-    Experts (and top-k) are compressed in `expert_stage` (1-based); `expert_options`: the other
-    fields of `compression.ExpertSpec`."""
+    Experts (and top-k) are compressed in `expert_stage` (1-based). `methods`: how every stage cuts
+    (depth method, width grid and norm rescaling, expert importance and method); its sizes are
+    ignored."""
     n = len(split)
     if not 1 <= expert_stage <= n:
         raise ConfigError(f"expert_stage must be in [1, {n}], got {expert_stage}")
@@ -314,22 +327,22 @@ def n_stage(
     stages, layers, width = [], source.num_hidden_layers, source.hidden_size
     for i, stage_steps in enumerate(_split(steps, split)):
         new_layers = source.num_hidden_layers - round(d_layers * depth_shares[i])
-        new_width = _width_share(source.hidden_size, target.hidden_size, width_shares[i], multiple_of)
+        new_width = _width_share(source.hidden_size, target.hidden_size, width_shares[i], methods.width.multiple_of)
         compress = i + 1 == expert_stage
         spec = PruneSpec(
-            depth=DepthSpec(depth_method, layers - new_layers),
-            width=WidthSpec(new_width if new_width != width else 0, multiple_of),
-            experts=ExpertSpec(target.num_experts if compress else 0, target.num_experts_per_tok if compress else 0,
-                               **expert_options),
+            depth=dataclasses.replace(methods.depth, num_layers_to_remove=layers - new_layers),
+            width=dataclasses.replace(methods.width, hidden_size=new_width if new_width != width else 0),
+            experts=dataclasses.replace(methods.experts, num_experts=target.num_experts if compress else 0,
+                                        num_experts_per_tok=target.num_experts_per_tok if compress else 0),
         )  # fmt: skip
         stages.append(stage_section(stage_steps, spec=spec))
         layers, width = new_layers, new_width
     return stages
 
 
-def one_stage(source, target, steps, **options) -> list[ml_collections.ConfigDict]:
+def one_stage(source, target, steps, split=(1.0,), **options) -> list[ml_collections.ConfigDict]:
     """Everything at once, then the whole budget."""
-    return n_stage(source, target, steps, [1.0], **options)
+    return n_stage(source, target, steps, split, **options)
 
 
 def depth_first(source, target, steps, split=(0.1, 0.9), **options) -> list[ml_collections.ConfigDict]:
@@ -347,28 +360,110 @@ def joint(source, target, steps, split=(0.1, 0.9), **options) -> list[ml_collect
     return n_stage(source, target, steps, split, **options)
 
 
-SCHEDULE_PRESETS = {"one_stage": one_stage, "depth_first": depth_first, "width_first": width_first, "joint": joint}
+SCHEDULE_PRESETS = {"one_stage": one_stage, "depth_first": depth_first, "width_first": width_first, "joint": joint,
+                    "n_stage": n_stage}  # fmt: skip
+# The number of stages of each preset (n_stage: any).
+PRESET_STAGES = {"one_stage": 1, "depth_first": 2, "width_first": 2, "joint": 2}
+
+
+def schedule_options_section() -> ml_collections.ConfigDict:
+    """`config.schedule_options`: what `config.schedule` (a preset) builds `stages` from. The
+    `depth`, `width` and `experts` sections are the whole cut from `config.model` to the target,
+    and how every stage cuts (the methods)."""
+    return ml_collections.ConfigDict(
+        dict(
+            steps=0,  # the whole budget in optimizer steps; 0: train.steps
+            split=(),  # budget share of each stage; (): the preset's (0.1, 0.9), or equal shares for n_stage
+            num_stages=0,  # n_stage: the number of stages; 0: one per split entry
+            expert_stage=1,  # the stage (1-based) that compresses the experts and top-k
+            **spec_sections(PruneSpec()),
+        )
+    )
+
+
+def schedule_target(source: Qwen3NextConfig, cut: PruneSpec) -> Qwen3NextConfig:
+    """The sizes `cut` leaves of `source` (layers, hidden size, experts, top-k)."""
+    num_experts, top_k = cut.experts.new_sizes(source)
+    return source.replace(
+        num_hidden_layers=source.num_hidden_layers - cut.depth.num_layers_to_remove, layer_types=None,
+        hidden_size=cut.width.hidden_size or source.hidden_size, num_experts=num_experts, num_experts_per_tok=top_k,
+    )  # fmt: skip
+
+
+def schedule_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """Every problem of `config.schedule` and `config.schedule_options` (none without a schedule)."""
+    name, options = config.schedule, config.schedule_options
+    if not name:
+        return []
+    if name not in SCHEDULE_PRESETS:
+        return [f"schedule must be one of {('', *SCHEDULE_PRESETS)}, got {name!r}"]
+    found = [] if not config.stages else [f"schedule {name!r} builds stages: leave stages empty (it has "
+                                          f"{len(config.stages)})"]  # fmt: skip
+    split, n = tuple(options.split), int(options.num_stages)
+    stages = PRESET_STAGES.get(name, n or len(split))
+    if name == "n_stage" and not (n or split):
+        found.append("schedule n_stage needs schedule_options.num_stages or schedule_options.split")
+    elif split and len(split) != stages:
+        found.append(f"schedule_options.split has {len(split)} entries but schedule {name!r} has {stages} stages")
+    if name != "n_stage" and n not in (0, stages):
+        found.append(f"schedule_options.num_stages is {n} but schedule {name!r} has {stages} stages")
+    if any(not float(share) > 0 for share in split):
+        found.append(f"schedule_options.split entries must be > 0, got {split}")
+    if not 1 <= options.expert_stage <= max(stages, 1):
+        found.append(f"schedule_options.expert_stage must be in [1, {stages}], got {options.expert_stage}")
+    if options.steps < 0:
+        found.append(f"schedule_options.steps must be >= 0, got {options.steps}")
+    return found
+
+
+def with_schedule(config: ml_collections.ConfigDict, source: Qwen3NextConfig) -> ml_collections.ConfigDict:
+    """`config` with the stages its `schedule` preset builds from `source` (`config.model`) and
+    `schedule_options`, and `schedule` cleared; a config without a schedule as it is. Call after
+    `schedule_problems` found nothing."""
+    if not config.schedule:
+        return config
+    options = config.schedule_options
+    cut = PruneSpec.from_config(options)
+    split = tuple(options.split) or {"one_stage": (1.0,), "n_stage": (1.0,) * int(options.num_stages)}.get(
+        config.schedule, (0.1, 0.9))
+    config = copy.deepcopy(config)
+    config.stages = SCHEDULE_PRESETS[config.schedule](
+        source, schedule_target(source, cut), int(options.steps or config.train.steps), split,
+        expert_stage=int(options.expert_stage), methods=cut,
+    )  # fmt: skip
+    config.schedule = ""
+    return config
 
 
 # ---------------------------------------------------------------------------- baselines
 def resolve_baseline(
-    config: ml_collections.ConfigDict, stages: Sequence[stage_plan.Stage]
+    config: ml_collections.ConfigDict, stages: Sequence[stage_plan.Stage], architecture: Qwen3NextConfig | None = None
 ) -> ml_collections.ConfigDict:
     """The run config of `config.baseline`, for comparisons at equal tokens, given the planned
-    `stages` of `config`: `from_scratch` trains the final architecture of the stages from a random
-    init on their whole budget (same objective; set lam to 0 too for LM only); `pruned_lm_only`
-    keeps the stages and sets lam = 0 (the teacher, if any, is only watched: KD and agreement as
-    metrics). "" is the config itself."""
+    `stages` of `config`: `from_scratch` trains `architecture` (by default the final architecture
+    of the stages, exact unless a depth cut depends on calibration statistics) from a random init
+    on their whole budget (same objective; set lam to 0 too for LM only); `pruned_lm_only` keeps
+    the stages and sets lam and the MTP terms' KD share to 0 (the teacher, if any, is only watched:
+    KD and agreement as metrics). "" is the config itself."""
     if not config.baseline:
         return config
     config = copy.deepcopy(config)
     if config.baseline == "pruned_lm_only":
         config.loss.lam = dict(schedule="constant", start=0.0, end=0.0)
+        config.loss.mtp_lam = dict(schedule="constant", start=0.0, end=0.0)
         return config
-    config.model = stages[-1].architecture.to_flag_dict()
-    config.init_from = ""
+    source = model_config(config)  # its run-time options (dtype, kernels, layout) carry over
+    architecture = (architecture or stages[-1].architecture).replace(**{f: getattr(source, f) for f in RUNTIME_FIELDS})
+    config.model = architecture.to_flag_dict()
+    config.init_from = config.baseline_from = ""
     config.stages = [stage_section(stages[-1].end_step)]
     return config
+
+
+def depends_on_statistics(stages: Sequence[stage_plan.Stage]) -> list[str]:
+    """The stages whose pruned architecture (not only its values) depends on calibration statistics:
+    a depth cut that chooses its layers from them (their layer types and MoE pattern follow)."""
+    return [stage.name for stage in stages if stage.spec.depth.needs_stats()]
 
 
 # ---------------------------------------------------------------------------- checks
@@ -428,11 +523,16 @@ def _calibration_problems(calibration: ml_collections.ConfigDict) -> list[str]:
     return _at_least(calibration, "calibration", ("num_samples", "seq_len", "batch_size", "log_every"), 1)
 
 
-def _train_findings(config: ml_collections.ConfigDict) -> tuple[list[stage_plan.Stage], list[str]]:
-    """The stages of a train (or pipeline) config as planned, and every problem that needs no model
-    weights and no data."""
+def _train_findings(config: ml_collections.ConfigDict
+                    ) -> tuple[ml_collections.ConfigDict, list[stage_plan.Stage], list[str]]:  # fmt: skip
+    """A train (or pipeline) config with the stages its schedule builds, those stages as planned, and
+    every problem that needs no model weights and no data."""
     cfg, found = _model_problems(config)
     stages = []
+    schedule_found = schedule_problems(config)
+    found += schedule_found
+    if cfg is not None and not schedule_found:
+        config = with_schedule(config, cfg)
     tc = config.train
     found += losses.loss_problems(config.loss, has_teacher=bool(config.teacher))
     found += _at_least(tc, "train", ("global_batch_size", "grad_accum_steps", "log_every", "eval_every",
@@ -446,15 +546,20 @@ def _train_findings(config: ml_collections.ConfigDict) -> tuple[list[stage_plan.
     found += _calibration_problems(config.calibration)
     if config.baseline not in BASELINES:
         found.append(f"baseline must be one of {BASELINES}, got {config.baseline!r}")
+    if config.baseline_from and config.baseline != "from_scratch":
+        found.append(f"baseline_from is only read by baseline 'from_scratch' (baseline is {config.baseline!r})")
     workdir = Path(config.workdir)
     if workdir.exists() and not workdir.is_dir():
         found.append(f"workdir {workdir} is a file, not a directory")
-    if cfg is not None and tc.global_batch_size >= 1 and config.data.seq_len >= 1:
+    if cfg is not None and not schedule_found and tc.global_batch_size >= 1 and config.data.seq_len >= 1:
         stages, stage_found = stage_plan.plan(config, cfg, workdir.absolute())
         found += stage_found
     if config.pipeline.teacher is not None:
         found += [f"pipeline.teacher: {problem}" for problem in problems(config.pipeline.teacher, "train")]
-    return stages, found
+    unknown = sorted(set(config.pipeline.baselines) - set(PIPELINE_BASELINES))
+    if unknown:
+        found.append(f"pipeline.baselines: unknown {unknown}; choose from {PIPELINE_BASELINES}")
+    return config, stages, found
 
 
 def _prune_problems(config: ml_collections.ConfigDict) -> list[str]:
@@ -488,7 +593,7 @@ def _evaluate_problems(config: ml_collections.ConfigDict) -> list[str]:
     return found
 
 
-VALUE_CHECKS = {"train": lambda config: _train_findings(config)[1], "prune": _prune_problems,
+VALUE_CHECKS = {"train": lambda config: _train_findings(config)[2], "prune": _prune_problems,
                 "evaluate": _evaluate_problems}
 
 
@@ -514,9 +619,12 @@ def check(config: ml_collections.ConfigDict, command: str = "train") -> None:
     _refuse(command, problems(config, command))
 
 
-def planned_stages(config: ml_collections.ConfigDict) -> list[stage_plan.Stage]:
-    """`check` of a train config, then the stages its check planned (each once)."""
+def planned(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, list[stage_plan.Stage]]:
+    """`check` of a train config, then the config with the stages its schedule builds (`with_schedule`)
+    and the stages its check planned (each once)."""
     found = key_problems(config, base_config())
-    stages, value_found = ([], []) if found else _train_findings(config)
-    _refuse("train", found or value_found)
-    return stages
+    if found:
+        _refuse("train", found)
+    config, stages, found = _train_findings(config)
+    _refuse("train", found)
+    return config, stages

@@ -30,7 +30,8 @@ class MtpUse:
 
     student: the student runs its MTP module (it has one and beta is not always 0): the MTP terms;
     teacher: the teacher runs its MTP module (MTP-KD targets it and it is as deep as the student's);
-    kd: the MTP-KD term is computed (a teacher that has the target `loss.mtp_kd_target` names).
+    kd: the MTP-KD term is computed (a teacher that has the target `loss.mtp_kd_target` names; with
+    an MTP KD share `mtp_lam` of 0 throughout it is only reported).
     """
 
     student: bool = False
@@ -40,9 +41,9 @@ class MtpUse:
 
 def decide_mtp_use(loss: ml_collections.ConfigDict, student: Qwen3NextConfig, teacher: Qwen3NextConfig | None
                    ) -> MtpUse:  # fmt: skip
-    """The run's `MtpUse`. Raises ConfigError when MTP-KD with a nonzero lam targets a teacher MTP
-    module shallower than the student's (with lam 0 throughout it is allowed, and MTP-KD is not
-    reported)."""
+    """The run's `MtpUse`. Raises ConfigError when MTP-KD with a nonzero MTP KD share targets a
+    teacher MTP module shallower than the student's (with the share 0 throughout it is allowed, and
+    MTP-KD is not reported)."""
     student_mtp = student.num_mtp_layers > 0 and not losses.is_always_zero(loss.beta)
     if not student_mtp or teacher is None:
         return MtpUse(student=student_mtp)
@@ -50,7 +51,7 @@ def decide_mtp_use(loss: ml_collections.ConfigDict, student: Qwen3NextConfig, te
         return MtpUse(student=True, kd=True)
     if teacher.num_mtp_layers >= student.num_mtp_layers:
         return MtpUse(student=True, teacher=True, kd=True)
-    if not losses.is_always_zero(loss.lam):
+    if not losses.is_always_zero(losses.mtp_lam_spec(loss)):
         raise ConfigError(
             f"loss.mtp_kd_target='teacher_mtp' needs a teacher MTP module of depth >= {student.num_mtp_layers}, "
             f"but it has {teacher.num_mtp_layers}: use --config.loss.mtp_kd_target=teacher_backbone"
@@ -137,11 +138,18 @@ def make_eval_step(loss_fn: LossFn, loss_weights: WeightsFn):
     return eval_step
 
 
-def loss_weights_fn(loss: ml_collections.ConfigDict, total_steps: int) -> WeightsFn:
-    """lam and beta at a 0-based global step, from their schedules over the whole run."""
-    lam = losses.weight_schedule(loss.lam, total_steps)
-    beta = losses.weight_schedule(loss.beta, total_steps)
-    return lambda step: {"lam": lam(step), "beta": beta(step)}
+def loss_weights_fn(loss: ml_collections.ConfigDict, steps: int, first_step: int = 0) -> WeightsFn:
+    """lam, mtp_lam and beta at a 0-based global step, their schedules running over the `steps`
+    global steps from `first_step` (the whole run, or one stage: `weight_span`)."""
+    schedules = {name: losses.weight_schedule(spec, steps) for name, spec in
+                 (("lam", loss.lam), ("mtp_lam", losses.mtp_lam_spec(loss)), ("beta", loss.beta))}  # fmt: skip
+    return lambda step: {name: schedule(step - first_step) for name, schedule in schedules.items()}
+
+
+def weight_span(loss: ml_collections.ConfigDict, total_steps: int, start_step: int, steps: int) -> tuple[int, int]:
+    """(steps, first step) the loss weights' schedules run over in a stage of `steps` global steps
+    from `start_step`: the whole run of `total_steps`, or with loss.weight_span 'stage' the stage."""
+    return (steps, start_step) if loss.weight_span == "stage" else (total_steps, 0)
 
 
 def make_objective(loss: ml_collections.ConfigDict, cfg: Qwen3NextConfig, mtp: MtpUse) -> losses.Objective:
@@ -182,18 +190,19 @@ def build(
     shardings: tuple[Any, Any],
     *,
     mtp: MtpUse,
-    total_steps: int,
+    weight_steps: tuple[int, int],
     teacher_graphdef: nnx.GraphDef | None = None,
     teacher_shardings: Any = None,
     objective: losses.Objective | None = None,
 ) -> StageFunctions:
     """The stage's functions for the student `cfg` (`graphdef`) under the run config `config`
     (`loss`, `train.grad_accum_steps`, `train.eval_mtp_drafts`). `shardings`: the (parameter,
-    optimizer state) shardings in the stage's layout; `objective` replaces `make_objective`'s."""
+    optimizer state) shardings in the stage's layout; `weight_steps`: the (steps, first step) of
+    the loss weights' schedules (`weight_span`); `objective` replaces `make_objective`'s."""
     param_shardings, opt_shardings = shardings
     objective = objective or make_objective(config.loss, cfg, mtp)
     loss_fn = make_loss_fn(graphdef, objective, mtp, teacher_graphdef)
-    loss_weights = loss_weights_fn(config.loss, total_steps)
+    loss_weights = loss_weights_fn(config.loss, *weight_steps)
     tokens = sharding.batch_sharding(mesh, 2)
     micro = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.LOGICAL_RULES["batch"]))
     train_step = jax.jit(

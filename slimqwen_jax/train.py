@@ -108,15 +108,49 @@ class RunPlan:
     stages: list[stage_plan.Stage]
 
 
-def plan_run(config: ml_collections.ConfigDict) -> RunPlan:
+def plan_run(config: ml_collections.ConfigDict, architecture: Qwen3NextConfig | None = None) -> RunPlan:
     """Every check of `config` that needs no weights and no data (one ConfigError naming every
-    problem), then its stages, planned once; `baseline` turned into the run it names."""
-    stages = run_config.planned_stages(config)
+    problem), then its stages, planned once; `baseline` turned into the run it names. The
+    `from_scratch` baseline trains `architecture`, else the final one of `baseline_from` (a finished
+    run), else the planned one, which is refused when calibration statistics decide it."""
+    config, stages = run_config.planned(config)
+    if config.baseline == "from_scratch" and architecture is None:
+        architecture = baseline_architecture(config, stages)
     if config.baseline:
-        config = run_config.resolve_baseline(config, stages)
+        config = run_config.resolve_baseline(config, stages, architecture)
         if config.baseline == "from_scratch":  # one stage of the final architecture
             stages = stage_plan.plan_stages(config, run_config.model_config(config), Path(config.workdir).absolute())
     return RunPlan(config, run_config.model_config(config), stages)
+
+
+def baseline_architecture(config: ml_collections.ConfigDict, stages: Sequence[stage_plan.Stage]
+                          ) -> Qwen3NextConfig | None:  # fmt: skip
+    """The architecture the `from_scratch` baseline of `config` trains: the final one of the finished
+    run `baseline_from`, or None (the planned one) when no stage's layer choice needs statistics."""
+    if config.baseline_from:
+        return final_architecture(Path(config.baseline_from))
+    chosen = run_config.depends_on_statistics(stages)
+    if chosen:
+        raise ConfigError(
+            f"baseline from_scratch: the layers {', '.join(chosen)} remove are chosen from calibration statistics, "
+            "so the pruned architecture is known only once those stages ran; run them first and set "
+            "--config.baseline_from=<their workdir>"
+        )
+    return None
+
+
+def final_summary(workdir: Path) -> dict:
+    """The last stage's summary.json of a finished run (single-stage runs: the workdir's own)."""
+    stages = sorted(workdir.glob("stage_*"), key=lambda p: int(p.name.split("_")[1]))
+    summary = (stages[-1] if stages else workdir) / "summary.json"
+    if not summary.exists():
+        raise TrainError(f"{workdir} holds no finished run: {summary} does not exist")
+    return json.loads(summary.read_text())
+
+
+def final_architecture(workdir: Path) -> Qwen3NextConfig:
+    """The architecture the finished run in `workdir` ended with."""
+    return Qwen3NextConfig.from_dict(final_summary(workdir)["architecture"])
 
 
 # ---------------------------------------------------------------------------- the teacher
@@ -316,12 +350,14 @@ def pruning_report(before: Qwen3NextConfig, after: Qwen3NextConfig, params_befor
 
 
 # ---------------------------------------------------------------------------- a stage's loop
-def stage_functions_for(context: RunContext, start: StageStart, layout: stacking.Layout) -> StageFunctions:
-    """`stage_functions.build` for the stage that `start` begins, in `layout`."""
+def stage_functions_for(context: RunContext, stage: stage_plan.Stage, start: StageStart, layout: stacking.Layout
+                        ) -> StageFunctions:  # fmt: skip
+    """`stage_functions.build` for `stage`, which `start` begins, in `layout`."""
     teacher = context.teacher
+    weight_steps = stage_functions.weight_span(context.config.loss, context.total_steps, stage.start_step, stage.steps)
     return stage_functions.build(
         context.config, start.model_cfg, start.graphdef, context.tx, context.mesh,
-        layout.stack_shardings(start.shardings), mtp=context.mtp, total_steps=context.total_steps,
+        layout.stack_shardings(start.shardings), mtp=context.mtp, weight_steps=weight_steps,
         teacher_graphdef=teacher.graphdef if teacher else None,
         teacher_shardings=teacher.shardings if teacher else None,
     )  # fmt: skip
@@ -338,7 +374,7 @@ def evaluate_heldout(context: RunContext, fns: StageFunctions, params, step: int
             totals = model_metrics.add_statistics(totals, fns.acceptance(params, batch))
         rates = model_metrics.summarize(totals)
         num_drafts = context.config.train.eval_mtp_drafts
-        metrics.update({f"mtp_acc_{j}": rates[f"teacher_forced_acc_{j}"] for j in range(1, num_drafts + 1)})
+        metrics.update({f"mtp_acc_{k}": rates[f"teacher_forced_acc_{k}"] for k in range(num_drafts)})  # k+1 drafts
     return metrics
 
 
@@ -372,7 +408,7 @@ def train_stage(context: RunContext, stage: stage_plan.Stage, start: StageStart)
     layout = stacking.layout_for(state.params, cfg.scan_layers)
     state.params, state.opt_state = layout.stack_placed((state.params, state.opt_state), start.shardings)
     to_checkpoint_layout = jax.jit(stacking.unstack, out_shardings=start.shardings) if layout.num_blocks else None
-    fns = stage_functions_for(context, start, layout)
+    fns = stage_functions_for(context, stage, start, layout)
     teacher_params = context.teacher_params
     checkpoints = TrainingCheckpoints(stage.directory, max_to_keep=tc.keep_checkpoints)
     progress = ProgressLogger(stage.directory, total_steps=context.total_steps, start_step=state.step,

@@ -50,11 +50,13 @@ def kept_channels(sums, num_tokens, norm_modules, width: int) -> np.ndarray:
     return np.array(sorted(order[:width]))
 
 
-def gather_channels(path: str, value: np.ndarray, keep: np.ndarray, hidden_size: int) -> np.ndarray:
-    """`value` restricted to hidden channels `keep`; a residual-stream norm's scale (1 + w) times
-    sqrt(D / d')."""
+def gather_channels(
+    path: str, value: np.ndarray, keep: np.ndarray, hidden_size: int, rescale_norms: bool = True
+) -> np.ndarray:
+    """`value` restricted to hidden channels `keep`; with `rescale_norms`, a residual-stream norm's
+    scale (1 + w) times sqrt(D / d') (else the norm weight is only sliced, like everything else)."""
     if RESIDUAL_NORM.fullmatch(path):
-        return np.sqrt(hidden_size / len(keep)) * (1.0 + value[keep]) - 1.0
+        return np.sqrt(hidden_size / len(keep)) * (1.0 + value[keep]) - 1.0 if rescale_norms else value[keep]
     if path == MTP_FC:
         return value[np.concatenate([keep, hidden_size + keep])][:, keep]
     if EXPERTS_IN.fullmatch(path):
@@ -64,6 +66,20 @@ def gather_channels(path: str, value: np.ndarray, keep: np.ndarray, hidden_size:
     if HIDDEN_FIRST.fullmatch(path):
         return value[keep]
     return value
+
+
+def most_similar_block(sums, layer_types, n: int) -> int:
+    """The first layer l of the block of n adjacent layers that depth `block_similarity` removes:
+    the highest cosine between layer l's `residual_in` and layer l + n - 1's `residual_out` (sums
+    stand in for means: the token count cancels), ties to the lower l, among the blocks that leave a
+    full-attention layer (when the model has any)."""
+    full = {i for i, kind in enumerate(layer_types) if kind == "full_attention"}
+    candidates = []
+    for start in range(len(layer_types) - n + 1):
+        a, b = sums[f"model.layers.{start}:residual_in"], sums[f"model.layers.{start + n - 1}:residual_out"]
+        if not full or full - set(range(start, start + n)):
+            candidates.append((-float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)), start))
+    return min(candidates)[1]
 
 
 def expert_importance(sums, moe: str, kind: str) -> np.ndarray:

@@ -1,6 +1,8 @@
 """Cached decoding and MTP speculative decoding against independent references: the full forward
 over the same prefix, HF transformers' `generate`, and plain greedy decoding."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,7 @@ from slimqwen_jax import hf
 from slimqwen_jax.config import tiny
 from slimqwen_jax.decoding import Decoder, DecodingError, _decode_step, pad_prompts, sample_tokens
 from slimqwen_jax.model import Qwen3NextForCausalLM
-from slimqwen_jax.model_metrics import acceptance_rates
+from slimqwen_jax.model_metrics import acceptance_rates, teacher_forced_accepted
 from slimqwen_jax.testing import assert_relative_error, forward
 
 MAX_LEN = 96
@@ -102,14 +104,14 @@ def test_sampled_generation_is_seeded(decoder):
     assert first == again and first != other
 
 
-def two_channel_model(model):
-    """The model with its final and MTP norms reduced to two channels: the backbone's and the drafts'
-    greedy tokens then come from the same few tokens, so drafts are accepted at some positions and
-    rejected at others."""
+def few_channel_model(model, channels: int = 2):
+    """The model with its final and MTP norms reduced to the first `channels` channels: the backbone's
+    and the drafts' greedy tokens then come from the same few tokens, so drafts are accepted at some
+    positions and rejected at others (with one channel, runs of up to 3 accepted drafts occur)."""
     graphdef, state = nnx.split(model)
     model = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
     d = model.config.hidden_size
-    weight = jnp.full((d,), -1.0).at[:2].set(1.0)  # (1 + w) keeps channels 0 and 1 only
+    weight = jnp.full((d,), -1.0).at[:channels].set(1.0)  # (1 + w) keeps channels 0 .. channels - 1 only
     model.model.norm.weight[...] = weight
     model.mtp.norm.weight[...] = weight
     return model
@@ -125,7 +127,7 @@ def rejecting_model(model):
 
 @pytest.mark.parametrize(("num_drafts", "padding"), [(1, "left"), (2, "right"), (3, "left")])
 def test_speculative_greedy_equals_plain_greedy(model, num_drafts, padding):
-    decoder = Decoder(two_channel_model(model), max_len=MAX_LEN)
+    decoder = Decoder(few_channel_model(model), max_len=MAX_LEN)
     rows = prompts([11, 6, 17], seed=2)
     plain = decoder.generate(rows, 20, padding=padding)
     speculative = decoder.speculative_generate(rows, 20, num_drafts=num_drafts, padding=padding)
@@ -136,23 +138,33 @@ def test_speculative_greedy_equals_plain_greedy(model, num_drafts, padding):
     assert sum(accepted + 1) >= speculative.num_generated - len(rows)
 
 
-def test_speculative_mtp_cache_equals_one_by_one_decoding(model):
-    """The first draft of every round equals the MTP head of a full forward over the final sequence
-    (which sees the true backbone hidden state and next token at every earlier position): the MTP
-    cache holds exactly those entries after provisional draft steps and rejected drafts."""
-    two_channel = two_channel_model(model)
+def round_starts(prompt_len: int, accepted: np.ndarray) -> np.ndarray:
+    """The pending token's position [N] of each round of one row: the first follows the prompt, each
+    next one the previous round's accepted drafts and the verifier's own token."""
+    return prompt_len + np.concatenate([[0], np.cumsum(accepted + 1)[:-1]])
+
+
+def test_teacher_forced_acceptance_equals_decoding_round_by_round(model):
+    """On the model's own greedy text, the teacher-forced accepted count (`teacher_forced_accepted`) at
+    the position before each round's pending token equals the round's accepted drafts, at every
+    draft level: `mtp_drafts` attends as decoding's MTP cache does (the committed backbone-level
+    entries, then the chain's own provisional ones). The first draft of every round is also the MTP
+    head of a full forward over the final sequence, so the MTP cache holds exactly the entries of
+    one-by-one decoding after provisional draft steps and rejected drafts."""
+    narrow, num_drafts = few_channel_model(model, channels=1), 3
     prompt = prompts([9], seed=7)[0]
-    speculative = Decoder(two_channel, max_len=MAX_LEN).speculative_generate([prompt], 24, num_drafts=3)
-    sequence = prompt + speculative.tokens[0]
-    out = forward(two_channel, jnp.asarray([sequence]))
+    speculative = Decoder(narrow, max_len=MAX_LEN).speculative_generate([prompt], 40, num_drafts=num_drafts)
+    sequence = np.asarray([prompt + speculative.tokens[0]])  # [1, T]
+    out = forward(narrow, jnp.asarray(sequence))
+    accepted_fn = nnx.jit(functools.partial(teacher_forced_accepted, num_drafts=num_drafts))
+    teacher_forced = np.asarray(accepted_fn(narrow, jnp.asarray(sequence), out.hidden_states))[0]  # [T - J]
+    starts = round_starts(len(prompt), speculative.accepted)  # [N]
+    inside = starts - 1 < len(teacher_forced)  # the round's J drafts guess tokens of the sequence
+    starts, accepted = starts[inside], speculative.accepted[inside]
+    np.testing.assert_array_equal(teacher_forced[starts - 1], accepted)
     first_drafts = np.asarray(out.mtp_logits[0, 0]).argmax(-1)  # [T]: guess of token i + 2 at position i
-    pending, checked = len(prompt), 0  # the index of the token generated but not yet fed to the backbone
-    for accepted in speculative.accepted:
-        if pending + 1 < len(sequence):
-            assert (accepted >= 1) == (first_drafts[pending - 1] == sequence[pending + 1])
-            checked += 1
-        pending += accepted + 1
-    assert checked >= 5 and 0 < np.mean(speculative.accepted >= 1) < 1
+    np.testing.assert_array_equal(first_drafts[starts - 1] == sequence[0, starts + 1], accepted >= 1)
+    assert set(accepted.tolist()) == set(range(num_drafts + 1))  # every accepted-prefix length occurs
 
 
 def test_speculative_with_every_draft_rejected(model):
@@ -163,7 +175,7 @@ def test_speculative_with_every_draft_rejected(model):
     speculative = decoder.speculative_generate(rows, 12, num_drafts=2)
     assert speculative.tokens == plain.tokens
     assert not speculative.accepted.any()
-    assert acceptance_rates(speculative.accepted, 2)["acc_1"] == 0.0
+    assert acceptance_rates(speculative.accepted, 2)["acc_0"] == 0.0
 
 
 def test_bad_requests_are_refused(decoder):

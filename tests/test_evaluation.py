@@ -18,6 +18,7 @@ from slimqwen_jax.model import Qwen3NextForCausalLM
 from slimqwen_jax.model_metrics import (
     acceptance_rates,
     accepted_drafts,
+    accepted_prefix_counts,
     add_statistics,
     batch_statistics,
     summarize,
@@ -30,19 +31,35 @@ SMALL = dict(hidden_size=32, head_dim=8, linear_key_head_dim=8, linear_value_hea
 
 
 def test_acceptance_rates_by_hand():
-    rates = acceptance_rates(np.array([0, 1, 3, 2, 3, 0, 1, 3]), 3)
-    expected = {"acc_1": 6 / 8, "acc_2": 4 / 8, "acc_3": 3 / 8, "cond_1": 6 / 8, "cond_2": 4 / 6, "cond_3": 3 / 4,
+    """acc_k (k = 0..J-1) = share of positions whose first k + 1 drafts are all accepted, on a built case."""
+    greedy = jnp.array([[10, 11, 12, 13, 14, 15, 16], [20, 21, 22, 23, 24, 25, 26]])  # greedy[i] guesses token i + 1
+    # Draft j at i guesses token i + j + 1 and is checked against greedy[i + j]. With L = 7 and J = 3,
+    # positions 0..3 keep all their drafts in the window; the 5s at positions 4..6 are never read.
+    drafts = jnp.array([
+        [[11, 12, 99, 14, 5, 5, 5], [21, 22, 0, 24, 5, 5, 5]],  # draft 1, against greedy[i + 1]
+        [[12, 99, 14, 15, 5, 5, 5], [22, 23, 0, 0, 5, 5, 5]],  # draft 2, against greedy[i + 2]
+        [[13, 14, 15, 99, 5, 5, 5], [23, 24, 0, 26, 5, 5, 5]],  # draft 3, against greedy[i + 3]
+    ])  # fmt: skip
+    # Row 0: i = 0: 11, 12, 13 all agree -> 3. i = 1: 12 agrees, 99 != 13 stops it (the 14 that
+    # follows agrees but does not count) -> 1. i = 2: 99 != 13 -> 0 (drafts 2 and 3 would agree).
+    # i = 3: 14, 15 agree, 99 != 16 -> 2.
+    # Row 1: i = 0: 21, 22, 23 -> 3. i = 1: 22, 23, 24 -> 3. i = 2: 0 != 23 -> 0. i = 3: 24, then 0 != 25 -> 1.
+    accepted = accepted_drafts(drafts, greedy)
+    np.testing.assert_array_equal(accepted, [[3, 1, 0, 2], [3, 3, 0, 1]])
+    # acc_0: 6 of the 8 positions accept draft 1; acc_1: 4 (the counts 3, 2, 3, 3) accept drafts 1-2;
+    # acc_2: 3 (the three 3s) accept all three. cond_0 = acc_0, cond_k = acc_k / acc_{k-1}.
+    # mean_accepted = 6/8 + 4/8 + 3/8 = 13/8, the mean count (3+1+0+2+3+3+0+1)/8; tokens_per_step = 1 + that.
+    expected = {"acc_0": 6 / 8, "acc_1": 4 / 8, "acc_2": 3 / 8, "cond_0": 6 / 8, "cond_1": 4 / 6, "cond_2": 3 / 4,
                 "mean_accepted": 13 / 8, "tokens_per_step": 21 / 8}  # fmt: skip
-    assert rates == pytest.approx(expected)
+    counts = accepted_prefix_counts(accepted, 3)
+    np.testing.assert_array_equal(counts, [6, 4, 3])
+    # The teacher-forced path of the trainer and the evaluate command (`batch_statistics` sums, `summarize`):
+    report = summarize({"nll": 8.0, "tokens": 8.0, "draft_positions": 8.0, "accepted_at_least": counts})
+    assert {k: report[f"teacher_forced_{k}"] for k in expected} == pytest.approx(expected)
+    # The same counts as speculative decoding's rounds (`Generation.accepted`) give the same rates.
+    assert acceptance_rates(np.asarray(accepted).ravel(), 3) == pytest.approx(expected)
     with pytest.raises(ValueError, match="no verification steps"):
         acceptance_rates(np.zeros(0, int), 3)
-
-
-def test_accepted_drafts_by_hand():
-    greedy = jnp.array([[7, 8, 9, 10, 11]])  # greedy[i] guesses token i + 1
-    drafts = jnp.array([[[8, 0, 10, 11, 5]], [[9, 10, 0, 5, 5]]])  # draft j at i guesses token i + j + 1
-    # i = 0: 8 == greedy[1], 9 == greedy[2]; i = 1: 0 != 9; i = 2: 10 == greedy[3], 0 != greedy[4].
-    np.testing.assert_array_equal(accepted_drafts(drafts, greedy), [[2, 0, 1]])
 
 
 def test_batch_statistics_match_numpy():
@@ -82,9 +99,9 @@ def test_batch_statistics_match_numpy():
     # Draft 1 is the model's own MTP head (depth 0); it is accepted where it equals the next greedy token.
     out = forward(model, jnp.asarray(tokens[:, :-1]))
     draft, greedy = np.asarray(out.mtp_logits[0]).argmax(-1), np.asarray(out.logits).argmax(-1)  # [B, L]
-    assert report["teacher_forced_acc_1"] == pytest.approx(np.mean(draft[:, :-2] == greedy[:, 1:-1]))
-    assert 0 < report["teacher_forced_acc_1"] < 1
-    assert report["teacher_forced_acc_2"] <= report["teacher_forced_acc_1"]
+    assert report["teacher_forced_acc_0"] == pytest.approx(np.mean(draft[:, :-2] == greedy[:, 1:-1]))
+    assert 0 < report["teacher_forced_acc_0"] < 1
+    assert report["teacher_forced_acc_1"] <= report["teacher_forced_acc_0"]
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +131,12 @@ def test_evaluate_command_end_to_end(checkpoint, tmp_path):
     assert heldout["top1_agreement"] == 1.0 and heldout["mean_kl"] == pytest.approx(0.0, abs=1e-6)  # itself
     assert heldout["perplexity"] == pytest.approx(math.exp(heldout["loss"]))
     assert decoding["uncached"]["identical_to_cached"] and decoding["speculative"]["identical_to_cached"]
-    assert {"acc_1", "acc_2", "cond_2", "mean_accepted", "speedup"} <= set(decoding["speculative"])
+    assert {"acc_0", "acc_1", "cond_1", "mean_accepted", "speedup"} <= set(decoding["speculative"])
+    assert "acc_2" not in decoding["speculative"]  # num_drafts=2: acc_0 and acc_1
     assert "held-out batch 2/2" in output and "tok/s" in output and "ETA" in output
     assert re.search(r"speculative output == greedy +True", output)
+    assert re.search(r"speculative acc_0 acc_1 +[\d.]+ [\d.]+\n", output), output
+    assert re.search(r"acc_k +share of positions / rounds whose first k\+1 drafts were all accepted", output)
 
     # The report is never overwritten unless asked.
     before = report_file.read_text()

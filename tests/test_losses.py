@@ -161,7 +161,8 @@ def test_mtp_targets_and_masks_on_a_hand_made_window():
 
 def objective_terms(student: HeadInputs, teacher: HeadInputs, tokens, target: str) -> dict:
     objective = losses.distillation_objective(aux_coef=0.0, chunk_size=4, mtp_kd_target=target)
-    return objective(student, teacher, tokens, {"lam": jnp.float32(0.5), "beta": jnp.float32(0.5)})[1]
+    return objective(student, teacher, tokens, {"lam": jnp.float32(0.5), "mtp_lam": jnp.float32(0.5),
+                                                "beta": jnp.float32(0.5)})[1]  # fmt: skip
 
 
 @pytest.mark.parametrize("depths", [1, 2])
@@ -200,7 +201,8 @@ def test_mtp_cross_entropy_matches_a_naive_loop():
     mtp_hidden = rng.normal(size=(depths, b, length, D)).astype(np.float32)
     student = HeadInputs(jnp.zeros((b, length, D)), jnp.asarray(mtp_hidden), jnp.asarray(head), jnp.float32(0))
     objective = losses.distillation_objective(aux_coef=0.0, chunk_size=3)
-    metrics = objective(student, None, jnp.asarray(tokens), {"lam": jnp.float32(0), "beta": jnp.float32(1)})[1]
+    weights = {"lam": jnp.float32(0), "mtp_lam": jnp.float32(0), "beta": jnp.float32(1)}
+    metrics = objective(student, None, jnp.asarray(tokens), weights)[1]
     per_depth = []
     for depth in range(depths):
         terms = [
@@ -229,13 +231,31 @@ def test_weight_schedules():
         assert float(constant(step)) == pytest.approx(0.4)
 
 
+@pytest.mark.parametrize("span", ["run", "stage"])
+def test_loss_weights_over_the_run_or_restarting_at_each_stage(span):
+    """lam, mtp_lam and beta of the second of two stages (steps 40..99 of 100): on the global step,
+    or from their start values again over the stage's own 60 steps."""
+    loss = run_config.loss_section(distillation=True)  # lam linear 1.0 -> 0.75, beta cosine 0.3 -> 0.1
+    loss.mtp_lam, loss.weight_span = schedule("linear", 0.5, 0.0), span
+    weights = stage_functions.loss_weights_fn(loss, *stage_functions.weight_span(loss, 100, 40, 60))
+    for step in (40, 70, 99):
+        progress = step / 100 if span == "run" else (step - 40) / 60
+        values = {k: float(v) for k, v in weights(jnp.int32(step)).items()}
+        assert values["lam"] == pytest.approx(1.0 - 0.25 * progress)
+        assert values["mtp_lam"] == pytest.approx(0.5 - 0.5 * progress)
+        assert values["beta"] == pytest.approx(0.1 + 0.1 * (1 + math.cos(math.pi * progress)), abs=1e-6)
+    loss.mtp_lam.schedule = losses.FOLLOW_LAM  # the default: the MTP terms' KD share is lam
+    weights = stage_functions.loss_weights_fn(loss, 100)
+    assert float(weights(jnp.int32(30))["mtp_lam"]) == float(weights(jnp.int32(30))["lam"]) == pytest.approx(0.925)
+
+
 def test_bad_loss_configs_name_every_problem():
     loss = run_config.loss_section(distillation=True)
     loss.lam.schedule, loss.beta.start, loss.temperature, loss.chunk_size = "step", -1.0, 0.0, 0
-    loss.mtp_kd_target = "teacher"
+    loss.mtp_kd_target, loss.weight_span, loss.mtp_lam.end = "teacher", "epoch", 1.5
     problems = "\n".join(losses.loss_problems(loss, has_teacher=False))
     for message in ("loss.lam.schedule", "loss.beta.start", "no teacher is set", "temperature", "mtp_kd_target",
-                    "chunk_size"):  # fmt: skip
+                    "chunk_size", "loss.weight_span", "loss.mtp_lam.end"):  # fmt: skip
         assert message in problems
 
 
@@ -424,7 +444,7 @@ def test_lm_objective_equals_transformers_labels_loss_plus_a_hand_computed_mtp_t
     mtp_ce, _ = mtp_reference_terms(forward(model, HF_TOKENS[:, :-1]).mtp_logits, HF_TOKENS)
     print(f"transformers loss {hf_loss:.6f} (aux {hf_aux:.4f}), hand-computed MTP CE {mtp_ce:.6f}")
     for beta in (0.0, 0.5):
-        weights = {"lam": jnp.float32(0), "beta": jnp.float32(beta)}
+        weights = {"lam": jnp.float32(0), "mtp_lam": jnp.float32(0), "beta": jnp.float32(beta)}
         loss, metrics = loss_fn(nnx.state(model, nnx.Param), None, jnp.asarray(HF_TOKENS), weights)
         np.testing.assert_allclose(float(metrics["aux_loss"]), hf_aux, rtol=1e-5)
         np.testing.assert_allclose(float(metrics["ce"]), hf_loss - 0.1 * hf_aux, rtol=1e-5)
@@ -432,20 +452,25 @@ def test_lm_objective_equals_transformers_labels_loss_plus_a_hand_computed_mtp_t
         np.testing.assert_allclose(float(loss), hf_loss + beta * mtp_ce, rtol=1e-5)
 
 
-def test_distillation_objective_equals_numpy_terms_from_full_softmaxes(hf_pair):
-    """lam, beta in (0, 1), tau = 2, MTP-KD against the teacher backbone: every term from full
-    [N, V] logits in float64 numpy (backbone logits and aux loss from transformers, the student's
-    MTP logits from our forward). (teacher_mtp's alignment: test_mtp_kd_reads_the_teacher_at_the_
-    aligned_position; its values: test_teacher_of_another_architecture_against_full_logits.)"""
+@pytest.mark.parametrize("mtp_lam", [None, 0.0], ids=["mtp_lam=lam", "mtp_lam=0"])
+def test_distillation_objective_equals_numpy_terms_from_full_softmaxes(hf_pair, mtp_lam):
+    """lam, beta in (0, 1), tau = 2, MTP-KD against the teacher backbone, the MTP terms' KD share
+    following lam or 0 (the paper's KD + LM + MTP-LM): every term from full [N, V] logits in float64
+    numpy (backbone logits and aux loss from transformers, the student's MTP logits from our
+    forward), the weights from the config's schedules. (teacher_mtp's alignment:
+    test_mtp_kd_reads_the_teacher_at_the_aligned_position; its values:
+    test_teacher_of_another_architecture_against_full_logits.)"""
     (hf_student, student), (hf_teacher, teacher) = hf_pair["student"], hf_pair["teacher"]
     lam, beta, tau = 0.4, 0.3, 2.0
     loss_cfg = distillation_loss(chunk_size=16, lam=("constant", lam, lam), beta=("constant", beta, beta))
     loss_cfg.temperature, loss_cfg.mtp_kd_target = tau, "teacher_backbone"
+    if mtp_lam is not None:
+        loss_cfg.mtp_lam = schedule("constant", mtp_lam, mtp_lam)
+    mu = lam if mtp_lam is None else mtp_lam
     loss_fn = jax.jit(loss_fn_of(student.config, loss_cfg, teacher.config))
-    loss, metrics = loss_fn(
-        nnx.state(student, nnx.Param), nnx.state(teacher, nnx.Param), jnp.asarray(HF_TOKENS),
-        {"lam": jnp.float32(lam), "beta": jnp.float32(beta)},
-    )  # fmt: skip
+    weights = stage_functions.loss_weights_fn(loss_cfg, 10)(jnp.int32(3))
+    loss, metrics = loss_fn(nnx.state(student, nnx.Param), nnx.state(teacher, nnx.Param), jnp.asarray(HF_TOKENS),
+                            weights)  # fmt: skip
 
     student_out, teacher_logits = hf_outputs(hf_student, HF_TOKENS), hf_outputs(hf_teacher, HF_TOKENS).logits.numpy()
     s, t = student_out.logits.numpy().reshape(-1, HF_VOCAB), teacher_logits.reshape(-1, HF_VOCAB)
@@ -453,8 +478,12 @@ def test_distillation_objective_equals_numpy_terms_from_full_softmaxes(hf_pair):
     student_mtp = forward(student, HF_TOKENS[:, :-1]).mtp_logits
     mtp_ce, mtp_kd = mtp_reference_terms(student_mtp, HF_TOKENS, teacher_logits, tau)
     aux = float(student_out.aux_loss)
-    expected = (1 - lam) * ce + lam * kd + beta * ((1 - lam) * mtp_ce + lam * mtp_kd) + 0.1 * aux
+    expected = (1 - lam) * ce + lam * kd + beta * ((1 - mu) * mtp_ce + mu * mtp_kd) + 0.1 * aux
     print(f"ce {ce:.5f} kd {kd:.5f} mtp_ce {mtp_ce:.5f} mtp_kd {mtp_kd:.5f} aux {aux:.4f}: loss {expected:.6f}")
     for name, value in (("ce", ce), ("kd", kd), ("mtp_ce", mtp_ce), ("mtp_kd", mtp_kd), ("aux_loss", aux)):
         np.testing.assert_allclose(float(metrics[name]), value, rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(float(metrics["mtp_lam"]), mu, rtol=1e-6)
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    if mtp_lam == 0.0:  # without its KD share the MTP-KD term is still reported, at weight 0
+        assert not math.isclose(expected, (1 - lam) * ce + lam * kd + beta * ((1 - lam) * mtp_ce + lam * mtp_kd)
+                                + 0.1 * aux, rel_tol=1e-4)  # fmt: skip

@@ -318,7 +318,7 @@ def lm_loss(graphdef, cfg):
     """The trainer's pretraining loss (CE + 0.3 x MTP CE + aux) as (params, tokens) -> (loss, metrics)."""
     objective = losses.distillation_objective(aux_coef=cfg.router_aux_loss_coef, chunk_size=16)
     loss_fn = stage_functions.make_loss_fn(graphdef, objective, MtpUse(student=True))
-    return lambda params, tokens: loss_fn(params, None, tokens, {"lam": 0.0, "beta": 0.3})
+    return lambda params, tokens: loss_fn(params, None, tokens, {"lam": 0.0, "mtp_lam": 0.0, "beta": 0.3})
 
 
 def sharded_model(cfg, mesh=None):

@@ -92,10 +92,13 @@ def test_calibration_streams_the_models_own_intermediates(model, tmp_path):
     sown = {k: v.get_value()[0] for k, v in flat_params(sown).items()}  # module path + name -> first call's value
     n = IDS.size
     assert stats.num_tokens == n
-    # Block influence of layer 2 and the channel statistic of one norm, from the per-token tensors.
+    # Block influence and mean residual stream of layer 2 and the channel statistic of one norm,
+    # from the per-token tensors.
     x_in, x_out = (np.asarray(v, np.float64).reshape(n, -1) for v in sown["model.layers.2.residual"])
     cos = np.sum(x_in * x_out, 1) / np.linalg.norm(x_in, axis=1) / np.linalg.norm(x_out, axis=1)
     np.testing.assert_allclose(stats.mean("model.layers.2", "residual_cos"), cos.mean(), rtol=1e-5)
+    np.testing.assert_allclose(stats.mean("model.layers.2", "residual_in"), x_in.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats.mean("model.layers.2", "residual_out"), x_out.mean(0), rtol=1e-5, atol=1e-6)
     norm_out = np.asarray(sown["mtp.pre_fc_norm_hidden.output"], np.float64).reshape(n, -1)
     np.testing.assert_allclose(stats.mean("mtp.pre_fc_norm_hidden", "abs_output"), np.abs(norm_out).mean(0), rtol=1e-5)
     # REAP of layer 1's experts from its router input and a per-expert loop.
@@ -140,7 +143,8 @@ def test_instrumentation_is_off_outside_its_own_capture(model):
 
 def test_calibration_taps_match_transformers_tensors(tmp_path):
     """Every backbone statistic of a model imported from HF, against the same model run in
-    transformers: residual stream in / out of each decoder layer and every norm's output from torch
+    transformers: residual stream in / out of each decoder layer (their cosine and their sums over
+    tokens) and every norm's output from torch
     forward hooks, routing from its router logits (`output_router_logits=True`), and each token
     copy's expert output norm computed in torch float64 from HF's expert weights."""
     hf_model = make_hf_model("gqa2_ratio2")  # layers: MoE, dense, MoE, MoE; top-2 of 4, normalised
@@ -174,6 +178,8 @@ def test_calibration_taps_match_transformers_tensors(tmp_path):
     for i in range(4):
         x_in, x_out = (flat(x) for x in taps[f"model.layers.{i}"])
         expected[f"model.layers.{i}:residual_cos"] = torch.nn.functional.cosine_similarity(x_in, x_out).sum()
+        expected[f"model.layers.{i}:residual_in"] = x_in.sum(0)
+        expected[f"model.layers.{i}:residual_out"] = x_out.sum(0)
         for norm in ("input_layernorm", "post_attention_layernorm"):
             expected[f"model.layers.{i}.{norm}:abs_output"] = flat(taps[f"model.layers.{i}.{norm}"][1]).abs().sum(0)
     expected["model.norm:abs_output"] = flat(taps["model.norm"][1]).abs().sum(0)

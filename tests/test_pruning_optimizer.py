@@ -1,5 +1,7 @@
 """Pruning carries the optimizer through: Adam's moments follow the parameters' index sets, with
-the documented rules for merged experts and rescaled norms, checked against numpy loops."""
+the documented rules for merged experts and rescaled norms (or plain slicing), checked against numpy loops."""
+
+import dataclasses
 
 import jax
 import numpy as np
@@ -39,7 +41,7 @@ def train_step(cfg, tx):
     objective = losses.distillation_objective(aux_coef=cfg.router_aux_loss_coef, chunk_size=32)
     loss_fn = stage_functions.make_loss_fn(abstract_model(cfg)[0], objective, MtpUse(student=True))
     replicated = jax.sharding.NamedSharding(jax.sharding.Mesh(jax.devices()[:1], ("b",)), jax.sharding.PartitionSpec())
-    weights = lambda step: {"lam": 0.0, "beta": 0.3}  # noqa: E731
+    weights = lambda step: {"lam": 0.0, "mtp_lam": 0.0, "beta": 0.3}  # noqa: E731
     return jax.jit(stage_functions.make_train_step(loss_fn, tx, weights, 1, replicated))
 
 
@@ -59,7 +61,8 @@ def trained():
 
 def reference_moment(decision, moment: nnx.State, power: int) -> nnx.State:
     """The pruned moment from numpy loops: layers renumbered, every `embed` axis gathered, each new
-    expert the coefficient-weighted sum of its members, norm weights' moments / s**power."""
+    expert the coefficient-weighted sum of its members, norm weights' moments / s**power (power 0:
+    plain slicing, gathered only)."""
     old = {path: np.asarray(v.get_value(), np.float64) for path, v in flat_params(moment).items()}
     variables = flat_params(moment)
     keep, d = decision.kept_channels, decision.source.hidden_size
@@ -132,6 +135,22 @@ def test_pruned_moments_follow_the_parameters_and_train_on(trained):
     assert np.isfinite(float(metrics["loss"]))
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_plain_slicing_only_gathers_the_moments(trained):
+    """`width.rescale_norms=False`: the norm weights' moments are gathered like every other tensor."""
+    params, opt_state, tx, stats = trained
+    spec = dataclasses.replace(SPEC, width=WidthSpec(48, multiple_of=16, rescale_norms=False))
+    decision = decide(CFG, params, spec, stats)
+    new_opt = adam_state(prune_optimizer_state(decision, opt_state, tx))
+    assert not decision.rescale_norms and not decision.summary()["rescale_norms"]
+    for name in ("mu", "nu"):
+        ours = flat_params(getattr(new_opt, name))
+        reference = flat_params(reference_moment(decision, getattr(adam_state(opt_state), name), power=0))
+        assert ours.keys() == reference.keys()
+        for path, variable in ours.items():
+            error = max_relative_error(variable.get_value(), reference[path].get_value())
+            assert error <= 1e-6, f"{name} {path}: {error:.2e}"
 
 
 def test_decision_as_data_equals_the_one_shot_prune(trained):

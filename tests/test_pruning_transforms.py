@@ -1,4 +1,5 @@
-"""Pruning transforms: parameter counts, identity, depth, width, expert plans and bad specs."""
+"""Pruning transforms: parameter counts, identity, depth (block_similarity on recorded activations
+included), width (plain slicing included), expert plans and bad specs."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -129,6 +130,54 @@ def test_depth_similarity_passes_over_the_last_full_attention_layer():
         assert FULL_ATTENTION in new_cfg.layer_types and notes[0] in prune_notes
 
 
+@nnx.jit
+def residual_stream(model, input_ids):
+    """[L + 1, B, T, D] the residual stream entering each decoder layer, then leaving the last one,
+    from the layers run one by one (not the calibration taps)."""
+    positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+    x = model.model.embed_tokens(input_ids)
+    stream = [x]
+    for layer in model.model.layers:
+        x, _ = layer(x, positions)
+        stream.append(x)
+    return jnp.stack(stream)
+
+
+def test_depth_block_similarity_removes_the_most_similar_block_of_recorded_activations(model_and_stats):
+    """On CFG (full attention at 1 and 3), for N = 1, 2, 3: the block numpy picks from the recorded
+    residual stream (cosine of the token means at its two ends), a note exactly when the most
+    similar block would remove both full-attention layers (here N = 3: block 1-3), and a pruned
+    model made of exactly the other layers, unchanged."""
+    model, stats = model_and_stats
+    cfg, params = model.config, nnx.state(model)
+    stream = np.asarray(residual_stream(model, IDS), np.float64).reshape(cfg.num_hidden_layers + 1, IDS.size, -1)
+    sums = {f"model.layers.{i}:residual_in": stream[i].sum(0) for i in range(cfg.num_hidden_layers)}
+    sums.update({f"model.layers.{i}:residual_out": stream[i + 1].sum(0) for i in range(cfg.num_hidden_layers)})
+    source = {path: np.asarray(v[...]) for path, v in flat_params(params).items()}
+    starts, passed_over = [], []
+    for n in (1, 2, 3):
+        start = ref.most_similar_block(sums, cfg.layer_types, n)
+        passed_over.append(ref.most_similar_block(sums, ("linear_attention",) * cfg.num_hidden_layers, n) != start)
+        kept = [i for i in range(cfg.num_hidden_layers) if not start <= i < start + n]
+        kept_by_us, notes = layers_to_keep(cfg, DepthSpec("block_similarity", n), stats)
+        assert kept_by_us == kept and bool(notes) == passed_over[-1], notes
+        new_cfg, new_params, _ = prune(cfg, params, PruneSpec(DepthSpec("block_similarity", n)), stats)
+        assert new_cfg.layer_types == tuple(cfg.layer_types[i] for i in kept)
+        assert [new_cfg.is_moe_layer(j) for j in range(len(kept))] == [cfg.is_moe_layer(i) for i in kept]
+        pruned = {path: np.asarray(v[...]) for path, v in flat_params(new_params).items()}
+        renamed = {path: path for path in source if not path.startswith("model.layers.")}
+        for j, i in enumerate(kept):
+            renamed.update({p.replace(f"model.layers.{i}.", f"model.layers.{j}.", 1): p for p in source
+                            if p.startswith(f"model.layers.{i}.")})  # fmt: skip
+        assert sorted(pruned) == sorted(renamed)
+        for new_path, old_path in renamed.items():
+            np.testing.assert_array_equal(pruned[new_path], source[old_path], err_msg=new_path)
+        starts.append(start)
+    print(f"block_similarity: first removed layer for N = 1, 2, 3: {starts}; full attention in the way: {passed_over}")
+    assert starts != [0, 0, 0], "the data should pick something other than the placeholder's lowest block"
+    assert any(passed_over), "the data should meet the full-attention rule once"
+
+
 # ---------------------------------------------------------------------------- width
 def zero_channels(model, dropped: np.ndarray) -> None:
     """Zero hidden channels `dropped` in every weight that reads or writes them (embed axes)."""
@@ -159,6 +208,23 @@ def test_width_removes_unused_channels_without_changing_logits():
         error = max_relative_error(theirs, ours)
         print(f"width 64 -> 48 on unused channels: max relative logit error {error:.1e}")
         assert error < 1e-5
+
+
+def test_width_plain_slicing_gathers_every_tensor_without_rescaling(model_and_stats):
+    """`rescale_norms=False`: every tensor, the residual-stream norm weights included (their values
+    unchanged), is the numpy gather of the source along its hidden axes, at the channels numpy picks."""
+    model, stats = model_and_stats
+    spec = PruneSpec(width=WidthSpec(48, 16, rescale_norms=False))
+    new_cfg, new_params, _ = prune(model.config, nnx.state(model), spec, stats)
+    source = {path: np.asarray(v[...], np.float64) for path, v in flat_params(nnx.state(model)).items()}
+    norms = ref.residual_norm_modules(range(CFG.num_hidden_layers), CFG.num_mtp_layers)
+    keep = ref.kept_channels(stats.sums, stats.num_tokens, norms, width=48)
+    pruned = {path: np.asarray(v[...], np.float64) for path, v in flat_params(new_params).items()}
+    assert new_cfg.hidden_size == 48 and sorted(pruned) == sorted(source)
+    for path, value in source.items():
+        expected = ref.gather_channels(path, value, keep, CFG.hidden_size, rescale_norms=False)
+        np.testing.assert_array_equal(pruned[path], expected, err_msg=path)
+    assert np.abs(source["model.norm.weight"]).max() > 0.1  # norm weights far from 0: rescaling would show
 
 
 # ---------------------------------------------------------------------------- expert plans

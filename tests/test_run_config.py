@@ -7,30 +7,35 @@ import re
 import pytest
 from tool_runs import REPO, run_tool
 
-from slimqwen_jax import run_config
+from slimqwen_jax import run_config, sweep
 from slimqwen_jax.config import ConfigError
 from slimqwen_jax.testing import apply_overrides, load_config_file
 
 CONFIGS = sorted((REPO / "configs").glob("*.py"))
-COMMAND = re.compile(r"python -m slimqwen_jax\.(train|prune|evaluate|pipeline) --config configs/(\S+)((?: --config\.\S+)*)")
+COMMAND = re.compile(
+    r"python -m slimqwen_jax\.(train|prune|evaluate|pipeline|sweep) --config configs/(\S+)((?: --config\.\S+)*)"
+)
 
 
 def documented(path):
-    """(command, config) of a config file: its docstring's command with that command's overrides applied."""
+    """(command, config, module) of a config file: its docstring's command, and the config with that
+    command's overrides applied."""
     module = load_config_file(path)
     match = COMMAND.match(module.__doc__)
     assert match and match.group(2) == path.name, f"{path.name}'s docstring must open with its exact command"
     config = module.get_config()
     apply_overrides(config, match.group(3).split())
     tool = match.group(1)
-    return {"pipeline": "train"}.get(tool, tool), config
+    return {"pipeline": "train", "sweep": "train"}.get(tool, tool), config, module
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_every_config_passes_its_checks_as_documented(path):
-    command, config = documented(path)
+def test_every_config_passes_its_checks_as_documented(path, tmp_path):
+    command, config, module = documented(path)
     assert run_config.problems(config, command) == []
     assert run_config.key_problems(config, run_config.BASES[command]()) == []
+    if hasattr(module, "get_sweep"):  # every point of its sweep too (build_points raises naming the bad ones)
+        assert sweep.build_points(module.get_sweep(), sweep.config_bases(module, config), tmp_path / "sweep")
 
 
 def quickstart():

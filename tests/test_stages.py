@@ -102,10 +102,10 @@ def straight(pipeline) -> tuple[Path, str]:
 TARGET = slimqwen_23a2b()
 
 
-@pytest.mark.parametrize("preset", sorted(run_config.SCHEDULE_PRESETS))
+@pytest.mark.parametrize("preset", sorted(run_config.PRESET_STAGES))
 def test_presets_reach_the_target_by_their_route(preset):
     source = qwen3_next_80b_a3b()
-    planned = plan(run_config.SCHEDULE_PRESETS[preset](source, TARGET, 1000, multiple_of=128), source)
+    planned = plan(run_config.SCHEDULE_PRESETS[preset](source, TARGET, 1000), source)
     last = planned[-1].architecture
     assert (last.num_hidden_layers, last.hidden_size, last.num_experts, last.num_experts_per_tok) == (36, 1536, 256, 8)
     first = planned[0].architecture
@@ -128,12 +128,41 @@ def plan(stage_list, source):
 
 def test_n_stage_splits_budget_and_cuts_evenly():
     source = qwen3_next_80b_a3b()
-    planned = plan(run_config.n_stage(source, TARGET, 999, [1, 1, 1], expert_stage=2, multiple_of=128), source)
+    planned = plan(run_config.n_stage(source, TARGET, 999, [1, 1, 1], expert_stage=2), source)
     assert [s.steps for s in planned] == [333, 333, 333]
     assert [s.architecture.num_hidden_layers for s in planned] == [44, 40, 36]
     assert [s.architecture.hidden_size for s in planned] == [1920, 1792, 1536]
     assert [s.architecture.num_experts for s in planned] == [512, 256, 256]
     assert [(s.start_step, s.end_step) for s in planned] == [(0, 333), (333, 666), (666, 999)]
+
+
+@pytest.mark.parametrize("preset", sorted(run_config.SCHEDULE_PRESETS))
+def test_the_schedule_field_builds_the_presets_stages(preset):
+    """`--config.schedule=<preset>` with the whole cut in schedule_options plans the stages the
+    Python preset builds (methods included), and bad schedule options are each named."""
+    config = load_config_file(REPO / "configs" / "slimqwen_23a2b.py").get_config()
+    source, steps = run_config.model_config(config), config.schedule_options.steps
+    apply_overrides(config, [f"--config.schedule={preset}", "--config.schedule_options.experts.importance=frequency",
+                             "--config.schedule_options.expert_stage=2", "--config.schedule_options.depth.method=similarity"]
+                    + (["--config.schedule_options.num_stages=3"] if preset == "n_stage" else []))  # fmt: skip
+    if preset in ("one_stage", "n_stage"):  # their own default split
+        config.schedule_options.update(split=(), expert_stage=1 if preset == "one_stage" else 2)
+    expanded, planned = run_config.planned(config)
+    methods = compression.PruneSpec.from_config(config.schedule_options)
+    split = {"one_stage": (1.0,), "n_stage": (1.0, 1.0, 1.0)}.get(preset, (0.1, 0.9))
+    by_hand = run_config.SCHEDULE_PRESETS[preset](source, TARGET, steps, split, methods=methods,
+                                                  expert_stage=config.schedule_options.expert_stage)  # fmt: skip
+    assert [entry.to_dict() for entry in expanded.stages] == [entry.to_dict() for entry in by_hand]
+    assert expanded.schedule == "" and len(planned) == len(split)
+    assert planned[-1].architecture.architecture() == plan(by_hand, source)[-1].architecture.architecture()
+    assert {s.spec.experts.importance for s in planned} == {"frequency"} and planned[0].spec.depth.method == "similarity"
+
+    config.stages = by_hand
+    config.schedule_options.update(split=(0.5, 0.3, 0.2, 0.1) if preset != "n_stage" else (), num_stages=0,
+                                   expert_stage=7)  # fmt: skip
+    problems = "\n".join(run_config.problems(config))
+    assert "leave stages empty" in problems and "expert_stage must be in" in problems
+    assert ("has 4 entries" in problems) != (preset == "n_stage")
 
 
 def test_bad_stages_are_refused_before_any_work_naming_every_problem(tmp_path, teacher):
@@ -251,15 +280,28 @@ def test_sigkill_around_a_stage_transition_resumes_bitwise(straight, teacher, tm
 
 
 # ---------------------------------------------------------------------------- baselines and dry run
-def test_from_scratch_baseline_is_the_final_architecture_on_the_whole_budget(teacher, tmp_path):
+def test_from_scratch_baseline_is_the_final_architecture_on_the_whole_budget(teacher, straight, tmp_path):
     config = staged_config(tmp_path / "run", teacher)
     config.baseline = "from_scratch"
     plan = train.plan_run(config)
     baseline, planned = plan.config, plan.stages
     assert len(planned) == 1 and planned[0].steps == sum(STAGE_STEPS) and baseline.init_from == ""
     assert (baseline.model.num_hidden_layers, baseline.model.hidden_size, baseline.model.num_experts) == (4, 16, 2)
-    config.baseline = "pruned_lm_only"
-    assert losses.is_always_zero(train.plan_run(config).config.loss.lam)
+    # A layer choice made from statistics is known only after the stages ran: taken from the run.
+    config.stages[1].depth.method = "similarity"
+    with pytest.raises(ConfigError, match="stage_2 remove are chosen from calibration statistics"):
+        train.plan_run(config)
+    config.baseline_from = str(straight[0])
+    config.model.dtype = "bfloat16"  # the run-time options stay the config's
+    ran = load_checkpoint(straight[0] / "stage_2" / "checkpoints" / str(sum(STAGE_STEPS))).config
+    planned_cfg = train.plan_run(config).model_cfg
+    assert planned_cfg.architecture() == ran.architecture() and planned_cfg.dtype == "bfloat16"
+    config.baseline_from = str(tmp_path)
+    with pytest.raises(train.TrainError, match="holds no finished run"):
+        train.plan_run(config)
+    config.baseline_from, config.baseline = "", "pruned_lm_only"
+    lm_only = train.plan_run(config).config.loss
+    assert losses.is_always_zero(lm_only.lam) and losses.is_always_zero(losses.mtp_lam_spec(lm_only))
     config.baseline = "scratch"
     with pytest.raises(ConfigError, match="baseline must be one of"):
         train.plan_run(config)
@@ -291,13 +333,17 @@ def printed_table(output: str) -> str:
 
 @pytest.mark.slow
 def test_pipeline_runs_teacher_stages_and_baseline_and_reports(pipeline):
-    """`python -m slimqwen_jax.pipeline`: teacher pretraining, the staged student, the from-scratch
-    baseline, the report; rerun, it reuses the teacher and redoes nothing."""
+    """`python -m slimqwen_jax.pipeline`: teacher pretraining, the staged student, the pruned +
+    LM-only and from-scratch baselines, the report; rerun, it reuses the teacher and redoes nothing."""
     root, output = pipeline
     rows = json.loads((root / "report.json").read_text())
-    assert [r["run"] for r in rows] == ["teacher", "pruned + KD", "from scratch"]
-    assert [(r["layers"], r["hidden"], r["experts"]) for r in rows] == [(6, 32, 4), (4, 16, 2), (4, 16, 2)]
-    assert rows[1]["tokens"] == rows[2]["tokens"] == sum(STAGE_STEPS) * 4 * 32
+    assert [r["run"] for r in rows] == ["teacher", "pruned + KD", "pruned + LM only", "from scratch"]
+    assert [(r["layers"], r["hidden"], r["experts"]) for r in rows] == [(6, 32, 4)] + [(4, 16, 2)] * 3
+    assert rows[1]["tokens"] == rows[2]["tokens"] == rows[3]["tokens"] == sum(STAGE_STEPS) * 4 * 32
+    for name in ("student", "pruned_lm_only", "from_scratch"):
+        assert train.final_architecture(root / name) == train.final_architecture(root / "student")
+    lm_only = history(root / "pruned_lm_only", "stage_2")
+    assert {entry["train/lam"] for entry in lm_only.values()} == {0.0} and "train/kd" in lm_only[5]  # KD watched
     assert rows[0]["top1_agreement"] == 1.0 and (root / "report.png").stat().st_size > 0
     table = printed_table(output)
     assert "from scratch" in table and table in (root / "report.md").read_text()

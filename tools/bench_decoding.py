@@ -58,10 +58,13 @@ def main() -> None:
                 "tokens_per_step": spec["tokens_per_step"], "speculative_tokens_per_s": spec["tokens_per_s"],
                 "speedup": spec["speedup"], "identical": spec["identical_to_cached"],
             })  # fmt: skip
-    print("| batch | J | cached tok/s | uncached tok/s | acc_1..acc_J | tokens/round | speculative tok/s | speed-up |")
+    # acc_k: share of rounds whose first k+1 drafts were all accepted
+    print(
+        "| batch | J | cached tok/s | uncached tok/s | acc_0..acc_{J-1} | tokens/round | speculative tok/s | speed-up |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        accs = " ".join(f"{r[f'acc_{j}']:.3f}" for j in range(1, r["num_drafts"] + 1))
+        accs = " ".join(f"{r[f'acc_{k}']:.3f}" for k in range(r["num_drafts"]))  # first k+1 drafts accepted
         uncached = f"{r['uncached_tokens_per_s']:.0f}" if r["uncached_tokens_per_s"] else "-"
         print(
             f"| {r['batch_size']} | {r['num_drafts']} | {r['cached_tokens_per_s']:.0f} | {uncached} | {accs} | "

@@ -90,7 +90,7 @@ def compiled_step(student, teacher, objective, batch: int, seq_len: int):
     teacher_graphdef, teacher_params = abstract_model(teacher)
     fns = stage_functions.build(
         config, student, shapes.graphdef, tx, mesh, shapes.shardings, mtp=MtpUse(student=True, teacher=True, kd=True),
-        total_steps=1000, teacher_graphdef=teacher_graphdef, teacher_shardings=sharding.state_shardings(teacher_params, mesh),
+        weight_steps=(1000, 0), teacher_graphdef=teacher_graphdef, teacher_shardings=sharding.state_shardings(teacher_params, mesh),
         objective=objective,
     )  # fmt: skip
     tokens = jax.ShapeDtypeStruct((batch, seq_len + 1), jnp.int32)

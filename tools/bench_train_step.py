@@ -104,7 +104,7 @@ def trainer_step(cfg: Qwen3NextConfig, graphdef: nnx.GraphDef, total_steps: int,
     shapes = train_state.abstract_state(cfg, tx, mesh)
     fns = stage_functions.build(
         config, cfg, graphdef, tx, mesh, stacking.layout_for(shapes.params, cfg.scan_layers).stack_shardings(
-            shapes.shardings), mtp=stage_functions.decide_mtp_use(config.loss, cfg, None), total_steps=total_steps,
+            shapes.shardings), mtp=stage_functions.decide_mtp_use(config.loss, cfg, None), weight_steps=(total_steps, 0),
     )  # fmt: skip
     return fns.train_step, tx
 

@@ -21,7 +21,7 @@ from slimqwen_jax.compression.calibration import (
     residual_norms,
 )
 from slimqwen_jax.compression.decision import PruningDecision, apply_decision, decide, prune, prune_optimizer_state
-from slimqwen_jax.compression.depth import block_influence, layers_to_keep, prune_depth
+from slimqwen_jax.compression.depth import block_influence, block_similarity, layers_to_keep, prune_depth
 from slimqwen_jax.compression.experts import ExpertPlan, expert_importance, plan_experts, prune_experts
 from slimqwen_jax.compression.param_count import ParameterCount, architecture_table, count_parameters, format_count
 from slimqwen_jax.compression.spec import DepthSpec, ExpertSpec, PruneSpec, PruningError, WidthSpec, validate
@@ -42,6 +42,7 @@ __all__ = [
     "architecture_table",
     "apply_decision",
     "block_influence",
+    "block_similarity",
     "build_model",
     "calibrate",
     "channel_importance",

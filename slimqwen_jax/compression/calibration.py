@@ -8,12 +8,17 @@ per token outlives its batch.
 
 Statistics (sums over the N calibration tokens, keyed `"<module path>:<name>"`):
   <decoder layer>:residual_cos   cos(residual in, residual out) (block influence = 1 - mean)
+  <decoder layer>:residual_in    [D] the residual stream entering the layer (depth block_similarity:
+                                 the mean activation at a block's start)
+  <decoder layer>:residual_out   [D] the residual stream leaving the layer (... at a block's end)
   <residual-stream norm>:abs_output  [D] |RMSNorm output| per channel
   <MoE block>:selected    [E] tokens whose top-k holds expert i
   <MoE block>:weight      [E] sum of the routing weight z_i over those tokens
   <MoE block>:reap        [E] sum of z_i * ||E_i(x)||_2 over those tokens
   <MoE block>:logit_gram  [E, E] sum of router-logit outer products (router_logits similarity)
 The MTP module is calibrated too (its own forward inside the model's), under `mtp.*` paths.
+Files written before `residual_in` / `residual_out` existed still serve every other method;
+`CalibrationStats.require` names what is missing and how to recompute it.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from slimqwen_jax.progress import format_duration
 
 log = logging.getLogger("slimqwen_jax.compression")
 
-RESIDUAL_COS = "residual_cos"
+RESIDUAL_COS, RESIDUAL_IN, RESIDUAL_OUT = "residual_cos", "residual_in", "residual_out"
 ABS_OUTPUT = "abs_output"
 SELECTED, WEIGHT, REAP, LOGIT_GRAM = "selected", "weight", "reap", "logit_gram"
 LAYER_KEY = re.compile(r"model\.layers\.(?P<index>\d+)(?P<rest>[.:].*)")
@@ -59,6 +64,11 @@ def residual_norms(params: nnx.State) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- per-batch sums
+def token_sum(x: jax.Array) -> jax.Array:
+    """Sum over tokens, float32. x [..., D] -> [D]."""
+    return jnp.sum(x.astype(jnp.float32).reshape(-1, x.shape[-1]), 0)
+
+
 def cosine_sum(x_in: jax.Array, x_out: jax.Array) -> jax.Array:
     """Sum over tokens of cos(x_in, x_out), float32. x_in, x_out [..., D] -> scalar."""
     a, b = x_in.astype(jnp.float32), x_out.astype(jnp.float32)
@@ -95,12 +105,12 @@ def batch_sums(model: Qwen3NextForCausalLM, input_ids: jax.Array, norms: Iterabl
         module, name = ".".join(str(p) for p in path[:-1]), path[-1]
         for value in variable.get_value():  # one entry per call
             if name == "output" and module in norms:
-                add(
-                    f"{module}:{ABS_OUTPUT}",
-                    jnp.sum(jnp.abs(value.astype(jnp.float32)).reshape(-1, value.shape[-1]), 0),
-                )
+                add(f"{module}:{ABS_OUTPUT}", token_sum(jnp.abs(value)))
             elif name == "residual":
-                add(f"{module}:{RESIDUAL_COS}", cosine_sum(*value))
+                x_in, x_out = value
+                add(f"{module}:{RESIDUAL_COS}", cosine_sum(x_in, x_out))
+                add(f"{module}:{RESIDUAL_IN}", token_sum(x_in))
+                add(f"{module}:{RESIDUAL_OUT}", token_sum(x_out))
             elif name == "routing":
                 for stat, total in routing_sums(**value).items():
                     add(f"{module}:{stat}", total)
@@ -114,10 +124,11 @@ def _calibration_step(graphdef: nnx.GraphDef, params: nnx.State, norms: tuple[st
 
 # ---------------------------------------------------------------------------- the statistics
 class CalibrationStats:
-    """Sums of the calibration statistics over `num_tokens` tokens, plus provenance (`meta`)."""
+    """Sums of the calibration statistics over `num_tokens` tokens, plus provenance (`meta`, and
+    `path`: the file they were loaded from, if any)."""
 
-    def __init__(self, sums: dict[str, np.ndarray], num_tokens: int, meta: dict):
-        self.sums, self.num_tokens, self.meta = sums, int(num_tokens), meta
+    def __init__(self, sums: dict[str, np.ndarray], num_tokens: int, meta: dict, path: Path | None = None):
+        self.sums, self.num_tokens, self.meta, self.path = sums, int(num_tokens), meta, path
 
     def mean(self, module: str, name: str) -> np.ndarray:
         """Mean over calibration tokens of statistic `name` of `module`."""
@@ -129,6 +140,19 @@ class CalibrationStats:
     def has(self, module: str, name: str) -> bool:
         return f"{module}:{name}" in self.sums
 
+    def require(self, modules: Iterable[str], name: str, what: str) -> None:
+        """Raise PruningError, saying how to recompute them, if statistic `name` is missing for any of
+        `modules`: a file written before `what` (the method that reads it) existed."""
+        missing = [f"{module}:{name}" for module in modules if not self.has(module, name)]
+        if not missing:
+            return
+        where = f"calibration statistics {self.path}" if self.path else "the calibration statistics"
+        fix = f"{_recalibrate(self.path)} (prune: or set `stats` to a new file)" if self.path else "calibrate again"
+        raise PruningError(
+            f"{where} have no {missing[0]!r}, which {what} needs (written before that statistic existed); "
+            f"recompute them: {fix}"
+        )
+
     def select_layers(self, kept: list[int]) -> CalibrationStats:
         """The statistics of the model whose decoder layers are `kept` (old indices, in order)."""
         new_index = {old: new for new, old in enumerate(kept)}
@@ -139,7 +163,7 @@ class CalibrationStats:
                 sums[key] = value
             elif int(match["index"]) in new_index:
                 sums[f"model.layers.{new_index[int(match['index'])]}{match['rest']}"] = value
-        return CalibrationStats(sums, self.num_tokens, {**self.meta, "kept_layers": list(kept)})
+        return CalibrationStats(sums, self.num_tokens, {**self.meta, "kept_layers": list(kept)}, self.path)
 
     def save(self, path: str | Path) -> Path:
         """Write `<path>` (.npz, the sums) and `<path>` with suffix .json (num_tokens, meta)."""
@@ -173,7 +197,7 @@ class CalibrationStats:
         if num_tokens <= 0 or non_finite:
             found = f"num_tokens {num_tokens}" if num_tokens <= 0 else f"NaN or infinity in {', '.join(non_finite[:3])}"
             raise PruningError(f"calibration statistics {path} hold {found}; {_recalibrate(path)}")
-        return cls(sums, num_tokens, meta)
+        return cls(sums, num_tokens, meta, path)
 
 
 def _recalibrate(path: Path) -> str:

@@ -12,7 +12,8 @@ Moments follow their parameters' index sets exactly. Where a parameter is not on
 rule is: a merged expert's moments are the same importance-weighted average as its weights (a
 convex combination, so the second moment stays a second moment's scale); a residual-stream norm
 weight rescaled (1 + w) -> s (1 + w) has its moments scaled by 1 / s and 1 / s^2
-(`width.NORM_RESCALE`).
+(`width.NORM_RESCALE`); with `width.rescale_norms=False` norm weights and their moments are only
+gathered, like every other tensor.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ class PruningDecision:
 
     kept_layers: old indices of the decoder layers that stay, in order; expert_plans: one
     `ExpertPlan` per MoE block (paths after the depth renumbering; empty when the experts stay),
-    num_experts_per_tok: the new top-k; kept_channels: sorted hidden channels [d'];
+    num_experts_per_tok: the new top-k; kept_channels: sorted hidden channels [d']; rescale_norms:
+    whether the residual-stream norms (and their moments) are rescaled (`WidthSpec.rescale_norms`);
     source / target: the configs before and after; notes: what the choice had to work around.
     """
 
@@ -55,6 +57,7 @@ class PruningDecision:
     expert_plans: dict[str, ExpertPlan]
     num_experts_per_tok: int
     kept_channels: np.ndarray
+    rescale_norms: bool = True
     notes: tuple[str, ...] = ()
 
     def summary(self) -> dict:
@@ -62,6 +65,7 @@ class PruningDecision:
         return {
             "kept_layers": list(self.kept_layers),
             "kept_channels": int(len(self.kept_channels)),
+            "rescale_norms": self.rescale_norms,
             "experts": {
                 block: {
                     "survivors": plan.survivors.tolist(),
@@ -103,17 +107,18 @@ def decide(
     experts_cfg = layers_cfg.replace(num_experts=num_experts, num_experts_per_tok=top_k)
     keep = channels_to_keep(experts_cfg, layers_params, layers_stats, spec.width)
     target = experts_cfg.replace(hidden_size=len(keep))
-    return PruningDecision(cfg, target, tuple(kept), plans, top_k, keep, tuple(notes))
+    return PruningDecision(cfg, target, tuple(kept), plans, top_k, keep, spec.width.rescale_norms, tuple(notes))
 
 
 def apply_decision(decision: PruningDecision, tree: nnx.State, kind: str = "params") -> nnx.State:
     """`tree` (shaped like the source model's parameters: the parameters, or an Adam moment) pruned
-    by `decision`. `kind` (params | first_moment | second_moment) selects the norm-rescaling rule."""
+    by `decision`. `kind` (params | first_moment | second_moment) selects the norm-rescaling rule
+    (`decision.rescale_norms`: whether there is one)."""
     if kind not in TREE_KINDS:
         raise ValueError(f"kind must be one of {TREE_KINDS}, got {kind!r}")
     cfg, tree = select_layers(decision.source, tree, list(decision.kept_layers))
     cfg, tree = apply_plans(cfg, tree, decision.expert_plans, decision.num_experts_per_tok)
-    cfg, tree = select_channels(cfg, tree, decision.kept_channels, kind)
+    cfg, tree = select_channels(cfg, tree, decision.kept_channels, kind, decision.rescale_norms)
     check_fits(decision.target, tree)
     return tree
 

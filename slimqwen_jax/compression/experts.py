@@ -8,8 +8,10 @@ over the top-k when `norm_topk_prob`):
 Methods (experts ranked by importance, ties to the lower index):
   prune                 keep the top E'.
   merge                 the top E' are bases; every other expert joins its most similar base.
-  partial_preservation  the top round(preserve_fraction * E') are kept untouched, the next ones are
-                        bases, the rest join their most similar base.
+  partial_preservation  the top P = round(preserve_fraction * E') (`preserve_rounding` `round`:
+                        Python's, halves to even) or floor(preserve_fraction * E') (`floor`, the
+                        paper's) are kept untouched, the next E' - P are bases, the rest join
+                        their most similar base.
 A base becomes sum_j I_j W_j / sum_j I_j over itself and its joiners (gate, up and down; equal
 weights if every I_j is 0). The router keeps the rows of the surviving experts, whose new order is
 their old order. Every MoE layer is compressed with its own statistics, the MTP module's included
@@ -20,6 +22,7 @@ ranking (lower index first) gives the right shapes.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -100,13 +103,30 @@ def expert_similarity(values: dict, stats: CalibrationStats | None, moe: str, ki
 
 
 # ---------------------------------------------------------------------------- plans
+def preserved_count(preserve_fraction: float, num_experts: int, rounding: str) -> int:
+    """How many of `num_experts` kept experts partial preservation leaves untouched: `round`
+    (Python's, halves to even) or `floor` of preserve_fraction * num_experts. `floor` allows 1e-9 of
+    slack, so that a product that is a whole number on paper (0.29 x 100) is not floored below it
+    by binary rounding."""
+    if rounding == "round":
+        return round(preserve_fraction * num_experts)
+    if rounding == "floor":
+        return math.floor(preserve_fraction * num_experts + 1e-9)
+    raise PruningError(f"unknown preserve rounding {rounding!r}")
+
+
 def plan_experts(
-    importance: np.ndarray, similarity: np.ndarray | None, num_experts: int, method: str, preserve_fraction: float
+    importance: np.ndarray,
+    similarity: np.ndarray | None,
+    num_experts: int,
+    method: str,
+    preserve_fraction: float,
+    preserve_rounding: str = "round",
 ) -> ExpertPlan:
     """Which experts survive and what merges into them (see module docstring).
 
     importance [E]; similarity [E, E] (only read for the experts that join a base; may be None for
-    `prune`); num_experts: E'.
+    `prune`); num_experts: E'; preserve_rounding: `round` | `floor` (`preserved_count`).
     """
     e = len(importance)
     ranked = np.argsort(-np.asarray(importance), kind="stable")
@@ -115,7 +135,7 @@ def plan_experts(
     elif method == "merge":
         num_preserved = 0
     elif method == "partial_preservation":
-        num_preserved = round(preserve_fraction * num_experts)
+        num_preserved = preserved_count(preserve_fraction, num_experts, preserve_rounding)
     else:
         raise PruningError(f"unknown expert method {method!r}")
     preserved, bases, joiners = ranked[:num_preserved], ranked[num_preserved:num_experts], ranked[num_experts:]
@@ -149,7 +169,9 @@ def plan_layers(
             importance = expert_importance(stats, moe, spec.importance)
             merges = spec.method != "prune" and num_experts < cfg.num_experts
             similarity = expert_similarity(values, stats, moe, spec.similarity) if merges else None
-        plans[moe] = plan_experts(importance, similarity, num_experts, spec.method, spec.preserve_fraction)
+        plans[moe] = plan_experts(
+            importance, similarity, num_experts, spec.method, spec.preserve_fraction, spec.preserve_rounding
+        )
     return plans
 
 

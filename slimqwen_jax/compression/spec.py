@@ -2,7 +2,7 @@
 
 A spec whose fields keep everything (`num_layers_to_remove=0`, `hidden_size=0`, `num_experts=0`,
 `num_experts_per_tok=0`) is the identity. `PruneSpec.from_config` reads the `depth`, `width` and
-`experts` sections of a prune config (`configs/prune_*.py`).
+`experts` sections of a prune config (`configs/prune_*.py`) or of a train stage (`stages[k]`).
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ from typing import Any
 
 from slimqwen_jax.config import FULL_ATTENTION, ConfigError, Qwen3NextConfig
 
-DEPTH_METHODS = ("last", "similarity")
+DEPTH_METHODS = ("last", "similarity", "block_similarity")
 EXPERT_IMPORTANCES = ("frequency", "soft_logits", "reap")
 EXPERT_METHODS = ("prune", "merge", "partial_preservation")
 EXPERT_SIMILARITIES = ("router_logits", "router_weights", "expert_vector")
+PRESERVE_ROUNDINGS = ("round", "floor")
 
 
 class PruningError(ConfigError):
@@ -24,8 +25,11 @@ class PruningError(ConfigError):
 
 @dataclasses.dataclass(frozen=True)
 class DepthSpec:
-    """Remove `num_layers_to_remove` decoder layers: the `last` ones or the least influential
-    (`similarity`: lowest 1 - cos(input, output) of the residual stream, ShortGPT's block influence)."""
+    """Remove `num_layers_to_remove` decoder layers: the `last` ones, the least influential
+    (`similarity`: lowest 1 - cos(input, output) of the residual stream, ShortGPT's block influence,
+    not necessarily adjacent), or the contiguous block whose two ends are most alike
+    (`block_similarity`: highest cos(mean residual input of its first layer, mean residual output
+    of its last), the paper's activation similarity)."""
 
     method: str = "last"
     num_layers_to_remove: int = 0
@@ -34,7 +38,7 @@ class DepthSpec:
         return self.num_layers_to_remove == 0
 
     def needs_stats(self) -> bool:
-        return not self.is_identity() and self.method == "similarity"
+        return not self.is_identity() and self.method in ("similarity", "block_similarity")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,10 +48,15 @@ class WidthSpec:
     `multiple_of`: the new width must be a multiple of it (128 by default: the TPU lane width, which
     the MXU tiles and grouped-matmul kernels' hidden-dimension blocks assume); keeping the source
     width is always allowed. Lower it for toy models.
+
+    `rescale_norms`: multiply each residual-stream norm's scale (1 + w) by sqrt(D / d') (and Adam's
+    moments of w by its inverse and inverse square), so that the norms' outputs do not change when
+    the removed channels carry nothing; False: the paper's plain slicing, every tensor only gathered.
     """
 
     hidden_size: int = 0
     multiple_of: int = 128
+    rescale_norms: bool = True
 
     def is_identity(self, cfg: Qwen3NextConfig) -> bool:
         return self.hidden_size in (0, cfg.hidden_size)
@@ -62,8 +71,10 @@ class ExpertSpec:
     `num_experts_per_tok` (0 = keep either).
 
     importance: frequency | soft_logits | reap; method: prune | merge | partial_preservation (the
-    top `preserve_fraction` of the kept experts untouched, the rest merge bases); similarity (merge
-    groups): router_logits | router_weights | expert_vector.
+    top `preserve_fraction` of the kept experts untouched, the rest merge bases; `preserve_rounding`
+    turns the fraction into a count: `round`, Python's round(fraction * E') with halves to even, or
+    `floor`, the paper's floor(fraction * E')); similarity (merge groups): router_logits |
+    router_weights | expert_vector.
     """
 
     num_experts: int = 0
@@ -72,6 +83,7 @@ class ExpertSpec:
     method: str = "partial_preservation"
     similarity: str = "expert_vector"
     preserve_fraction: float = 0.5
+    preserve_rounding: str = "round"
 
     def new_sizes(self, cfg: Qwen3NextConfig) -> tuple[int, int]:
         """(experts, top-k) after compression."""
@@ -118,6 +130,7 @@ def _choice(name: str, value: str, options: tuple[str, ...]) -> list[str]:
 def _expert_choice_problems(spec: ExpertSpec) -> list[str]:
     problems = _choice("experts.importance", spec.importance, EXPERT_IMPORTANCES)
     problems += _choice("experts.method", spec.method, EXPERT_METHODS)
+    problems += _choice("experts.preserve_rounding", spec.preserve_rounding, PRESERVE_ROUNDINGS)
     return problems + _choice("experts.similarity", spec.similarity, EXPERT_SIMILARITIES)
 
 
@@ -133,6 +146,11 @@ def depth_problems(cfg: Qwen3NextConfig, spec: DepthSpec) -> list[str]:
         problems.append(f"depth.num_layers_to_remove is {n}; the model has {layers} layers and must keep at least one")
     elif spec.method == "last":
         problems += full_attention_problems(cfg, list(range(layers - n)))
+    elif spec.method == "block_similarity" and not valid_block_starts(cfg, n):
+        problems.append(
+            f"depth.method 'block_similarity': every block of {n} adjacent layers holds every full-attention layer; "
+            "HF transformers needs at least one (remove fewer layers, or use another depth.method)"
+        )
     return problems
 
 
@@ -173,6 +191,18 @@ def validate(cfg: Qwen3NextConfig, spec: PruneSpec) -> None:
     problems = depth_problems(cfg, spec.depth) + width_problems(cfg, spec.width) + expert_problems(cfg, spec.experts)
     if problems:
         raise PruningError("invalid pruning spec:\n  " + "\n  ".join(problems))
+
+
+def without_block(layers: int, start: int, n: int) -> list[int]:
+    """The layers of a `layers`-layer model that stay when the n adjacent layers from `start` go."""
+    return [i for i in range(layers) if not start <= i < start + n]
+
+
+def valid_block_starts(cfg: Qwen3NextConfig, n: int) -> list[int]:
+    """First layers of the blocks of n adjacent layers whose removal keeps the model valid
+    (`full_attention_problems`)."""
+    layers = cfg.num_hidden_layers
+    return [s for s in range(layers - n + 1) if not full_attention_problems(cfg, without_block(layers, s, n))]
 
 
 def full_attention_problems(cfg: Qwen3NextConfig, kept: list[int]) -> list[str]:

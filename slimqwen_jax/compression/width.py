@@ -6,9 +6,11 @@ over calibration tokens of |norm output[k]|. The kept channels (in their origina
 gathered along every parameter axis whose logical name is `embed` (embeddings, lm_head, norms,
 every projection's input or output) and `embed_pair` (the MTP fc input, both halves).
 
-Each residual-stream norm's scale (1 + w) is multiplied by sqrt(D / d'): the norm then divides by
-the RMS over d' channels instead of D, and this factor makes its output unchanged when the removed
-channels are zero (up to eps), so a model that never used them is pruned without change.
+With `rescale_norms` (the default), each residual-stream norm's scale (1 + w) is multiplied by
+sqrt(D / d'): the norm then divides by the RMS over d' channels instead of D, and this factor makes
+its output unchanged when the removed channels are zero (up to eps), so a model that never used
+them is pruned without change. `rescale_norms=False` is the paper's plain slicing: every tensor
+(norm weights and Adam's moments included) is only gathered.
 """
 
 from __future__ import annotations
@@ -71,16 +73,17 @@ def _rescale_norm(weight, scale: float, kind: str):
 
 
 def select_channels(
-    cfg: Qwen3NextConfig, params: nnx.State, keep: np.ndarray, kind: str = "params"
+    cfg: Qwen3NextConfig, params: nnx.State, keep: np.ndarray, kind: str = "params", rescale_norms: bool = True
 ) -> tuple[Qwen3NextConfig, nnx.State]:
     """(config, params) of the model restricted to hidden channels `keep` (sorted indices).
 
     `kind` (params | first_moment | second_moment) says what the tree holds: the norm weights'
-    rescaling differs (`NORM_RESCALE`); every gather is the same."""
+    rescaling differs (`NORM_RESCALE`); every gather is the same. `rescale_norms=False`: gathers
+    only (plain slicing)."""
     d = cfg.hidden_size
     if len(keep) == d:
         return cfg, params
-    norms = {f"{n}.weight" for n in residual_norms(params)}
+    norms = {f"{n}.weight" for n in residual_norms(params)} if rescale_norms else set()
     scale = float(np.sqrt(d / len(keep)))
     values = {}
     for path, variable in flat_params(params).items():
@@ -100,4 +103,5 @@ def prune_width(
 ) -> tuple[Qwen3NextConfig, nnx.State]:
     """Keep `spec.hidden_size` hidden channels (see module docstring). Pure; works on abstract
     parameters, where `stats` may be None (placeholder channel choice)."""
-    return select_channels(cfg, params, channels_to_keep(cfg, params, stats, spec))
+    keep = channels_to_keep(cfg, params, stats, spec)
+    return select_channels(cfg, params, keep, rescale_norms=spec.rescale_norms)
