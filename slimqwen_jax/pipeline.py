@@ -94,7 +94,8 @@ def write_report(root: Path, configs: dict[str, ml_collections.ConfigDict]) -> s
                          f"pruned + KD does NOT beat {LABELS[name]} ({ce['student']:.4f} vs {ce[name]:.4f})")  # fmt: skip
     table = "\n".join(lines)
     (root / "report.md").write_text(table + "\n")
-    curves = {LABELS[name]: histories(Path(config.workdir)) for name, config in configs.items()}
+    curves = {LABELS[name] + (" (its pretraining)" if name == "teacher" else ""): histories(Path(config.workdir))
+              for name, config in configs.items()}  # fmt: skip
     teacher = {f"teacher's final ({ce['teacher']:.3f})": ce["teacher"]}
     plot_runs(curves, root / "report.png", "heldout/ce", "held-out cross-entropy of every run", teacher)
     return table

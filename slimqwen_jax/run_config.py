@@ -12,8 +12,9 @@ ConfigError; every entry point calls `check` before any work. Nothing downstream
 optional keys: every key is always there.
 
 The schedule presets (`one_stage`, `depth_first`, `width_first`, `joint`, `n_stage`) build the
-`stages` list from a source and a target architecture (docs/method.md section 5), and
-`resolve_baseline` turns a config into the comparison run its `baseline` names.
+`stages` list from a source and a target architecture (docs/method.md section 5), in Python or from
+the command line (`config.schedule` and `config.schedule_options`, expanded by `with_schedule`),
+and `resolve_baseline` turns a config into the comparison run its `baseline` names.
 """
 
 from __future__ import annotations
@@ -409,7 +410,7 @@ def schedule_problems(config: ml_collections.ConfigDict) -> list[str]:
         found.append(f"schedule_options.num_stages is {n} but schedule {name!r} has {stages} stages")
     if any(not float(share) > 0 for share in split):
         found.append(f"schedule_options.split entries must be > 0, got {split}")
-    if not 1 <= options.expert_stage <= max(stages, 1):
+    if stages and not 1 <= options.expert_stage <= stages:
         found.append(f"schedule_options.expert_stage must be in [1, {stages}], got {options.expert_stage}")
     if options.steps < 0:
         found.append(f"schedule_options.steps must be >= 0, got {options.steps}")

@@ -37,7 +37,6 @@ import copy
 import dataclasses
 import difflib
 import fnmatch
-import importlib.util
 import itertools
 import json
 import logging
@@ -61,6 +60,7 @@ from slimqwen_jax import cli, evaluate, loading, pipeline, prune, run_config, tr
 from slimqwen_jax.compression import count_parameters
 from slimqwen_jax.config import ConfigError, Qwen3NextConfig
 from slimqwen_jax.progress import format_duration
+from slimqwen_jax.testing import load_config_file
 
 log = logging.getLogger("slimqwen_jax.sweep")
 
@@ -486,15 +486,6 @@ def write_report(definition: Sweep, records: Sequence[dict], root: Path) -> str:
 
 
 # ---------------------------------------------------------------------------- the command
-def load_module(path: str | Path) -> types.ModuleType:
-    """The config file as a module."""
-    path = Path(path)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def config_bases(module: types.ModuleType, config: ml_collections.ConfigDict
                  ) -> dict[str, Callable[[], ml_collections.ConfigDict]]:  # fmt: skip
     """The base configs a point may start from: `get_config` as the command line gave it (its
@@ -545,7 +536,7 @@ def main(argv: list[str]) -> None:
     cli.start_tool()
     fl = flags.FLAGS
     try:
-        module = load_module(config_flags.get_config_filename(fl["config"]))
+        module = load_config_file(config_flags.get_config_filename(fl["config"]))
         if not hasattr(module, "get_sweep"):
             raise SweepError(f"{module.__file__} defines no get_sweep(): the sweep's points")
         definition = module.get_sweep()
