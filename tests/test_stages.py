@@ -158,11 +158,9 @@ def test_the_schedule_field_builds_the_presets_stages(preset):
     assert {s.spec.experts.importance for s in planned} == {"frequency"} and planned[0].spec.depth.method == "similarity"
 
     config.stages = by_hand
-    config.schedule_options.update(split=(0.5, 0.3, 0.2, 0.1) if preset != "n_stage" else (), num_stages=0,
-                                   expert_stage=7)  # fmt: skip
+    config.schedule_options.update(split=(0.5, 0.3, 0.2, 0.1), expert_stage=7)
     problems = "\n".join(run_config.problems(config))
-    assert "leave stages empty" in problems and "expert_stage must be in" in problems
-    assert ("has 4 entries" in problems) != (preset == "n_stage")
+    assert "leave stages empty" in problems and "expert_stage must be in" in problems and "has 4 entries" in problems
 
 
 def test_bad_stages_are_refused_before_any_work_naming_every_problem(tmp_path, teacher):

@@ -24,7 +24,7 @@ def get_sweep():
     return sweep.Sweep(grid + sweep.points({"missing": {"init_from": "{workdir}/no_such_checkpoint"}}))
 """
 # The quickstart runs of test_bad_inputs (the same programs: the compilation cache serves them).
-POINT_RUN = ["--config.train.steps=6", "--config.train.eval_every=6", "--config.train.checkpoint_every=2", *TINY_RUN]
+POINT_RUN = ["--config.train.steps=6", "--config.train.eval_every=6", "--config.train.checkpoint_every=3", *TINY_RUN]
 TRAIN_POINTS = ["order0_seed0", "order0_seed1", "order1_seed0", "order1_seed1"]
 
 
@@ -126,7 +126,7 @@ def test_a_sigkilled_sweep_resumes_to_the_uninterrupted_table(uninterrupted, swe
     second = root / TRAIN_POINTS[1]
     process = run_sweep(sweep_file, root, wait=False)
     deadline = time.time() + 300
-    while not (second / "checkpoints" / "2").exists() and time.time() < deadline and process.poll() is None:
+    while not (second / "checkpoints" / "3").exists() and time.time() < deadline and process.poll() is None:
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.communicate()
