@@ -1,4 +1,4 @@
-"""python -m slimqwen_jax.sweep --config configs/sweep_quickstart.py [--list] [--only lr3e-3_*]
+"""python -m slimqwen_jax.sweep --config configs/sweep_quickstart.py [--list] [--only 'lr0.003_*']
 
 A sweep of the quickstart run (configs/quickstart.py, 200 steps here): the peak learning rate over
 two values, times two seeds (the random init and the order of the training windows). Each of the
