@@ -2,7 +2,10 @@
 teacher, the lam / beta weights, the train step with gradient accumulation, the eval step and the
 teacher-forced MTP acceptance, built together by `build` as one `StageFunctions`.
 
-Which MTP modules run is decided once per run (`decide_mtp_use`) and passed on. The trainer
+The loss weights are arguments of the compiled train and eval steps, evaluated on the host from the
+step (`AtStep`), so that runs differing only in their weight schedules (the objective's variants,
+a pruned + LM-only baseline) share compiled programs. Which MTP modules run is decided once per
+run (`decide_mtp_use`) and passed on. The trainer
 (`slimqwen_jax.train`) builds a stage's functions with `build`, and so do the benchmarks
 (`tools/bench_train_step.py`, `tools/bench_kd_memory.py`); tests also call the pieces directly.
 """
@@ -92,16 +95,16 @@ def make_loss_fn(
 WeightsFn = Callable[[jax.Array], dict[str, jax.Array]]
 
 
-def make_train_step(loss_fn: LossFn, tx, loss_weights: WeightsFn, grad_accum_steps: int, micro_sharding):
+def make_weighted_train_step(loss_fn: LossFn, tx, grad_accum_steps: int, micro_sharding):
     """One optimizer step over a global batch [B, L+1], accumulating gradients over micro-batches.
 
-    train_step(params, opt_state, teacher_params, tokens, step) -> (params, opt_state, metrics);
-    `step` is the 0-based global step that sets the loss weights (lam, beta).
+    train_step(params, opt_state, teacher_params, tokens, weights) -> (params, opt_state, metrics);
+    `weights` are the loss weights (lam, mtp_lam, beta) of the step, arguments rather than constants,
+    so that runs whose schedules differ share one compiled program.
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def train_step(params, opt_state, teacher_params, tokens, step):
-        weights = loss_weights(step)
+    def train_step(params, opt_state, teacher_params, tokens, weights):
         b = tokens.shape[0]
         # Micro-batch a takes rows a, a + A, a + 2A, ... so each stays spread over the batch axes.
         micro = tokens.reshape(b // grad_accum_steps, grad_accum_steps, -1).swapaxes(0, 1)  # [A, B/A, L+1]
@@ -129,13 +132,23 @@ def make_train_step(loss_fn: LossFn, tx, loss_weights: WeightsFn, grad_accum_ste
     return train_step
 
 
+def make_train_step(loss_fn: LossFn, tx, loss_weights: WeightsFn, grad_accum_steps: int, micro_sharding):
+    """`make_weighted_train_step` with the weights of a 0-based global `step`:
+    train_step(params, opt_state, teacher_params, tokens, step) -> (params, opt_state, metrics)."""
+    weighted = make_weighted_train_step(loss_fn, tx, grad_accum_steps, micro_sharding)
+    return lambda params, opt_state, teacher_params, tokens, step: weighted(
+        params, opt_state, teacher_params, tokens, loss_weights(step)
+    )
+
+
+def make_weighted_eval_step(loss_fn: LossFn):
+    """eval_step(params, teacher_params, tokens, weights) -> metrics (no gradient)."""
+    return lambda params, teacher_params, tokens, weights: loss_fn(params, teacher_params, tokens, weights)[1]
+
+
 def make_eval_step(loss_fn: LossFn, loss_weights: WeightsFn):
     """eval_step(params, teacher_params, tokens, step) -> metrics (no gradient)."""
-
-    def eval_step(params, teacher_params, tokens, step):
-        return loss_fn(params, teacher_params, tokens, loss_weights(step))[1]
-
-    return eval_step
+    return lambda params, teacher_params, tokens, step: loss_fn(params, teacher_params, tokens, loss_weights(step))[1]
 
 
 def loss_weights_fn(loss: ml_collections.ConfigDict, steps: int, first_step: int = 0) -> WeightsFn:
@@ -164,6 +177,23 @@ def make_objective(loss: ml_collections.ConfigDict, cfg: Qwen3NextConfig, mtp: M
 
 
 # ---------------------------------------------------------------------------- a stage's functions
+@dataclasses.dataclass(frozen=True)
+class AtStep:
+    """A jitted function whose last argument is the loss weights, called (and lowered) with a 0-based
+    global step in their place: the weights are evaluated outside the compiled program."""
+
+    jitted: Any
+    loss_weights: WeightsFn
+
+    def __call__(self, *args):
+        *inputs, step = args
+        return self.jitted(*inputs, self.loss_weights(step))
+
+    def lower(self, *args):
+        *inputs, step = args
+        return self.jitted.lower(*inputs, self.loss_weights(step))
+
+
 @dataclasses.dataclass(frozen=True)
 class StageFunctions:
     """The jitted functions of one stage, over its layout (`stacking`) and shardings.
@@ -202,18 +232,20 @@ def build(
     param_shardings, opt_shardings = shardings
     objective = objective or make_objective(config.loss, cfg, mtp)
     loss_fn = make_loss_fn(graphdef, objective, mtp, teacher_graphdef)
-    loss_weights = loss_weights_fn(config.loss, *weight_steps)
+    loss_weights = loss_weights_fn(config.loss, *weight_steps)  # evaluated outside the programs
     tokens = sharding.batch_sharding(mesh, 2)
     micro = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.LOGICAL_RULES["batch"]))
-    train_step = jax.jit(
-        make_train_step(loss_fn, tx, loss_weights, config.train.grad_accum_steps, micro),
+    weighted_train_step = jax.jit(
+        make_weighted_train_step(loss_fn, tx, config.train.grad_accum_steps, micro),
         in_shardings=(param_shardings, opt_shardings, teacher_shardings, tokens, None),
         out_shardings=(param_shardings, opt_shardings, None),
         donate_argnums=(0, 1),
     )
-    eval_step = jax.jit(
-        make_eval_step(loss_fn, loss_weights), in_shardings=(param_shardings, teacher_shardings, tokens, None)
+    weighted_eval_step = jax.jit(
+        make_weighted_eval_step(loss_fn), in_shardings=(param_shardings, teacher_shardings, tokens, None)
     )
+    train_step, eval_step = AtStep(weighted_train_step, loss_weights), AtStep(weighted_eval_step, loss_weights)
+
     num_drafts = config.train.eval_mtp_drafts if cfg.num_mtp_layers else 0
     acceptance = None
     if num_drafts:

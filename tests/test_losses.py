@@ -13,7 +13,7 @@ import torch
 from flax import nnx
 from hf_reference import add_mtp_tensors, make_hf_model
 
-from slimqwen_jax import hf, losses, run_config, sharding, stage_functions
+from slimqwen_jax import hf, losses, run_config, sharding, stage_functions, train_state
 from slimqwen_jax.config import tiny
 from slimqwen_jax.losses import HeadInputs
 from slimqwen_jax.model import Qwen3NextForCausalLM, abstract_model
@@ -487,3 +487,37 @@ def test_distillation_objective_equals_numpy_terms_from_full_softmaxes(hf_pair, 
     if mtp_lam == 0.0:  # without its KD share the MTP-KD term is still reported, at weight 0
         assert not math.isclose(expected, (1 - lam) * ce + lam * kd + beta * ((1 - lam) * mtp_ce + lam * mtp_kd)
                                 + 0.1 * aux, rel_tol=1e-4)  # fmt: skip
+
+
+def test_runs_whose_weight_schedules_differ_share_the_compiled_step():
+    """The loss weights are arguments of the built train and eval steps, not constants: a
+    different lam / beta schedule or span lowers to the same program text, and the weights still
+    reach the loss (the eval step's loss follows lam)."""
+    mesh = sharding.make_mesh(dict(data=1, fsdp=1, expert=1), jax.devices()[:1])
+    tx = optax.adamw(1e-3)
+    shapes = train_state.abstract_state(STUDENT, tx, mesh)
+
+    def built(loss_cfg, weight_steps):
+        config = run_config.base_config()
+        config.loss = loss_cfg
+        mtp = stage_functions.decide_mtp_use(loss_cfg, STUDENT, STUDENT)
+        teacher_shardings = sharding.state_shardings(params_of(STUDENT, 1), mesh)
+        return stage_functions.build(config, STUDENT, shapes.graphdef, tx, mesh, shapes.shardings, mtp=mtp,
+                                     weight_steps=weight_steps, teacher_graphdef=shapes.graphdef,
+                                     teacher_shardings=teacher_shardings)  # fmt: skip
+
+    full = built(distillation_loss(), (100, 0))
+    lm_heavy = built(distillation_loss(lam=("constant", 0.0, 0.0), beta=("linear", 0.5, 0.0)), (60, 40))
+    teacher = params_of(STUDENT, 1)
+    for name in ("train_step", "eval_step"):
+        args = (shapes.params, shapes.opt_state) if name == "train_step" else (shapes.params,)
+        texts = [getattr(fns, name).lower(*args, teacher, TOKENS, 7).as_text() for fns in (full, lm_heavy)]
+        assert texts[0] == texts[1], name
+    student = params_of(STUDENT, 0)
+    kd_only = built(distillation_loss(lam=("constant", 1.0, 1.0), beta=("constant", 0.0, 0.0)), (100, 0))
+    lm_only = built(distillation_loss(lam=("constant", 0.0, 0.0), beta=("constant", 0.0, 0.0)), (100, 0))
+    kd_metrics, lm_metrics = (fns.eval_step(student, teacher, TOKENS, 3) for fns in (kd_only, lm_only))
+    assert float(kd_metrics["loss"]) == pytest.approx(float(kd_metrics["kd"]) + STUDENT.router_aux_loss_coef
+                                                      * float(kd_metrics["aux_loss"]), rel=1e-5)  # fmt: skip
+    assert float(lm_metrics["loss"]) == pytest.approx(float(lm_metrics["ce"]) + STUDENT.router_aux_loss_coef
+                                                      * float(lm_metrics["aux_loss"]), rel=1e-5)  # fmt: skip
