@@ -157,23 +157,25 @@ def run(config: ml_collections.ConfigDict) -> dict:
         raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary has {vocab}")
     if reference is not None and reference.config.vocab_size != vocab:
         raise ConfigError(f"reference vocabulary ({reference.config.vocab_size}) differs from the model's ({vocab})")
-    if config.decoding.num_drafts > 0 and model.mtp is None:
+    if config.decoding.num_prompts and config.decoding.num_drafts > 0 and model.mtp is None:
         raise DecodingError("decoding.num_drafts > 0 needs an MTP module; this model has none (set it to 0)")
     hc, dc = config.heldout, config.decoding
-    batches = data.heldout_batches(config.data, tokenizer, batch_size=hc.batch_size, num_batches=hc.num_batches)
-    prompts = heldout_prompts(config.data, tokenizer, dc.num_prompts, dc.prompt_len)
-    num_drafts = hc.num_drafts if model.mtp is not None else 0
     report = {
         "model": str(config.model),
         "reference": str(config.reference) or None,
         "data": {"source": config.data.source, "tokenizer": config.data.tokenizer, "seq_len": config.data.seq_len},
-        "heldout": heldout_metrics(model, reference, batches, token_byte_lengths(tokenizer), num_drafts),
-        "decoding": {
+    }
+    if hc.num_batches:
+        batches = data.heldout_batches(config.data, tokenizer, batch_size=hc.batch_size, num_batches=hc.num_batches)
+        num_drafts = hc.num_drafts if model.mtp is not None else 0
+        report["heldout"] = heldout_metrics(model, reference, batches, token_byte_lengths(tokenizer), num_drafts)
+    if dc.num_prompts:
+        prompts = heldout_prompts(config.data, tokenizer, dc.num_prompts, dc.prompt_len)
+        report["decoding"] = {
             "prompts": dc.num_prompts, "prompt_len": dc.prompt_len, "max_new_tokens": dc.max_new_tokens,
             "batch_size": dc.batch_size, "backend": jax.default_backend(),
             **decoding_metrics(model, prompts, dc),
-        },
-    }  # fmt: skip
+        }  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(format_table(report))
@@ -183,15 +185,18 @@ def run(config: ml_collections.ConfigDict) -> dict:
 
 def format_table(report: dict) -> str:
     """The report's headline numbers as a two-column table."""
-    h, d = report["heldout"], report["decoding"]
-    rows = [("held-out loss (nats/token)", f"{h['loss']:.4f}"), ("perplexity", f"{h['perplexity']:.3f}")]
-    rows += [("bits per byte", f"{h['bits_per_byte']:.4f}")] if "bits_per_byte" in h else []
+    h, d = report.get("heldout", {}), report.get("decoding", {})
+    rows = []
+    if h:
+        rows += [("held-out loss (nats/token)", f"{h['loss']:.4f}"), ("perplexity", f"{h['perplexity']:.3f}")]
+        rows += [("bits per byte", f"{h['bits_per_byte']:.4f}")] if "bits_per_byte" in h else []
     if "top1_agreement" in h:
         rows += [("top-1 agreement with reference", f"{h['top1_agreement']:.4f}"), ("mean KL", f"{h['mean_kl']:.4f}")]
     tf = _acceptance_keys(h, "teacher_forced_")
     if tf:
         rows += [("teacher-forced MTP " + " ".join(k[15:] for k in tf), " ".join(f"{h[k]:.3f}" for k in tf))]
-    rows += [("cached decode tok/s", f"{d['cached']['tokens_per_s']:.1f}")]
+    if d:
+        rows += [("cached decode tok/s", f"{d['cached']['tokens_per_s']:.1f}")]
     if "uncached" in d:
         rows += [("uncached decode tok/s", f"{d['uncached']['tokens_per_s']:.1f}")]
     if "speculative" in d:

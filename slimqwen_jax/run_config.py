@@ -81,6 +81,7 @@ def train_section() -> ml_collections.ConfigDict:
             eval_batches=8,  # held-out batches per evaluation
             eval_batch_size=8,  # sequences per held-out batch
             eval_mtp_drafts=3,  # teacher-forced MTP acceptance acc_0..acc_{J-1} at each evaluation; 0: none
+            eval_at_start=False,  # also evaluate at each stage's start, after its pruning (the one-shot loss)
             checkpoint_every=100,  # steps between checkpoints (and at each stage's end)
             keep_checkpoints=2,  # newest checkpoints kept per stage
         )
@@ -142,6 +143,9 @@ def calibration_section() -> ml_collections.ConfigDict:
             batch_size=8,  # windows per forward
             seed=0,  # which windows
             log_every=4,  # batches between progress lines
+            # "": each stage writes its own. A directory: the first stage's statistics of init_from are
+            # kept there under a key of (init_from, calibration, data) and reused by every run with that key
+            cache_dir="",
         )
     )
 
@@ -261,13 +265,13 @@ def evaluate_base_config() -> ml_collections.ConfigDict:
     config.heldout = ml_collections.ConfigDict(
         dict(
             batch_size=8,  # held-out windows per batch
-            num_batches=8,
+            num_batches=8,  # 0 skips the held-out measures
             num_drafts=3,  # teacher-forced MTP acceptance acc_0..acc_{J-1} (first k+1 drafts accepted); 0: none
         )
     )
     config.decoding = ml_collections.ConfigDict(
         dict(
-            num_prompts=8,  # held-out windows of prompt_len tokens
+            num_prompts=8,  # held-out windows of prompt_len tokens; 0 skips decoding
             prompt_len=64,
             max_new_tokens=64,
             batch_size=1,  # rows decoded together
@@ -580,10 +584,12 @@ def _prune_problems(config: ml_collections.ConfigDict) -> list[str]:
 
 def _evaluate_problems(config: ml_collections.ConfigDict) -> list[str]:
     """Every problem of an evaluate config that needs no model: sizes, dtype, the report's path."""
-    found = _at_least(config.heldout, "heldout", ("batch_size", "num_batches"), 1)
-    found += _at_least(config.decoding, "decoding", ("num_prompts", "prompt_len", "max_new_tokens", "batch_size"), 1)
-    found += _at_least(config.heldout, "heldout", ("num_drafts",), 0)
-    found += _at_least(config.decoding, "decoding", ("num_drafts",), 0)
+    found = _at_least(config.heldout, "heldout", ("batch_size",), 1)
+    found += _at_least(config.decoding, "decoding", ("prompt_len", "max_new_tokens", "batch_size"), 1)
+    found += _at_least(config.heldout, "heldout", ("num_batches", "num_drafts"), 0)
+    found += _at_least(config.decoding, "decoding", ("num_prompts", "num_drafts"), 0)
+    if config.heldout.num_batches == 0 and config.decoding.num_prompts == 0:
+        found.append("nothing to evaluate: heldout.num_batches and decoding.num_prompts are both 0")
     if config.dtype not in DTYPES:
         found.append(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
     if not config.model:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -319,7 +320,7 @@ def prune_start(context: RunContext, stage: stage_plan.Stage, start: StageStart)
     model = nnx.merge(start.graphdef, state.params)
     config = context.config
     stats = compression.load_or_calibrate(
-        stage.directory / "calibration.npz", model, config.data, config.calibration, name=stage.name
+        calibration_file(config, stage), model, config.data, config.calibration, name=stage.name
     )
     decision = compression.decide(cfg, state.params, stage.spec, stats)
     params = compression.apply_decision(decision, state.params)
@@ -339,6 +340,21 @@ def prune_start(context: RunContext, stage: stage_plan.Stage, start: StageStart)
         (stage.directory / "pruning.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
     pruned = TrainState(state.step, params, opt_state, state.data_state)
     return StageStart(new_cfg, shapes.graphdef, pruned, shapes.shardings)
+
+
+def calibration_file(config: ml_collections.ConfigDict, stage: stage_plan.Stage) -> Path:
+    """Where `stage` reads or writes its calibration statistics: its own directory, or for the first
+    stage of a run from `init_from` with `calibration.cache_dir`, that directory under a digest of
+    what decides the statistics (the source, the calibration settings, the data but its order), so
+    that runs pruning the same source share one calibration."""
+    cache_dir = config.calibration.cache_dir
+    if stage.index or not config.init_from or not cache_dir:
+        return stage.directory / "calibration.npz"
+    data_cfg = {k: v for k, v in config.data.to_dict().items() if k not in ("shuffle_seed", "cache_dir")}
+    calibration = {k: v for k, v in config.calibration.to_dict().items() if k not in ("cache_dir", "log_every")}
+    key = {"source": str(Path(config.init_from).absolute()), "calibration": calibration, "data": data_cfg}
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"calibration-{digest}.npz"
 
 
 def pruning_report(before: Qwen3NextConfig, after: Qwen3NextConfig, params_before, params_after, decision) -> str:
@@ -424,6 +440,8 @@ def train_stage(context: RunContext, stage: stage_plan.Stage, start: StageStart)
 
     with jax.set_mesh(context.mesh):  # the context mesh of the expert-parallel MoE's shard_map
         try:
+            if tc.eval_at_start and state.step == stage.start_step:
+                progress.heldout(state.step, evaluate_heldout(context, fns, state.params, state.step + 1))
             first_step = state.step + 1
             for step in range(first_step, stage.end_step + 1):
                 local_batch = next(context.train_batches)  # [B / processes, L + 1]: this process's own rows

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import re
 import time
 import zipfile
@@ -166,14 +167,16 @@ class CalibrationStats:
         return CalibrationStats(sums, self.num_tokens, {**self.meta, "kept_layers": list(kept)}, self.path)
 
     def save(self, path: str | Path) -> Path:
-        """Write `<path>` (.npz, the sums) and `<path>` with suffix .json (num_tokens, meta)."""
+        """Write `<path>` (.npz, the sums) and `<path>` with suffix .json (num_tokens, meta), each
+        whole or not at all; the .npz, whose presence `load_statistics` looks for, comes last."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as f:  # np.savez would append .npz to a name without it
+        info, temporary = path.with_suffix(".json"), path.with_name(f".{path.name}.tmp")
+        temporary.write_text(json.dumps({"num_tokens": self.num_tokens, "meta": self.meta}, indent=2) + "\n")
+        os.replace(temporary, info)
+        with open(temporary, "wb") as f:  # np.savez would append .npz to a name without it
             np.savez(f, **self.sums)
-        path.with_suffix(".json").write_text(
-            json.dumps({"num_tokens": self.num_tokens, "meta": self.meta}, indent=2) + "\n"
-        )
+        os.replace(temporary, path)
         return path
 
     @classmethod
