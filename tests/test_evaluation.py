@@ -4,6 +4,7 @@ import functools
 import json
 import math
 import re
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +26,8 @@ from slimqwen_jax.model_metrics import (
     token_byte_lengths,
 )
 from slimqwen_jax.testing import forward
+
+REPO = Path(__file__).resolve().parents[1]
 
 SMALL = dict(hidden_size=32, head_dim=8, linear_key_head_dim=8, linear_value_head_dim=8, moe_intermediate_size=16,
              shared_expert_intermediate_size=16, initializer_range=0.1)  # fmt: skip
@@ -147,6 +150,32 @@ def test_evaluate_command_end_to_end(checkpoint, tmp_path):
     assert report_file.read_text() == before
 
 
+def test_evaluate_measures_only_what_is_asked(checkpoint, tmp_path):
+    """heldout.num_batches=0: decoding only (the reproduction's speculative points); decoding.num_prompts=0:
+    the held-out measures only (its extra sources)."""
+    from slimqwen_jax import evaluate, reproduce, sweep
+    from slimqwen_jax.testing import load_config_file
+
+    config = load_config_file(REPO / "configs" / "evaluate_quickstart.py").get_config()
+    config.update_from_flattened_dict({"model": str(checkpoint), "data.seq_len": 32, "heldout.batch_size": 2,
+                                       "heldout.num_batches": 0, "decoding.num_prompts": 1, "decoding.prompt_len": 8,
+                                       "decoding.max_new_tokens": 4, "decoding.num_drafts": 2, "decoding.uncached": False,
+                                       "report": str(tmp_path / "decoding.json")})  # fmt: skip
+    report = evaluate.run(config)
+    assert "heldout" not in report and {"cached", "speculative"} <= set(report["decoding"])
+    measures = reproduce.evaluation_measures(reproduce.SPECULATIVE, sweep._numbers(report))
+    assert measures == {
+        "spec_acc_0": report["decoding"]["speculative"]["acc_0"],
+        "spec_acc_1": report["decoding"]["speculative"]["acc_1"],
+        "spec_speedup": report["decoding"]["speculative"]["speedup"],
+    }
+    config.update_from_flattened_dict({"heldout.num_batches": 1, "decoding.num_prompts": 0,
+                                       "report": str(tmp_path / "heldout.json")})  # fmt: skip
+    report = evaluate.run(config)
+    assert "decoding" not in report and report["heldout"]["tokens"] == 2 * 32
+    assert reproduce.evaluation_measures("prose", sweep._numbers(report)) == {"prose_ce": report["heldout"]["loss"]}
+
+
 def test_evaluate_refuses_bad_input(tmp_path):
     code, output = run_tool(
         "evaluate", "evaluate_quickstart.py", f"--config.model={tmp_path / 'missing'}",
@@ -158,10 +187,11 @@ def test_evaluate_refuses_bad_input(tmp_path):
     code, output = run_tool(
         "evaluate", "evaluate_quickstart.py", f"--config.model={tmp_path / 'missing'}",
         "--config.decoding.num_prompts=0", "--config.heldout.num_batches=0", "--config.decoding.num_drafts=-1",
+        "--config.heldout.batch_size=0",
     )  # fmt: skip
     assert code == 1 and "Traceback" not in output and "does not exist" not in output, output
-    for message in ("heldout.num_batches must be >= 1, got 0", "decoding.num_prompts must be >= 1, got 0",
-                    "decoding.num_drafts must be >= 0, got -1"):  # fmt: skip
+    for message in ("nothing to evaluate: heldout.num_batches and decoding.num_prompts are both 0",
+                    "heldout.batch_size must be >= 1, got 0", "decoding.num_drafts must be >= 0, got -1"):  # fmt: skip
         assert message in output, output
     code, output = run_tool("evaluate", "evaluate_quickstart.py", "--config.decoding.no_such_key=1")
     assert code == 2 and "bad command line" in output

@@ -12,6 +12,9 @@ from slimqwen_jax.config import ConfigError
 from slimqwen_jax.testing import apply_overrides, load_config_file
 
 CONFIGS = sorted((REPO / "configs").glob("*.py"))
+# The reproduction's config defines get_reproduction instead: tests/test_reproduce.py builds its points.
+REPRODUCTIONS = [path for path in CONFIGS if "def get_reproduction(" in path.read_text()]
+RUN_CONFIGS = [path for path in CONFIGS if path not in REPRODUCTIONS]
 COMMAND = re.compile(
     r"python -m slimqwen_jax\.(train|prune|evaluate|pipeline|sweep) --config configs/(\S+)((?: --config\.\S+)*)"
 )
@@ -29,7 +32,15 @@ def documented(path):
     return {"pipeline": "train", "sweep": "train"}.get(tool, tool), config, module
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_file_is_a_run_config_or_a_reproduction():
+    for path in REPRODUCTIONS:
+        module = load_config_file(path)
+        assert module.__doc__.startswith(f"python -m slimqwen_jax.reproduce --config configs/{path.name}"), path
+        assert not hasattr(module, "get_config"), path
+    assert all(hasattr(load_config_file(path), "get_config") for path in RUN_CONFIGS)
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
 def test_every_config_passes_its_checks_as_documented(path, tmp_path):
     command, config, module = documented(path)
     assert run_config.problems(config, command) == []
