@@ -132,23 +132,9 @@ def make_weighted_train_step(loss_fn: LossFn, tx, grad_accum_steps: int, micro_s
     return train_step
 
 
-def make_train_step(loss_fn: LossFn, tx, loss_weights: WeightsFn, grad_accum_steps: int, micro_sharding):
-    """`make_weighted_train_step` with the weights of a 0-based global `step`:
-    train_step(params, opt_state, teacher_params, tokens, step) -> (params, opt_state, metrics)."""
-    weighted = make_weighted_train_step(loss_fn, tx, grad_accum_steps, micro_sharding)
-    return lambda params, opt_state, teacher_params, tokens, step: weighted(
-        params, opt_state, teacher_params, tokens, loss_weights(step)
-    )
-
-
 def make_weighted_eval_step(loss_fn: LossFn):
     """eval_step(params, teacher_params, tokens, weights) -> metrics (no gradient)."""
     return lambda params, teacher_params, tokens, weights: loss_fn(params, teacher_params, tokens, weights)[1]
-
-
-def make_eval_step(loss_fn: LossFn, loss_weights: WeightsFn):
-    """eval_step(params, teacher_params, tokens, step) -> metrics (no gradient)."""
-    return lambda params, teacher_params, tokens, step: loss_fn(params, teacher_params, tokens, loss_weights(step))[1]
 
 
 def loss_weights_fn(loss: ml_collections.ConfigDict, steps: int, first_step: int = 0) -> WeightsFn:

@@ -283,7 +283,9 @@ def step_fn(cfg, tx, loss_cfg, teacher_cfg=None, grad_accum_steps=1):
         jax.sharding.Mesh(jax.devices()[:1], ("batch",)), jax.sharding.PartitionSpec()
     )
     weights = stage_functions.loss_weights_fn(loss_cfg, 10)
-    return jax.jit(stage_functions.make_train_step(loss_fn, tx, weights, grad_accum_steps, replicated))
+    return stage_functions.AtStep(
+        jax.jit(stage_functions.make_weighted_train_step(loss_fn, tx, grad_accum_steps, replicated)), weights
+    )
 
 
 def params_of(cfg, seed):

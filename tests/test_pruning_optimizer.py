@@ -42,7 +42,7 @@ def train_step(cfg, tx):
     loss_fn = stage_functions.make_loss_fn(abstract_model(cfg)[0], objective, MtpUse(student=True))
     replicated = jax.sharding.NamedSharding(jax.sharding.Mesh(jax.devices()[:1], ("b",)), jax.sharding.PartitionSpec())
     weights = lambda step: {"lam": 0.0, "mtp_lam": 0.0, "beta": 0.3}  # noqa: E731
-    return jax.jit(stage_functions.make_train_step(loss_fn, tx, weights, 1, replicated))
+    return stage_functions.AtStep(jax.jit(stage_functions.make_weighted_train_step(loss_fn, tx, 1, replicated)), weights)
 
 
 @pytest.fixture(scope="module")

@@ -67,8 +67,9 @@ def distillation_step(graphdef, teacher_graphdef, tx, loss, mesh, param_sharding
         graphdef, objective, MtpUse(student=True, teacher=True, kd=True), teacher_graphdef
     )
     micro = NamedSharding(mesh, PartitionSpec(None, sharding.LOGICAL_RULES["batch"]))
-    return jax.jit(stage_functions.make_train_step(loss_fn, tx, stage_functions.loss_weights_fn(loss, 4), 1, micro),
+    step = jax.jit(stage_functions.make_weighted_train_step(loss_fn, tx, 1, micro),
                    out_shardings=(param_shardings, opt_shardings, None))  # fmt: skip
+    return stage_functions.AtStep(step, stage_functions.loss_weights_fn(loss, 4))
 
 
 @pytest.mark.slow

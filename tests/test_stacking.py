@@ -88,7 +88,7 @@ def test_a_train_step_in_the_stacked_layout_equals_one_per_layer():
     replicated = jax.sharding.NamedSharding(
         jax.sharding.Mesh(jax.devices()[:1], ("batch",)), jax.sharding.PartitionSpec()
     )
-    train_step = jax.jit(stage_functions.make_train_step(loss_fn, tx, weights, 1, replicated))
+    train_step = stage_functions.AtStep(jax.jit(stage_functions.make_weighted_train_step(loss_fn, tx, 1, replicated)), weights)
     tokens = jnp.asarray(random_tokens(2, 17, cfg.vocab_size))
 
     def two_steps(params):
@@ -117,7 +117,8 @@ def test_a_stacked_teacher_gives_the_same_distillation_loss():
     teacher_graphdef, teacher_params = nnx.split(Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(1)), nnx.Param)
     objective = losses.distillation_objective(aux_coef=cfg.router_aux_loss_coef, chunk_size=64)
     loss_fn = stage_functions.make_loss_fn(graphdef, objective, MtpUse(), teacher_graphdef)
-    eval_step = jax.jit(stage_functions.make_eval_step(loss_fn, stage_functions.loss_weights_fn(run_config.loss_section(distillation=True), 10)))
+    weights = stage_functions.loss_weights_fn(run_config.loss_section(distillation=True), 10)
+    eval_step = stage_functions.AtStep(jax.jit(stage_functions.make_weighted_eval_step(loss_fn)), weights)
     tokens = jnp.asarray(random_tokens(2, 17, cfg.vocab_size))
     stacked_teacher = stacking.layout_for(teacher_params, scan_layers=True).stack(teacher_params)
     per_layer, stacked = eval_step(params, teacher_params, tokens, 0), eval_step(params, stacked_teacher, tokens, 0)
