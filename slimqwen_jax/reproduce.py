@@ -244,23 +244,8 @@ def as_sweep(reproduction: Reproduction, root: Path) -> tuple[sweep.Sweep, dict[
 
 
 # ---------------------------------------------------------------------------- measures
-def stage_start_heldout(run_dir: Path) -> dict[str, float]:
-    """The held-out metrics recorded at the first stage's start (`train.eval_at_start`), if any."""
-    history = pipeline.histories(run_dir)[0]
-    if not history.exists():
-        return {}
-    first = {}
-    for line in history.read_text().splitlines():
-        entry = json.loads(line)
-        if any(k.startswith("heldout/") for k in entry):
-            first = {k.removeprefix("heldout/"): v for k, v in entry.items() if k.startswith("heldout/")}
-            first["step"] = entry["step"]
-            break
-    return first
-
-
 def train_measures(summary: Mapping[str, float], run_dir: Path) -> dict[str, float]:
-    """A finished student's measures from its final summary and its first held-out record."""
+    """A finished student's measures from its final summary and its held-out record at step 0."""
     out = {"heldout_ce": summary["heldout_ce"]}
     if "heldout_kd" in summary:
         out["kl"] = summary["heldout_kd"]
@@ -268,11 +253,12 @@ def train_measures(summary: Mapping[str, float], run_dir: Path) -> dict[str, flo
         out["top1_agreement"] = summary["heldout_top1_agreement"]
     out.update({f"tf_acc_{key.rsplit('_', 1)[1]}": value for key, value in summary.items()
                 if key.startswith("heldout_mtp_acc_")})  # fmt: skip
-    start = stage_start_heldout(run_dir)
-    if start.get("step") == 0:
-        out["oneshot_ce"] = start["ce"]
-        if "top1_agreement" in start:
-            out["oneshot_top1_agreement"] = start["top1_agreement"]
+    history = pipeline.histories(run_dir)[0]  # step 0: evaluated right after the first cut (eval_at_start)
+    if history.exists():
+        for metric in ("ce", "top1_agreement"):
+            at_start = read_history(history, f"heldout/{metric}").get(0)
+            if at_start is not None:
+                out[f"oneshot_{metric}"] = at_start
     return out
 
 
