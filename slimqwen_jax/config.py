@@ -13,6 +13,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from slimqwen_jax import remat
+
 LINEAR_ATTENTION = "linear_attention"
 FULL_ATTENTION = "full_attention"
 LAYER_TYPES = (LINEAR_ATTENTION, FULL_ATTENTION)
@@ -23,7 +25,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Fields that choose how the model runs, not what it computes: free to differ between checkpoints.
 RUNTIME_FIELDS = (
     "dtype", "param_dtype", "gated_delta_rule_impl", "moe_backend", "moe_capacity_factor",
-    "scan_layers", "attention_impl", "attention_chunk_size",
+    "scan_layers", "attention_impl", "attention_chunk_size", "remat_policy",
 )  # fmt: skip
 
 
@@ -91,6 +93,10 @@ class Qwen3NextConfig:
     # (`layers.chunked_causal_attention`; its blocks are unrolled: T / block of them).
     attention_impl: str = "chunked"
     attention_chunk_size: int = 512
+    # What the backward pass keeps of each decoder layer's forward (`remat.REMAT_POLICIES`): "none"
+    # keeps everything; "full" keeps only the layer's input and recomputes the rest; "dots", a named
+    # "save_*" / "minimal" preset or "save:<names>" keep some tensors (`remat.CHECKPOINT_NAMES`).
+    remat_policy: str = "none"
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", dtype_name(self.dtype))
@@ -188,6 +194,7 @@ class Qwen3NextConfig:
             problems.append(f"moe_backend {self.moe_backend!r} not in {MOE_BACKENDS}")
         if not self.moe_capacity_factor >= 0:
             problems.append(f"moe_capacity_factor must be >= 0 (0 = dropless), got {self.moe_capacity_factor}")
+        problems += remat.policy_problems(self.remat_policy)
         if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
             problems.append(f"attention_impl {self.attention_impl!r} not in {ATTENTION_IMPLEMENTATIONS}")
         if self.attention_chunk_size <= 0:

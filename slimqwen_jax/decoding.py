@@ -41,6 +41,7 @@ from slimqwen_jax.config import FULL_ATTENTION, LINEAR_ATTENTION, Qwen3NextConfi
 from slimqwen_jax.layers import Attention, GatedDeltaNet, causal_attention
 from slimqwen_jax.model import DecoderLayer, Qwen3NextForCausalLM
 from slimqwen_jax.moe import SparseMoeBlock
+from slimqwen_jax.platforms import target_platform
 
 
 class DecodingError(ValueError):
@@ -140,7 +141,7 @@ def _delta_rule_per_position(q, k, v, g, beta, state, implementation: str):
     step_implementation = "pallas" if implementation == "pallas" else "recurrent"
 
     def step(state, inputs):
-        o, state = gated_delta_rule_step(*inputs, state, implementation=step_implementation)
+        o, state = gated_delta_rule_step(*inputs, state, implementation=step_implementation, platform=target_platform())
         return state, (o, state)
 
     _, (o, states) = jax.lax.scan(step, state, [jnp.moveaxis(x, 1, 0) for x in (q, k, v, g, beta)])

@@ -15,9 +15,12 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels.gated_delta_rule import gated_delta_rule
 from slimqwen_jax.config import Qwen3NextConfig
+from slimqwen_jax.platforms import target_platform
+from slimqwen_jax.sharding import on_batch_shards
 
 
 class Calibration(nnx.Intermediate):
@@ -295,11 +298,11 @@ class Attention(nnx.Module):
         """x [B, T, D] -> q [B, T, H, A], k, v [B, T, G, A] (q, k normed and rotated), gate [B, T, H, A]."""
         b, t, _ = x.shape
         h, g, a = self.num_heads, self.num_kv_heads, self.head_dim
-        query_gate = self.q_proj(x).reshape(b, t, h, 2 * a)  # head h owns [query | gate]
+        query_gate = checkpoint_name(self.q_proj(x), "qkv_proj").reshape(b, t, h, 2 * a)  # head h: [query | gate]
         q, gate = query_gate[..., :a], query_gate[..., a:]  # [B, T, H, A] each
         q = self.q_norm(q)
-        k = self.k_norm(self.k_proj(x).reshape(b, t, g, a))  # [B, T, G, A]
-        v = self.v_proj(x).reshape(b, t, g, a)  # [B, T, G, A]
+        k = self.k_norm(checkpoint_name(self.k_proj(x), "qkv_proj").reshape(b, t, g, a))  # [B, T, G, A]
+        v = checkpoint_name(self.v_proj(x), "qkv_proj").reshape(b, t, g, a)  # [B, T, G, A]
         cos, sin = rotary_cos_sin(positions, self.rotary_dim, self.rope_theta, q.dtype)  # [B, T, R]
         return apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin), v, gate
 
@@ -357,7 +360,7 @@ class GatedDeltaNet(nnx.Module):
         b, t, _ = x.shape
         hk, hv, dk, dv = self.num_k_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim
         r = hv // hk
-        qkvz = self.in_proj_qkvz(x).reshape(b, t, hk, 2 * dk + 2 * r * dv)  # group g: [q | k | v(r) | z(r)]
+        qkvz = checkpoint_name(self.in_proj_qkvz(x), "qkv_proj").reshape(b, t, hk, 2 * dk + 2 * r * dv)  # group g: [q | k | v(r) | z(r)]
         q, k, v, z = jnp.split(qkvz, [dk, 2 * dk, 2 * dk + r * dv], axis=-1)
         ba = self.in_proj_ba(x).reshape(b, t, hk, 2 * r)  # group g: [b(r) | a(r)]
         beta_logit, a = ba[..., :r].reshape(b, t, hv), ba[..., r:].reshape(b, t, hv)  # [B, T, Hv]
@@ -366,8 +369,21 @@ class GatedDeltaNet(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         mixed, z, beta, g = self.conv_inputs(x)
         q, k, v = self.split_conv_output(self.conv1d(mixed))
-        out, _ = gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True, implementation=self.implementation)
-        return self.output(out, z)
+        return self.output(self.delta_rule(q, k, v, g, beta), z)
+
+    def delta_rule(self, q, k, v, g, beta) -> jax.Array:
+        """The gated delta rule over the whole sequence: o [B, T, Hv, Dv]. The Pallas kernel runs on
+        each batch shard of the context mesh (`on_batch_shards`): XLA cannot partition a Mosaic or
+        Triton kernel itself."""
+
+        def run(q, k, v, g, beta):
+            platform = target_platform()
+            return gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True, implementation=self.implementation,
+                                    platform=platform)[0]  # fmt: skip
+
+        if self.implementation != "pallas":
+            return run(q, k, v, g, beta)
+        return on_batch_shards(run, (q, k, v, g, beta), (0, 0, 0, 0, 0))
 
     def conv_inputs(self, x: jax.Array):
         """x [B, T, D] -> (conv input [B, T, C], z [B, T, Hv, Dv], beta [B, T, Hv], log decay g [B, T, Hv] f32).

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
+from jax.ad_checkpoint import checkpoint_name
 
 from slimqwen_jax.config import FULL_ATTENTION, LINEAR_ATTENTION, Qwen3NextConfig
 from slimqwen_jax.layers import (
@@ -27,6 +28,8 @@ from slimqwen_jax.layers import (
     capturing,
 )
 from slimqwen_jax.moe import SparseMoeBlock, load_balancing_loss
+from slimqwen_jax.platforms import target_platform
+from slimqwen_jax.remat import rematerialize
 
 
 class DecoderLayer(nnx.Module):
@@ -51,9 +54,10 @@ class DecoderLayer(nnx.Module):
         residual_in = x
         normed = self.input_layernorm(x)
         if self.layer_type == LINEAR_ATTENTION:
-            x = x + self.linear_attn(normed)
+            mixed = self.linear_attn(normed)
         else:
-            x = x + self.self_attn(normed, positions)
+            mixed = self.self_attn(normed, positions)
+        x = checkpoint_name(x + mixed, "mixer_out")  # the residual stream between the mixer and the MLP
         mlp_out = self.mlp(self.post_attention_layernorm(x))
         router_logits = None
         if isinstance(self.mlp, SparseMoeBlock):
@@ -77,11 +81,12 @@ class Qwen3NextModel(nnx.Module):
         )
         self.norm = RMSNorm(cfg.hidden_size, "embed", cfg)
         self.scan_layers = cfg.scan_layers
+        self.remat_policy = cfg.remat_policy
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
         """input_ids [B, T] -> (final-normed hidden states [B, T, D], router logits of each MoE layer)."""
         x = self.embed_tokens(input_ids)  # [B, T, D]
-        x, router_logits = decoder_stack(list(self.layers), x, positions, scan=self.scan_layers)
+        x, router_logits = decoder_stack(list(self.layers), x, positions, scan=self.scan_layers, remat=self.remat_policy)
         return self.norm(x), router_logits
 
 
@@ -100,7 +105,7 @@ def block_plan(signatures: Sequence) -> tuple[int, int]:
 
 
 def decoder_stack(
-    layers: Sequence[DecoderLayer], x: jax.Array, positions: jax.Array, *, scan: bool
+    layers: Sequence[DecoderLayer], x: jax.Array, positions: jax.Array, *, scan: bool, remat: str = "none"
 ) -> tuple[jax.Array, list[jax.Array]]:
     """Run `layers` in order: x [B, T, D] -> (x [B, T, D], router logits [N, E] of each MoE layer, in order).
 
@@ -118,7 +123,8 @@ def decoder_stack(
     per forward (kept as a residual until the backward, which also builds their stacked gradients
     before slicing them per layer). The trainer avoids that copy: it holds the parameters stacked
     (`stacking`) and unstacks them for the merge, and XLA folds the unstack and this stack away.
-    `scan=False` (config `scan_layers`) runs every layer unrolled.
+    `scan=False` (config `scan_layers`) runs every layer unrolled. `remat` (config `remat_policy`,
+    `remat.rematerialize`) checkpoints each scanned block, or each unrolled layer.
 
     Sown intermediates (`nnx.capture` of `nnx.Intermediate` routing metrics or `Calibration` taps)
     are captured inside the body and sown again, block by block, into the layers they belong to, so
@@ -130,35 +136,38 @@ def decoder_stack(
         only_params = not any(jax.tree.leaves(rest) for *_, rest in splits)
         if num_blocks and only_params:
             scanned = num_blocks * period
-            x, block_logits = _scan_blocks(layers[:scanned], splits[:scanned], period, x, positions)
-            x, tail_logits = _run_unrolled(layers[scanned:], x, positions)
+            x, block_logits = _scan_blocks(layers[:scanned], splits[:scanned], period, x, positions, remat)
+            x, tail_logits = _run_unrolled(layers[scanned:], x, positions, remat)
             return x, block_logits + tail_logits
-    return _run_unrolled(layers, x, positions)
+    return _run_unrolled(layers, x, positions, remat)
 
 
 def _shapes(state: nnx.State) -> tuple:
     return tuple((leaf.shape, leaf.dtype) for leaf in jax.tree.leaves(state))
 
 
-def _run_unrolled(layers: Sequence[DecoderLayer], x: jax.Array, positions: jax.Array):
+def _run_unrolled(layers: Sequence[DecoderLayer], x: jax.Array, positions: jax.Array, remat: str):
     router_logits = []
     for layer in layers:
-        x, logits = layer(x, positions)
+        if remat == "none":
+            x, logits = layer(x, positions)
+        else:  # the layer as a pure function of its parameters, rematerialized
+            graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+            run = rematerialize(_block_fn([graphdef], [rest], _capture_types(layer), positions), remat)
+            x, [(logits, sown)] = run(x, [params])
+            _sow_again(layer, sown)
         if logits is not None:
             router_logits.append(logits)
     return x, router_logits
 
 
-def _scan_blocks(layers, splits, period: int, x: jax.Array, positions: jax.Array):
-    """`decoder_stack`'s scan over len(layers) // period blocks; splits: (graphdef, params, rest) of each layer."""
-    num_blocks = len(layers) // period
-    capture_types = tuple(type(variable) for variable in getattr(layers[0], "__captures__", ()))
-    graphdefs = [graphdef for graphdef, _, _ in splits[:period]]
-    rests = [rest for _, _, rest in splits[:period]]  # no arrays (checked): the structure only
-    stacked = [  # per block position: parameters [blocks, ...]
-        jax.tree.map(lambda *xs: jnp.stack(xs), *[splits[j * period + r][1] for j in range(num_blocks)])
-        for r in range(period)
-    ]
+def _capture_types(layer: DecoderLayer) -> tuple[type, ...]:
+    return tuple(type(variable) for variable in getattr(layer, "__captures__", ()))
+
+
+def _block_fn(graphdefs, rests, capture_types: tuple[type, ...], positions: jax.Array):
+    """(x [B, T, D], per-layer parameters) -> (x, per layer (router logits or None, captured states)):
+    consecutive layers (graphdef, rest) as a pure function, capturing `capture_types` inside."""
 
     def block(x, block_params):
         outputs = []
@@ -171,6 +180,19 @@ def _scan_blocks(layers, splits, period: int, x: jax.Array, positions: jax.Array
             outputs.append((logits, sown))
         return x, outputs
 
+    return block
+
+
+def _scan_blocks(layers, splits, period: int, x: jax.Array, positions: jax.Array, remat: str):
+    """`decoder_stack`'s scan over len(layers) // period blocks; splits: (graphdef, params, rest) of each layer."""
+    num_blocks = len(layers) // period
+    graphdefs = [graphdef for graphdef, _, _ in splits[:period]]
+    rests = [rest for _, _, rest in splits[:period]]  # no arrays (checked): the structure only
+    stacked = [  # per block position: parameters [blocks, ...]
+        jax.tree.map(lambda *xs: jnp.stack(xs), *[splits[j * period + r][1] for j in range(num_blocks)])
+        for r in range(period)
+    ]
+    block = rematerialize(_block_fn(graphdefs, rests, _capture_types(layers[0]), positions), remat)
     x, outputs = jax.lax.scan(block, x, stacked)  # outputs stacked over blocks
     router_logits = []
     for j in range(num_blocks):
@@ -301,7 +323,8 @@ class Qwen3NextForCausalLM(nnx.Module):
 
 
 @functools.lru_cache(maxsize=8)
-def _abstract_split(cfg: Qwen3NextConfig) -> tuple[nnx.GraphDef, nnx.State]:
+def _abstract_split(cfg: Qwen3NextConfig, platform: str) -> tuple[nnx.GraphDef, nnx.State]:
+    del platform  # a key only: the modules pick their kernels for `target_platform()` when built
     return nnx.split(nnx.eval_shape(lambda: Qwen3NextForCausalLM(cfg, rngs=InitKeys(0))), nnx.Param)
 
 
@@ -309,5 +332,5 @@ def abstract_model(cfg: Qwen3NextConfig) -> tuple[nnx.GraphDef, nnx.State]:
     """The graph definition and shapes-only parameters (`jax.ShapeDtypeStruct` values, logical-axes
     metadata kept) of the model `cfg` describes, allocating nothing. The state is a fresh copy that
     the caller may fill (`variable.set_value`) and `nnx.merge` with the graph definition."""
-    graphdef, params = _abstract_split(cfg)
+    graphdef, params = _abstract_split(cfg, target_platform())
     return graphdef, nnx.from_flat_state([(path, v.replace(v.get_value())) for path, v in nnx.to_flat_state(params)])

@@ -26,6 +26,7 @@ from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
 from jax.sharding import PartitionSpec
 
 from slimqwen_jax.config import Qwen3NextConfig
+from slimqwen_jax.platforms import target_platform
 from slimqwen_jax.layers import MLP, Calibration, Linear, capturing, normal_param
 from slimqwen_jax.sharding import LOGICAL_RULES, batch_shards, on_batch_shards, pad_rows, rule_axes
 
@@ -241,7 +242,7 @@ def expert_parallel_experts(
     mesh = jax.sharding.get_abstract_mesh() if context else mesh
     (expert_axis,) = rule_axes(LOGICAL_RULES["expert"])
     no_dropped = jnp.zeros((), jnp.float32)
-    ffn = expert_ffn_for(platform_ffn(), jax.default_backend()) if ffn is None else ffn
+    ffn = expert_ffn_for(platform_ffn(), target_platform()) if ffn is None else ffn
     if mesh is None or mesh.empty or expert_axis not in mesh.axis_names or mesh.shape[expert_axis] == 1:
         out = batch_local_experts(
             x, weights, experts, gate_proj, up_proj, down_proj, ffn=ffn, mesh=None if context else mesh
@@ -345,9 +346,9 @@ _expert_ffn_gmm_interpreted = functools.partial(expert_ffn_gmm, interpret=True)
 
 
 def platform_ffn(platform: str | None = None) -> str:
-    """The grouped matmul native to `platform` (default `jax.default_backend()`): `gmm` on TPU,
+    """The grouped matmul native to `platform` (default `platforms.target_platform()`): `gmm` on TPU,
     `ragged` on GPU, `grouped` elsewhere."""
-    return PLATFORM_FFNS.get(platform or jax.default_backend(), "grouped")
+    return PLATFORM_FFNS.get(platform or target_platform(), "grouped")
 
 
 def resolve_backend(name: str, platform: str | None = None) -> str:
@@ -428,7 +429,7 @@ class Experts(nnx.Module):
         self.up_proj = normal_param(rngs, (e, d, f), ("expert", "embed", "expert_mlp"), cfg)
         self.down_proj = normal_param(rngs, (e, f, d), ("expert", "expert_mlp", "embed"), cfg)
         self.dtype = cfg.compute_dtype
-        platform = jax.default_backend()
+        platform = target_platform()
         self.backend = resolve_backend(cfg.moe_backend, platform)  # resolved here, once
         self.ffn = expert_ffn_for(self.backend if self.backend in EXPERT_FFNS else platform_ffn(platform), platform)
         self.exchange = ragged_exchange_for(platform)
