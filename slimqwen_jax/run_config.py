@@ -29,7 +29,7 @@ from pathlib import Path
 import ml_collections
 from ml_collections import config_dict
 
-from slimqwen_jax import data, losses, optimizer, sharding, stage_plan
+from slimqwen_jax import compile_plan, data, losses, optimizer, sharding, stage_plan
 from slimqwen_jax.compression import DepthSpec, ExpertSpec, PruneSpec, WidthSpec
 from slimqwen_jax.compression.spec import choice_problems
 from slimqwen_jax.config import DTYPES, RUNTIME_FIELDS, ConfigError, Qwen3NextConfig, tiny
@@ -215,6 +215,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.teacher = ""  # distil from this model (HF directory or our checkpoint); "": no teacher
     config.seed = 0  # random init and the student's random parts
     config.dry_run = False  # print the stages' plan from shapes alone; nothing is read or written
+    config.compile_topology = ""  # dry run: also compile each stage's train step for this TPU slice (compile_plan)
+    config.compile_mfu = 0.4  # dry run with compile_topology: the MFU its step times and stage durations assume
     config.baseline = ""  # "" | from_scratch | pruned_lm_only (`resolve_baseline`)
     config.baseline_from = ""  # from_scratch: train the final architecture of this finished run (its workdir)
     config.model = model_section()
@@ -524,6 +526,19 @@ def _mesh_problems(mesh: ml_collections.ConfigDict, *, dry_run: bool) -> list[st
     return found
 
 
+def _compile_problems(config: ml_collections.ConfigDict) -> list[str]:
+    if not config.compile_topology:
+        return []
+    found = [] if config.dry_run else ["compile_topology is read by dry runs only: add --config.dry_run=True"]
+    try:
+        compile_plan.parse_topology(config.compile_topology)
+    except ConfigError as error:
+        found.append(str(error))
+    if not 0 < config.compile_mfu <= 1:
+        found.append(f"compile_mfu must be in (0, 1], got {config.compile_mfu}")
+    return found
+
+
 def _calibration_problems(calibration: ml_collections.ConfigDict) -> list[str]:
     return _at_least(calibration, "calibration", ("num_samples", "seq_len", "batch_size", "log_every"), 1)
 
@@ -547,7 +562,8 @@ def _train_findings(config: ml_collections.ConfigDict
         found.append("train.global_batch_size must be a multiple of train.grad_accum_steps")
     found += optimizer.optimizer_problems(config.optimizer)
     found += [f"data: {problem}" for problem in data.data_config_problems(config.data)]
-    found += _mesh_problems(config.mesh, dry_run=config.dry_run)
+    found += _mesh_problems(config.mesh, dry_run=config.dry_run and not config.compile_topology)
+    found += _compile_problems(config)
     found += _calibration_problems(config.calibration)
     if config.baseline not in BASELINES:
         found.append(f"baseline must be one of {BASELINES}, got {config.baseline!r}")

@@ -37,21 +37,27 @@ def mesh_size_problems(mesh_cfg) -> list[str]:
     return []
 
 
-def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
-    """A mesh with axes (data, fsdp, expert); one size may be -1 to take the remaining devices."""
-    devices = jax.devices() if devices is None else devices
+def mesh_sizes(mesh_cfg, num_devices: int) -> list[int]:
+    """The (data, fsdp, expert) sizes of `mesh_cfg` over `num_devices`, a -1 resolved. Raises MeshError."""
     if problems := mesh_size_problems(mesh_cfg):
         raise MeshError(problems[0])
     sizes = [int(mesh_cfg[axis]) for axis in MESH_AXES]
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
-        if len(devices) % known:
-            raise MeshError(f"{len(devices)} devices cannot be split into a mesh with fixed axes of product {known}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
+        if num_devices % known:
+            raise MeshError(f"{num_devices} devices cannot be split into a mesh with fixed axes of product {known}")
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
         raise MeshError(
-            f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, but {len(devices)} are available"
+            f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, but {num_devices} are available"
         )
+    return sizes
+
+
+def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
+    """A mesh with axes (data, fsdp, expert); one size may be -1 to take the remaining devices."""
+    devices = jax.devices() if devices is None else devices
+    sizes = mesh_sizes(mesh_cfg, len(devices))
     return jax.sharding.Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 

@@ -37,6 +37,7 @@ from ml_collections import config_flags
 
 from slimqwen_jax import (
     cli,
+    compile_plan,
     compression,
     data,
     loading,
@@ -545,12 +546,29 @@ def run(config: ml_collections.ConfigDict) -> dict:
 
 
 def dry_run(plan: RunPlan) -> list[dict]:
-    """The plan's table (`stage_plan.print_plan`) without weights. Without the teacher's files at
-    hand, the teacher is taken to be the source (the student starts as the teacher)."""
+    """The plan's table (`stage_plan.print_plan`) without weights and, with `compile_topology`, each
+    stage's train step compiled for that TPU slice (`compile_plan.compile_stages`; its rows join
+    the stages' as `compiled`)."""
     config, cfg = plan.config, plan.model_cfg
+    if config.compile_topology:
+        config = compile_plan.on_topology(config, compile_plan.parse_topology(config.compile_topology))
+    teacher = planned_teacher(config, cfg)
+    rows = stage_plan.print_plan(config, cfg, plan.stages, teacher)
+    if config.compile_topology:
+        with_teacher = teacher if config.teacher else None
+        mtp = stage_functions.decide_mtp_use(config.loss, cfg, with_teacher)
+        for row, compiled in zip(rows, compile_plan.compile_stages(config, plan.stages, with_teacher, mtp)):
+            row["compiled"] = compiled
+    return rows
+
+
+def planned_teacher(config: ml_collections.ConfigDict, cfg: Qwen3NextConfig) -> Qwen3NextConfig:
+    """The teacher a dry run plans with: its config from its files, else (not at hand, or no teacher)
+    the source `cfg`, in `loss.teacher_dtype` with the student's other run-time fields."""
     teacher = loading.load_model_config(config.teacher) if config.teacher and Path(config.teacher).exists() else cfg
     dtype = config.loss.teacher_dtype
-    return stage_plan.print_plan(config, cfg, plan.stages, teacher.replace(dtype=dtype, param_dtype=dtype))
+    runtime = {k: getattr(cfg, k) for k in RUNTIME_FIELDS if k not in ("dtype", "param_dtype")}
+    return teacher.replace(dtype=dtype, param_dtype=dtype, **runtime)
 
 
 def write_run_report(workdir: Path, stages: Sequence[stage_plan.Stage], summaries: Sequence[dict]) -> None:

@@ -1,5 +1,6 @@
 """Test set-up: 8 fake CPU devices for mesh tests, float32 matmuls at full precision, quick XLA
-compiles, and one persistent compilation cache for the session, shared with the `python -m`
+compiles, JAX on the CPU even where libtpu is installed (the TPU tests compile for compile-only
+topologies, which need no TPU backend), and one persistent compilation cache for the session, shared with the `python -m`
 subprocesses the tests start (their identical tiny runs then compile once). Under pytest-xdist
 (pytest.ini) every worker inherits the cache; torch runs on one thread per worker.
 
@@ -12,6 +13,7 @@ import os
 import shutil
 import tempfile
 
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # with libtpu installed (.[tpu]) JAX would probe for a TPU
 os.environ.setdefault(
     "XLA_FLAGS",
     "--xla_force_host_platform_device_count=8"
