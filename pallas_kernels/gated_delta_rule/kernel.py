@@ -93,6 +93,11 @@ class KernelOptions:
             raise ValueError("layout 'grid' needs sequential grid steps (TPU or the interpreter), not GPU")
         return platform, layout
 
+    def head_dim_multiple(self) -> int:
+        """What q / k / v head dims must be a multiple of: the 128 lanes on TPU, where Mosaic needs
+        the last dim of a [C, D] block to be a multiple of 128 (or the whole array's); else 1."""
+        return 128 if self.resolved()[0] == "tpu" else 1
+
     def call_settings(self, grid: tuple[int, ...]) -> dict:
         """`pallas_call` arguments for this platform: (batch, head) axes parallel, a chunk axis sequential."""
         platform, _ = self.resolved()
