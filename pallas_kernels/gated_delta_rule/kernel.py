@@ -37,7 +37,9 @@ backward ~0.8 MiB (q, k, v, dO 16 KiB, float32 dq, dk, dv 32 KiB, chunk state, d
 64 KiB), plus the step's float32 temporaries ([C, C] 16 KiB, [C, D] 32 KiB, [D, D] 64 KiB each;
 about 1 MiB): a few MiB at any T, under the 16 MiB default scoped limit. The "loop" layout on TPU
 would need ~8 MiB (forward) / ~28 MiB (backward) at T = 4096. Checked by interpret-mode tests
-(also under `pltpu.InterpretParams`) and by lowering to TPU at T = 1000 and 8192, not on hardware.
+(also under `pltpu.InterpretParams`), by lowering to TPU at T = 1000 and 8192, and by compiling for
+v5e / v5p / v6e at T = 4096 (tools/compile_kernels_tpu.py, docs/kernels_tpu.md: the compiler
+allocates 0.9-1.0 MiB of scoped VMEM to the forward, 2.1-2.5 MiB to the backward), not on hardware.
 """
 
 from __future__ import annotations
