@@ -274,3 +274,24 @@ def test_grid_layout_refused_on_gpu():
     """GPU grid programs run in parallel: a state carried along a chunk grid axis would be wrong."""
     with pytest.raises(ValueError, match="sequential grid steps"):
         KernelOptions(platform="gpu", layout="grid").resolved()
+
+
+def test_head_dims_padded_to_the_tpu_lanes_match_recurrence(monkeypatch):
+    """The TPU path zero-pads Dk = 16 and Dv = 32 to 128 lanes inside the op (Mosaic cannot tile
+    them); forced here under the interpreter, forward and gradients still match the recurrence and
+    the unpadded kernel."""
+    inputs = gated_delta_rule_inputs(11, 40, 2, 4, with_state=True)
+    o_weight, state_weight = weights(inputs, seed=11)
+    options = {"implementation": "pallas", "chunk_size": 16}
+    unpadded = loss_grads(inputs, o_weight, state_weight, **options)
+    monkeypatch.setattr(KernelOptions, "head_dim_multiple", lambda self: 128)
+    o, state = gated_delta_rule(**inputs, output_final_state=True, **options)
+    padded = loss_grads(inputs, o_weight, state_weight, **options)
+    o_ref, state_ref = gdr(**inputs, output_final_state=True, implementation="recurrent")
+    grads_ref = loss_grads(inputs, o_weight, state_weight, implementation="recurrent")
+    assert o.shape == o_ref.shape and state.shape == state_ref.shape
+    errors = {"o": max_relative_error(o, o_ref), "state": max_relative_error(state, state_ref)}
+    errors |= {f"d{name}": max_relative_error(padded[name], grads_ref[name]) for name in grads_ref}
+    errors |= {f"d{name} vs unpadded": max_relative_error(padded[name], unpadded[name]) for name in grads_ref}
+    print("head dims padded to 128:", errors)
+    assert max(errors.values()) <= FP32_TOL, errors

@@ -37,7 +37,9 @@ backward ~0.8 MiB (q, k, v, dO 16 KiB, float32 dq, dk, dv 32 KiB, chunk state, d
 64 KiB), plus the step's float32 temporaries ([C, C] 16 KiB, [C, D] 32 KiB, [D, D] 64 KiB each;
 about 1 MiB): a few MiB at any T, under the 16 MiB default scoped limit. The "loop" layout on TPU
 would need ~8 MiB (forward) / ~28 MiB (backward) at T = 4096. Checked by interpret-mode tests
-(also under `pltpu.InterpretParams`) and by lowering to TPU at T = 1000 and 8192, not on hardware.
+(also under `pltpu.InterpretParams`), by lowering to TPU at T = 1000 and 8192, and by compiling for
+v5e / v5p / v6e at T = 4096 (tools/compile_kernels_tpu.py, docs/kernels_tpu.md: the compiler
+allocates 0.9-1.0 MiB of scoped VMEM to the forward, 2.1-2.5 MiB to the backward), not on hardware.
 """
 
 from __future__ import annotations
@@ -92,6 +94,11 @@ class KernelOptions:
         if platform == "gpu" and layout == "grid":
             raise ValueError("layout 'grid' needs sequential grid steps (TPU or the interpreter), not GPU")
         return platform, layout
+
+    def head_dim_multiple(self) -> int:
+        """What q / k / v head dims must be a multiple of: the 128 lanes on TPU, where Mosaic needs
+        the last dim of a [C, D] block to be a multiple of 128 (or the whole array's); else 1."""
+        return 128 if self.resolved()[0] == "tpu" else 1
 
     def call_settings(self, grid: tuple[int, ...]) -> dict:
         """`pallas_call` arguments for this platform: (batch, head) axes parallel, a chunk axis sequential."""
@@ -256,6 +263,22 @@ def _block_specs(layout: str, n: int, c: int, dk: int, dv: int, group: int, *, r
     )
 
 
+def _cost_estimate(grid: tuple[int, int, int], c: int, dk: int, dv: int, arrays, *, backward: bool) -> pl.CostEstimate:
+    """What XLA's cost analysis sees of a sequence kernel over the (B, Hv, N) grid: per chunk the
+    (I + L)^-1 doubling's 2 log2(C) [C, C] products plus the [C, C] x [C, K], [C, C] x [C, V] and
+    [C, K] x [K, V] products of `chunk_math.forward_chunk` (2, 2, 3) or `backward_chunk` (8, 5, 7,
+    the forward's intra-chunk terms and v_new recomputed); an exp per [C, C] entry; each array of
+    `arrays` (operands and results) read or written once."""
+    chunks = grid[0] * grid[1] * grid[2]
+    cck, ccv, ckv = (8, 5, 7) if backward else (2, 2, 3)
+    per_chunk = 4 * c**3 * (c.bit_length() - 1) + 2 * (cck * c * c * dk + ccv * c * c * dv + ckv * c * dk * dv)
+    return pl.CostEstimate(
+        flops=chunks * per_chunk,
+        transcendentals=chunks * c * c,
+        bytes_accessed=sum(x.size * jnp.dtype(x.dtype).itemsize for x in arrays),
+    )
+
+
 def _sequence_call(kernel, layout: str, options: KernelOptions, grid: tuple[int, int, int], dk: int, dv: int, **kw):
     """`pallas_call` of a sequence kernel: grid (B, Hv, N) with the [K, V] float32 scratch that carries
     the state along the chunk axis ("grid"), or grid (B, Hv) ("loop")."""
@@ -303,6 +326,7 @@ def chunk_forward(
         out_shape.append(jax.ShapeDtypeStruct((b, hv, n, dk, dv), jnp.float32))
         out_specs.append(specs.chunk_states)
     kernel = functools.partial(_KERNELS["forward"][layout], chunk_size=c, scale=scale, use_qk_l2norm=use_qk_l2norm)
+    operands = (*_sequence_layout(q, k, v, g_cum, beta, c, layout), initial_state.astype(jnp.float32))
     outputs = _sequence_call(
         kernel,
         layout,
@@ -313,7 +337,8 @@ def chunk_forward(
         in_specs=[specs.qk, specs.qk, specs.v, specs.gate, specs.gate, specs.state],
         out_specs=out_specs,
         out_shape=out_shape,
-    )(*_sequence_layout(q, k, v, g_cum, beta, c, layout), initial_state.astype(jnp.float32))
+        cost_estimate=_cost_estimate((b, hv, n), c, dk, dv, (*operands, *out_shape), backward=False),
+    )(*operands)
     return (outputs[0].reshape(b, tp, hv, dv), *outputs[1:])
 
 
@@ -346,6 +371,20 @@ def chunk_backward(
     specs = _block_specs(layout, n, c, dk, dv, group, reverse=True)
     kernel = functools.partial(_KERNELS["backward"][layout], chunk_size=c, scale=scale, use_qk_l2norm=use_qk_l2norm)
     gate_shape = jax.ShapeDtypeStruct(_gate_shape(b, hv, n, c, layout), jnp.float32)
+    operands = (
+        *_sequence_layout(q, k, v, g_cum, beta, c, layout),
+        chunk_states,
+        d_o.reshape(b, tp, hv * dv),
+        d_final_state.astype(jnp.float32),
+    )
+    out_shape = [
+        jax.ShapeDtypeStruct((b, tp, hv * dk), jnp.float32),
+        jax.ShapeDtypeStruct((b, tp, hv * dk), jnp.float32),
+        jax.ShapeDtypeStruct((b, tp, hv * dv), jnp.float32),
+        gate_shape,
+        gate_shape,
+        jax.ShapeDtypeStruct((b, hv, dk, dv), jnp.float32),
+    ]
     dq, dk_, dv_, dg, dbeta, dh0 = _sequence_call(
         kernel,
         layout,
@@ -353,31 +392,11 @@ def chunk_backward(
         (b, hv, n),
         dk,
         dv,
-        in_specs=[
-            specs.qk,
-            specs.qk,
-            specs.v,
-            specs.gate,
-            specs.gate,
-            specs.chunk_states,
-            specs.v,
-            specs.state,
-        ],
+        in_specs=[specs.qk, specs.qk, specs.v, specs.gate, specs.gate, specs.chunk_states, specs.v, specs.state],
         out_specs=[specs.qk_per_value_head, specs.qk_per_value_head, specs.v, specs.gate, specs.gate, specs.state],
-        out_shape=[
-            jax.ShapeDtypeStruct((b, tp, hv * dk), jnp.float32),
-            jax.ShapeDtypeStruct((b, tp, hv * dk), jnp.float32),
-            jax.ShapeDtypeStruct((b, tp, hv * dv), jnp.float32),
-            gate_shape,
-            gate_shape,
-            jax.ShapeDtypeStruct((b, hv, dk, dv), jnp.float32),
-        ],
-    )(
-        *_sequence_layout(q, k, v, g_cum, beta, c, layout),
-        chunk_states,
-        d_o.reshape(b, tp, hv * dv),
-        d_final_state.astype(jnp.float32),
-    )
+        out_shape=out_shape,
+        cost_estimate=_cost_estimate((b, hv, n), c, dk, dv, (*operands, *out_shape), backward=True),
+    )(*operands)
 
     def sum_groups(x):  # [B, Tp, Hv * K] -> [B, Tp, Hk, K]
         return x.reshape(b, tp, hk, group, dk).sum(axis=3).astype(q.dtype)

@@ -1,7 +1,8 @@
 """Public entry points of the gated delta rule: input checks, then dispatch to an implementation.
 
 "pallas" runs the kernels of `kernel.py` (interpreted on CPU) under a `jax.custom_vjp` whose
-backward is also Pallas; "chunked" and "recurrent" are the jnp references, for which q/k L2 norm,
+backward is also Pallas, T padded to the chunk and, on TPU, the head dims zero-padded to the 128
+lanes Mosaic tiles by (exact; so the tiny test models' heads of 16 / 32 compile for TPU too); "chunked" and "recurrent" are the jnp references, for which q/k L2 norm,
 scale and head repeat happen here. `gated_delta_rule_step` is the one-token decode step.
 
 Shape letters: B batch, T tokens, Hk key heads, Hv value heads, Dk / Dv key / value head dims.
@@ -81,25 +82,43 @@ def _pallas_chunked_bwd(scale, use_qk_l2norm, options, residuals, cotangents):
 _pallas_chunked.defvjp(_pallas_chunked_fwd, _pallas_chunked_bwd)
 
 
+def _pad_axes(x: jax.Array, sizes: dict[int, int]) -> jax.Array:
+    """Zero-pad axis a of x at the end up to length sizes[a]."""
+    widths = [(0, sizes.get(axis, n) - n) for axis, n in enumerate(x.shape)]
+    return jnp.pad(x, widths)
+
+
 def _pallas_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, use_qk_l2norm, options):
-    """Pad T to a multiple of the chunk (g = beta = 0 there keeps the state), take the chunk-local
-    cumulative log decay in jnp, run the kernels and crop."""
+    """Pad T to a multiple of the chunk (g = beta = 0 there keeps the state) and the head dims to
+    `options.head_dim_multiple()`, take the chunk-local cumulative log decay in jnp, run the kernels
+    and crop.
+
+    Zero head-dim padding is exact: zero q / k entries leave the L2 norms and every q k^T, k S
+    product unchanged, and the state rows / columns of zero k / v entries stay zero, so the real
+    entries of o, the state and the gradients are those of the unpadded problem (`scale` is taken
+    from the unpadded Dk by the caller)."""
     b, t, _, dk = q.shape
     hv, dv = v.shape[2:]
     c = options.chunk_size
-    n = -(-t // c)
+    tp = -(-t // c) * c
+    m = options.head_dim_multiple()
+    dkp, dvp = -(-dk // m) * m, -(-dv // m) * m
 
-    def pad(x):  # [B, T, ...] -> [B, N * C, ...]
-        return jnp.pad(x, [(0, 0), (0, n * c - t)] + [(0, 0)] * (x.ndim - 2))
-
-    g_cum = jnp.cumsum(pad(g.astype(jnp.float32)).reshape(b, n, c, hv), axis=2).reshape(b, n * c, hv)
+    g_cum = jnp.cumsum(_pad_axes(g.astype(jnp.float32), {1: tp}).reshape(b, tp // c, c, hv), axis=2)
     if initial_state is None:
         initial_state = jnp.zeros((b, hv, dk, dv), jnp.float32)  # [B, Hv, Dk, Dv]
-    beta = pad(beta.astype(jnp.float32))  # [B, Tp, Hv]
     o, final_state = _pallas_chunked(
-        pad(q), pad(k), pad(v), g_cum, beta, initial_state.astype(jnp.float32), scale, use_qk_l2norm, options
+        _pad_axes(q, {1: tp, 3: dkp}),  # [B, Tp, Hk, Dkp]
+        _pad_axes(k, {1: tp, 3: dkp}),
+        _pad_axes(v, {1: tp, 3: dvp}),  # [B, Tp, Hv, Dvp]
+        g_cum.reshape(b, tp, hv),  # [B, Tp, Hv]
+        _pad_axes(beta.astype(jnp.float32), {1: tp}),  # [B, Tp, Hv]
+        _pad_axes(initial_state.astype(jnp.float32), {2: dkp, 3: dvp}),  # [B, Hv, Dkp, Dvp]
+        scale,
+        use_qk_l2norm,
+        options,
     )
-    return o[:, :t], final_state
+    return o[:, :t, :, :dv], final_state[:, :, :dk, :dv]
 
 
 def gated_delta_rule(
