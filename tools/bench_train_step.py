@@ -1,6 +1,6 @@
 """Our train step against HF transformers' at equal architecture, batch and optimizer, side by side.
 
-    .venv/bin/python tools/bench_train_step.py [--configs quickstart moe16 --steps 5 --out results.json]
+    .venv/bin/python tools/bench_train_step.py [--configs quickstart moe16 --rounds 7 --steps 2 --out results.json]
 
 In one run on the machine at hand:
 1. the matmul peak: float32 [n, n] x [n, n] products, jitted, best GFLOP/s over a few sizes (the
@@ -9,12 +9,16 @@ In one run on the machine at hand:
    MoE load-balancing loss, without MTP (transformers' model has none): ours is the trainer's own
    jitted step (`stage_functions.build`, float32, parameters donated), theirs
    `Qwen3NextForCausalLM(labels=..., output_router_logits=True)` + `loss.backward()` +
-   `torch.optim.AdamW` with its pure-torch fallbacks, on `--torch-threads` threads (default: every
-   core jax may use; torch's default, spinning OpenMP threads: passive waiting halved HF's step
-   here). Both warmed up, then timed in alternating rounds (ours, theirs, ours, ...); median
-   seconds per step (wall and process CPU), tokens/s, and MFU;
+   `torch.optim.AdamW` with its pure-torch fallbacks. Each runs as a user runs it, in a process of
+   its own (tools/train_step_worker.py): ours without torch, theirs without jax and with torch's
+   default threads and OpenMP settings. Both are built and warmed up once, then timed in
+   alternating rounds (ours, theirs, ours, ...: `timing.interleaved_medians`, one warm-up round
+   first), each round `--steps` steps of one contender while the others wait on their pipes; the
+   median over `--rounds` rounds of the seconds per step (wall, and the worker's process CPU),
+   tokens/s, and MFU;
 3. the trace + compile time of the train step of a 48-layer model (Qwen3-Next's depth, tiny widths),
-   with the decoder layers scanned over the repeating block and unrolled.
+   with the decoder layers scanned over the repeating block and unrolled (in this process, the
+   workers gone).
 
 Model FLOPs per token (fwd + bwd = 3 x fwd): 6 x the active matmul parameters (attention and
 linear-attention projections, the routed top-k experts, the shared expert and its gate, the router,
@@ -33,7 +37,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 import argparse
+import contextlib
 import json
+import subprocess
 import time
 
 import jax
@@ -148,31 +154,59 @@ def prepare_ours(cfg: Qwen3NextConfig, tokens: np.ndarray, total_steps: int, exp
     return one_step, {"first_step_s": compile_and_first}
 
 
-def prepare_hf(cfg: Qwen3NextConfig, tokens: np.ndarray, threads: int):
-    """(one train step of transformers' model with torch.optim.AdamW, {"attention": its implementation}),
-    warmed up."""
-    import torch
-    import transformers
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_step_worker.py")
 
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    hf_model = transformers.Qwen3NextForCausalLM(transformers.Qwen3NextConfig(**cfg.to_hf_dict())).float().train()
-    opt = OPTIMIZER
-    optimizer = torch.optim.AdamW(
-        hf_model.parameters(), lr=opt["peak_lr"], betas=(0.9, 0.95), eps=1e-8, weight_decay=opt["weight_decay"]
-    )
-    input_ids = torch.as_tensor(tokens[:, :-1], dtype=torch.long)
 
-    def one_step():
-        optimizer.zero_grad(set_to_none=True)
-        loss = hf_model(input_ids=input_ids, labels=input_ids, output_router_logits=True).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(hf_model.parameters(), opt["clip_norm"])
-        optimizer.step()
+def worker_setup(cfg: Qwen3NextConfig, tokens: np.ndarray, total_steps: int) -> dict:
+    """What every contender's worker builds its step from (tools/train_step_worker.py's set-up line)."""
+    return {"cfg": cfg.to_dict(), "hf_config": cfg.to_hf_dict(), "tokens": tokens.tolist(), "optimizer": OPTIMIZER,
+            "total_steps": total_steps}  # fmt: skip
 
-    for _ in range(2):
-        one_step()
-    return one_step, {"attention": hf_model.config._attn_implementation}
+
+class Worker:
+    """One contender in its own process (tools/train_step_worker.py `kind`), its step built and
+    warmed up on entry (`facts`: the worker's answer); left, the process ends."""
+
+    def __init__(self, kind: str, setup: dict):
+        self.kind, self.setup = kind, setup
+
+    def __enter__(self):
+        self.process = subprocess.Popen([sys.executable, WORKER, self.kind], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True)  # fmt: skip
+        self.facts = self._ask(json.dumps(self.setup))
+        return self
+
+    def __exit__(self, *exc_info):
+        self.process.stdin.close()
+        self.process.wait()
+
+    def _ask(self, line: str) -> dict:
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
+        answer = self.process.stdout.readline()
+        if not answer:
+            raise RuntimeError(f"train_step_worker.py {self.kind} exited with {self.process.wait()} (its stderr above)")
+        return json.loads(answer)
+
+    def measure(self, steps: int):
+        """A thunk for `interleaved_medians(..., timer=lambda thunk: thunk())`: the worker runs
+        `steps` steps and the thunk returns their (wall, CPU) seconds per step."""
+
+        def thunk():
+            answer = self._ask(str(steps))
+            return answer["seconds"], answer["cpu_seconds"]
+
+        return thunk
+
+
+def time_contenders(kinds: list[str], setup: dict, rounds: int, steps: int) -> dict:
+    """{kind: facts + {"seconds", "cpu_seconds"}}: the contenders started one after another (each
+    builds and warms up alone), then timed in alternating rounds of `steps` steps each."""
+    with contextlib.ExitStack() as stack:
+        workers = {kind: stack.enter_context(Worker(kind, setup)) for kind in kinds}
+        medians = interleaved_medians({kind: w.measure(steps) for kind, w in workers.items()}, rounds,
+                                      timer=lambda thunk: thunk())  # fmt: skip
+    return {kind: {**workers[kind].facts, "seconds": wall, "cpu_seconds": cpu} for kind, (wall, cpu) in medians.items()}
 
 
 def compile_seconds(cfg: Qwen3NextConfig, batch: int = 2, seq_len: int = 32) -> dict[str, float]:
@@ -182,8 +216,9 @@ def compile_seconds(cfg: Qwen3NextConfig, batch: int = 2, seq_len: int = 32) -> 
     step, tx = trainer_step(cfg, graphdef, total_steps=10)
     shapes = jax.eval_shape(stacking.layout_for(params, cfg.scan_layers).stack, params)
     tokens = jax.ShapeDtypeStruct((batch, seq_len + 1), jnp.int32)
+    weights = step.loss_weights(0)  # evaluated outside the program, as `AtStep` does
     start = time.perf_counter()
-    traced = step.trace(shapes, jax.eval_shape(tx.init, shapes), None, tokens, 0)
+    traced = step.jitted.trace(shapes, jax.eval_shape(tx.init, shapes), None, tokens, weights)
     traced_at = time.perf_counter()
     lowered = traced.lower()
     lowered_at = time.perf_counter()
@@ -196,19 +231,20 @@ def compile_seconds(cfg: Qwen3NextConfig, batch: int = 2, seq_len: int = 32) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per measurement")
-    parser.add_argument("--torch-threads", type=int, default=os.cpu_count())
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds timed (after one warm-up round)")
+    parser.add_argument("--steps", type=int, default=2, help="steps each contender runs per round")
     parser.add_argument("--no-compile", action="store_true", help="skip the 48-layer compile-time measurement")
     parser.add_argument("--bound", action="store_true",
                         help="also time our step with the routed experts as plain matmuls (`routed_as_plain_matmuls`)")  # fmt: skip
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
-    host_memory_kept = cli.keep_freed_host_memory()  # as the trainer's entry points do; torch shares it
+    host_memory_kept = cli.keep_freed_host_memory()  # as the trainer's entry points do (the peak, the compiles)
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({os.cpu_count()} cores), "
-          f"torch threads {args.torch_threads}, freed host memory kept: {host_memory_kept}", flush=True)  # fmt: skip
+          f"freed host memory kept: {host_memory_kept}", flush=True)  # fmt: skip
 
     results = {"matmul_peak_gflops": matmul_peak(), "host_memory_kept": host_memory_kept, "configs": {}}
     print(f"float32 matmul peak: {results['matmul_peak_gflops']:.1f} GFLOP/s", flush=True)
+    kinds = ["ours", "bound", "hf"] if args.bound else ["ours", "hf"]
     for name in args.configs:
         cfg, batch, seq_len = CONFIGS[name]
         tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq_len + 1), dtype=np.int32)
@@ -219,14 +255,10 @@ def main() -> None:
             "params": hand_count_parameters(cfg)[0],
             "moe_backend": cfg.moe_backend,
         }
-        contenders = {}
-        contenders["ours"], row["ours"] = prepare_ours(cfg, tokens, total_steps=args.repeats + 2)
-        if args.bound:
-            contenders["bound"], row["bound"] = prepare_ours(cfg, tokens, args.repeats + 2, routed_as_plain_matmuls)
-        contenders["hf"], row["hf"] = prepare_hf(cfg, tokens, args.torch_threads)
-        for who, (seconds, cpu_seconds) in interleaved_medians(contenders, args.repeats).items():
-            row[who].update(seconds=seconds, cpu_seconds=cpu_seconds, tokens_per_s=batch * seq_len / seconds,
-                            mfu=flops / seconds / 1e9 / results["matmul_peak_gflops"])  # fmt: skip
+        setup = worker_setup(cfg, tokens, total_steps=(args.rounds + 1) * args.steps + 2)
+        for who, measured in time_contenders(kinds, setup, args.rounds, args.steps).items():
+            row[who] = {**measured, "tokens_per_s": batch * seq_len / measured["seconds"],
+                        "mfu": flops / measured["seconds"] / 1e9 / results["matmul_peak_gflops"]}  # fmt: skip
             print(f"{name} {who}: {json.dumps(row[who])}", flush=True)
         row["speedup"] = row["hf"]["seconds"] / row["ours"]["seconds"]
         if args.bound:
