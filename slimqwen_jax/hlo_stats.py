@@ -35,6 +35,11 @@ _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _BOUND = re.compile(r"(\d+)\)")  # the rest of a `constant(N)` line
 
 
+def array_dims(shape: str) -> list[tuple[int, ...]]:
+    """The dimensions of each array of an HLO shape string (one for an array, several for a tuple)."""
+    return [tuple(int(d) for d in dims.split(",") if d) for _, dims in _ARRAY.findall(shape)]
+
+
 def shape_bytes(shape: str) -> int:
     """Bytes of an HLO shape string, e.g. 'bf16[512,128]{1,0:T(8,128)}' or a tuple of them."""
     return int(sum(DTYPE_BYTES.get(dtype, 0) * math.prod(int(d) for d in dims.split(",") if d)
@@ -94,6 +99,14 @@ def run_counts(computations: dict[str, list[tuple]], entry: str) -> tuple[dict[s
     for name in computations:
         count(name)
     return counts, unknown
+
+
+def collective_arrays(hlo_text: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(kind, result dimensions) of every collective in the HLO text, one entry per array of a tuple
+    result, each instruction once (not weighted by `run_counts`): e.g. ("all-reduce", (16, 16, 8))."""
+    computations, _ = parse(hlo_text)
+    return [(COLLECTIVES[opcode], dims) for instructions in computations.values()
+            for _, shape, opcode, _ in instructions if opcode in COLLECTIVES for dims in array_dims(shape)]  # fmt: skip
 
 
 def collective_bytes(hlo_text: str) -> tuple[dict[str, int], int]:

@@ -33,23 +33,6 @@ def assert_relative_error(ours, reference, tolerance: float, what: str = "") -> 
     return error
 
 
-COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter", "ragged-all-to-all")
-
-
-def collective_results(hlo_text: str) -> list[tuple[str, tuple[int, ...]]]:
-    """(op, result shape) of every cross-device collective in a compiled program's HLO text, one entry
-    per array of a tuple result: e.g. ("all-reduce", (16, 16, 8))."""
-    instruction = re.compile(r"\s*(?:ROOT\s+)?\S+\s+=\s+(.*?)\s+(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
-    found = []
-    for line in hlo_text.splitlines():
-        if match := instruction.match(line):
-            result, op = match.groups()
-            found += [
-                (op, tuple(int(d) for d in dims.split(",") if d)) for dims in re.findall(r"\w\[([\d,]*)\]", result)
-            ]
-    return found
-
-
 @nnx.jit
 def forward(model: Qwen3NextForCausalLM, input_ids) -> CausalLMOutput:
     """The model's full forward (logits, MTP logits, aux loss), jitted once per shape for all tests."""

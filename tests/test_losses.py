@@ -17,7 +17,8 @@ from slimqwen_jax import hf, losses, run_config, sharding, stage_functions, trai
 from slimqwen_jax.config import tiny
 from slimqwen_jax.losses import HeadInputs
 from slimqwen_jax.model import Qwen3NextForCausalLM, abstract_model
-from slimqwen_jax.testing import collective_results, forward, random_tokens
+from slimqwen_jax.hlo_stats import collective_arrays
+from slimqwen_jax.testing import forward, random_tokens
 
 N, D, V = 45, 8, 37  # tokens, width, vocabulary (small: the references build full [N, V] logits)
 
@@ -131,7 +132,7 @@ def test_chunked_terms_on_the_batch_shards_of_a_mesh():
         np.testing.assert_allclose(ours, expected_grad, rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(greedy, np.argmax(np.asarray(rows[0] @ head), -1))
     # One reduction of the sums and one of the head's gradient (not one per chunk inside the scan).
-    results = collective_results(hlo)
+    results = collective_arrays(hlo)
     assert {shape for _, shape in results} <= {(), (D, V)} and results.count(("all-reduce", (D, V))) == 1
 
 

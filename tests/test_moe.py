@@ -14,7 +14,8 @@ from slimqwen_jax import losses, moe, sharding, stage_functions
 from slimqwen_jax.config import ConfigError, tiny
 from slimqwen_jax.model import Qwen3NextForCausalLM
 from slimqwen_jax.stage_functions import MtpUse
-from slimqwen_jax.testing import collective_results, max_relative_error
+from slimqwen_jax.hlo_stats import collective_arrays
+from slimqwen_jax.testing import max_relative_error
 
 N, D, F, E, K = 64, 16, 8, 16, 2
 TOL = 1e-5
@@ -283,7 +284,7 @@ def test_each_batch_shard_routes_its_own_tokens(routing):
     for ours, reference in zip(jax.tree.leaves(sharded), jax.tree.leaves(expected), strict=True):
         assert max_relative_error(ours, reference) <= TOL
     # What is left to sum over the shards: the loss and the expert weights' gradients, no token rows.
-    assert {shape for _, shape in collective_results(collectives)} <= {(), gate.shape, down.shape}
+    assert {shape for _, shape in collective_arrays(collectives)} <= {(), gate.shape, down.shape}
     for ours, reference in zip(top_k, jax.lax.top_k(probs, K), strict=True):
         np.testing.assert_array_equal(ours, reference)
 

@@ -14,7 +14,7 @@ from slimqwen_jax import losses, model, run_config, sharding, stage_functions, t
 from slimqwen_jax.config import tiny
 from slimqwen_jax.model import Qwen3NextForCausalLM
 from slimqwen_jax.stage_functions import MtpUse
-from slimqwen_jax.testing import collective_results
+from slimqwen_jax.hlo_stats import collective_arrays
 
 
 @pytest.mark.parametrize(
@@ -127,7 +127,7 @@ def test_data_parallel_distillation_step_moves_no_token_rows():
     tokens = jax.ShapeDtypeStruct((16, 33), jnp.int32, sharding=sharding.batch_sharding(mesh, 2))  # 2 rows per device
     with jax.set_mesh(mesh):
         hlo = step.lower(params, jax.eval_shape(tx.init, params), teacher_params, tokens, 0).compile().as_text()
-    results = collective_results(hlo)
+    results = collective_arrays(hlo)
     assert {op for op, _ in results} == {"all-reduce"}
     sizes = [math.prod(p.shape) for p in jax.tree.leaves(params)]
     assert max(math.prod(shape) for _, shape in results) <= max(sizes)

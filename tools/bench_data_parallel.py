@@ -41,7 +41,7 @@ from bench_train_step import CONFIGS, trainer_step  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from slimqwen_jax import cli, model, sharding  # noqa: E402
-from slimqwen_jax.testing import collective_results  # noqa: E402
+from slimqwen_jax.hlo_stats import collective_arrays  # noqa: E402
 
 
 def compiled_step(cfg, mesh: jax.sharding.Mesh, tokens: np.ndarray):
@@ -59,7 +59,7 @@ def compiled_step(cfg, mesh: jax.sharding.Mesh, tokens: np.ndarray):
 def measure(cfg, mesh: jax.sharding.Mesh, tokens: np.ndarray, repeats: int) -> dict:
     """Per-device FLOPs, collective elements and median seconds per step of the trainer's step on `mesh`."""
     compiled, params, opt_state, tokens = compiled_step(cfg, mesh, tokens)
-    collectives = collective_results(compiled.as_text())
+    collectives = collective_arrays(compiled.as_text())
     seconds = []
     for i in range(repeats + 1):  # the first run is a warm-up
         start = time.perf_counter()

@@ -20,11 +20,9 @@ In one run on the machine at hand:
    with the decoder layers scanned over the repeating block and unrolled (in this process, the
    workers gone).
 
-Model FLOPs per token (fwd + bwd = 3 x fwd): 6 x the active matmul parameters (attention and
-linear-attention projections, the routed top-k experts, the shared expert and its gate, the router,
-the LM head; not the embedding lookup), plus full attention's scores and values, 6 x 2 x H x Dh x
-T / 2 per layer (causal), plus the gated delta rule's state reads and writes, 6 x 3 x Hv x Dk x Dv
-per layer. Prints markdown tables; `--out` writes every number as JSON.
+Model FLOPs per token: forward + backward = 3 x `compile_plan.forward_flops_per_token` (2 x the
+active matmul parameters, the embedding lookup excluded, plus causal attention's scores and values
+and the gated delta rule's state updates). Prints markdown tables; `--out` writes every number as JSON.
 
 `--bound` adds a third contender to the rounds: our step with the routed experts' grouped matmul
 replaced by plain 2-D matmuls of the same FLOPs (`routed_as_plain_matmuls`: not the model). What it
@@ -48,8 +46,8 @@ import numpy as np
 from flax import nnx
 from timing import interleaved_medians
 
-from slimqwen_jax import cli, model, moe, optimizer, run_config, sharding, stacking, stage_functions, train_state
-from slimqwen_jax.config import FULL_ATTENTION, Qwen3NextConfig, tiny
+from slimqwen_jax import cli, compile_plan, model, moe, optimizer, run_config, sharding, stacking, stage_functions, train_state
+from slimqwen_jax.config import Qwen3NextConfig, tiny
 from slimqwen_jax.testing import hand_count_parameters
 
 # The architectures of issue 14's table: the quickstart model and a wider one with 16 experts.
@@ -85,17 +83,6 @@ def matmul_peak(sizes=(512, 1024, 2048), repeats: int = 5) -> float:
         seconds = interleaved_medians({n: lambda: jax.block_until_ready(matmul(a, a))}, repeats)[n][0]
         best = max(best, 2 * n**3 / seconds / 1e9)
     return best
-
-
-def model_flops_per_token(cfg: Qwen3NextConfig, seq_len: int) -> float:
-    """Training FLOPs per token (see the module docstring)."""
-    _, active = hand_count_parameters(cfg)
-    matmul_params = active - cfg.vocab_size * cfg.hidden_size  # the embedding is a lookup
-    full_layers = sum(kind == FULL_ATTENTION for kind in cfg.layer_types)
-    linear_layers = cfg.num_hidden_layers - full_layers
-    attention = full_layers * 2 * cfg.num_attention_heads * cfg.head_dim * seq_len / 2
-    delta_rule = linear_layers * 3 * cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim
-    return 6 * matmul_params + 6 * attention + 6 * delta_rule
 
 
 def trainer_step(cfg: Qwen3NextConfig, graphdef: nnx.GraphDef, total_steps: int, mesh=None):
@@ -248,7 +235,7 @@ def main() -> None:
     for name in args.configs:
         cfg, batch, seq_len = CONFIGS[name]
         tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq_len + 1), dtype=np.int32)
-        flops = model_flops_per_token(cfg, seq_len) * batch * seq_len
+        flops = 3 * compile_plan.forward_flops_per_token(cfg, seq_len) * batch * seq_len  # forward + backward
         row = {
             "batch": batch,
             "seq_len": seq_len,

@@ -35,8 +35,6 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server: compile-only devices
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other processes on this host may hold libtpu
 
 import argparse
 import json
@@ -48,14 +46,14 @@ import time
 import jax
 import jax.numpy as jnp
 
+from slimqwen_jax import compile_plan, hlo_stats
+
 TOPOLOGIES = {"v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
 CHIP_VERSIONS = {"v5e": "TPU_V5E", "v5p": "TPU_V5P", "v6e": "TPU_V6E"}
 VMEM_SPACE = "1"  # memory space of VMEM in the TPU backend config
 _SCOPED = re.compile(r'"used_scoped_memory_configs":\[([^\]]*)\]')
 _SIZE = re.compile(r'"memory_space":"(\d+)","offset":"\d+","size":"(\d+)"')
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\(.*?\)|\S+) ", re.MULTILINE)
 _ARRAY = re.compile(r"\b(pred|[a-z]+\d+)\[([\d,]*)\]\{([^}]*)\}")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8}
 
 
 # ---------------------------------------------------------------- the kernels' programs
@@ -151,7 +149,7 @@ def _vmem_resident_bytes(types: str) -> int:
     total = 0
     for dtype, dims, layout in _ARRAY.findall(types):
         if "S(1)" in layout:
-            total += math.prod(int(n) for n in dims.split(",") if n) * _DTYPE_BYTES[dtype]
+            total += math.prod(int(n) for n in dims.split(",") if n) * hlo_stats.DTYPE_BYTES[dtype]
     return total
 
 
@@ -160,14 +158,15 @@ def pallas_vmem(hlo_text: str) -> list[dict]:
     the compiler allocated for it (`used_scoped_memory_configs`, memory space 1: pipeline buffers,
     scratch, Mosaic's internal scratch) and the bytes of its operands and results that XLA's
     memory-space assignment placed in VMEM (layout S(1); unpadded sizes)."""
-    types = dict(_INSTRUCTION.findall(hlo_text))  # instruction name -> its HLO type
+    computations, _ = hlo_stats.parse(hlo_text)
+    instructions = [i for body in computations.values() for i in body]
+    types = {name: shape for name, shape, _, _ in instructions}  # instruction name -> its HLO type
     calls = []
-    for line in hlo_text.splitlines():
-        if 'custom_call_target="tpu_custom_call"' not in line:
+    for name, result_type, opcode, rest in instructions:
+        if opcode != "custom-call" or 'custom_call_target="tpu_custom_call"' not in rest:
             continue
-        name, result_type = _INSTRUCTION.search(line).groups()
-        operands = re.findall(r"%([\w.\-]+)", line[line.index("custom-call(") : line.index("custom_call_target")])
-        scoped = sum(int(size) for space, size in _SIZE.findall(_SCOPED.search(line).group(1)) if space == VMEM_SPACE)
+        operands = re.findall(r"%([\w.\-]+)", rest[: rest.index("custom_call_target")])
+        scoped = sum(int(size) for space, size in _SIZE.findall(_SCOPED.search(rest).group(1)) if space == VMEM_SPACE)
         resident = _vmem_resident_bytes(result_type) + sum(_vmem_resident_bytes(types.get(o, "")) for o in operands)
         calls.append({"name": name, "scoped_vmem_bytes": scoped, "resident_vmem_bytes": resident})
     return calls
@@ -181,10 +180,9 @@ def chip_info(chip: str, device):
 
 def compile_one(kernel: str, chip: str, tokens: int, batch: int) -> dict:
     """Compile `kernel` for one device of `chip`; the row of the table as a dict."""
-    from jax.experimental import topologies
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    device = topologies.get_topology_desc(TOPOLOGIES[chip], "tpu").devices[0]
+    device = compile_plan.topology_devices(compile_plan.parse_topology(TOPOLOGIES[chip]))[0]
     sharding = NamedSharding(Mesh([device], ("x",)), PartitionSpec())
     fn, args, shapes = program(
         kernel, lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding), tokens, batch
@@ -217,22 +215,16 @@ def compile_one(kernel: str, chip: str, tokens: int, batch: int) -> dict:
 # ---------------------------------------------------------------- the table (in the parent)
 
 
-def failure_reason(stderr: str, returncode: int) -> str:
-    """The one line of a failed compile's stderr that says why (the last error-looking line)."""
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if re.search(r"Error|error:|Check failed|Attempted|Ran out of", line)]
-    reason = (errors or lines or [f"exit status {returncode}"])[-1]
-    return f"rc {returncode}: {reason[:240]}"
-
-
 def run_in_subprocess(kernel: str, chip: str, tokens: int, batch: int, timeout: float = 600) -> dict:
-    """`compile_one` in a fresh interpreter, so that a compiler abort fails only its own row."""
+    """`compile_one` in a fresh interpreter (libtpu loaded for its compiler only,
+    `compile_plan.compiling_environment`), so that a compiler abort fails only its own row."""
     command = [sys.executable, os.path.abspath(__file__), "--one", kernel, chip, "--tokens", str(tokens)]
     command += ["--batch", str(batch)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    env = compile_plan.compiling_environment(compile_plan.parse_topology(TOPOLOGIES[chip]))
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     if result.returncode == 0:
         return json.loads(result.stdout.strip().splitlines()[-1])
-    return {"kernel": kernel, "chip": chip, "ok": False, "reason": failure_reason(result.stderr, result.returncode)}
+    return {"kernel": kernel, "chip": chip, "ok": False, "reason": f"rc {result.returncode}: {compile_plan.failure_line(result.stderr)}"}
 
 
 def _mib(n: float) -> str:
