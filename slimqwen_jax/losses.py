@@ -173,6 +173,11 @@ def chunked_token_sums(
     """
     with_teacher = teacher_hidden is not None
     names = ("ce", "kd", "agree") if with_teacher else ("ce",)
+    # The heads in the hidden states' dtype (as `chunk_logits` uses them) before they are gathered
+    # whole onto every device: a bfloat16 run holds half the bytes, and reduces half for the gradient.
+    student_head = student_head.astype(student_hidden.dtype)
+    if with_teacher:
+        teacher_head = teacher_head.astype(teacher_hidden.dtype)
 
     def local_sums(student_hidden, targets, mask, teacher_hidden, student_head, teacher_head):
         chunks = functools.partial(token_chunks, chunk_size=chunk_size)
