@@ -68,6 +68,16 @@ def keep_freed_host_memory() -> bool:
     return all(libc.mallopt(parameter, value) == 1 for parameter, value in settings)
 
 
+def use_the_cpu_only() -> None:
+    """Keep JAX on the CPU (before its backends start): for work that computes nothing on a device,
+    such as a dry run. On a host with libtpu installed JAX would otherwise try to start a TPU (and
+    warn where there is none); on a TPU VM it would hold the chips."""
+    import jax  # here: the other tools' start-up does not need it
+
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    jax.config.update("jax_platforms", "cpu")
+
+
 def start_tool() -> None:
     """What every `python -m slimqwen_jax.<tool>` does first, before JAX's first computation: logging
     set-up, then `keep_freed_host_memory`."""

@@ -16,7 +16,9 @@ import math
 import re
 
 # Collective instructions and the bytes each moves per device: the size of its result (for the async
-# pairs, of the `-done` half, whose result is the collective's output; the `-start` half is skipped).
+# pairs, of the `-done` half, whose result is the collective's output; the `-start` half is skipped),
+# except `ragged-all-to-all`, whose result is the receive buffer sized for the worst case: its first
+# operand, the send buffer (what a dropless exchange pads its rows to), bounds what it sends.
 COLLECTIVES = {
     "all-reduce": "all-reduce", "all-reduce-done": "all-reduce",
     "all-gather": "all-gather", "all-gather-done": "all-gather",
@@ -114,9 +116,18 @@ def collective_bytes(hlo_text: str) -> tuple[dict[str, int], int]:
     loops of unknown trip count). Kinds: the values of `COLLECTIVES`."""
     computations, entry = parse(hlo_text)
     counts, unknown = run_counts(computations, entry)
+    shapes = {name: shape for instructions in computations.values() for name, shape, _, _ in instructions}
     moved = collections.Counter()
     for name, instructions in computations.items():
-        for _, shape, opcode, _ in instructions:
+        for _, shape, opcode, rest in instructions:
+            if opcode == "ragged-all-to-all":
+                shape = _first_operand_shape(rest, shapes)
             if opcode in COLLECTIVES:
                 moved[COLLECTIVES[opcode]] += shape_bytes(shape) * counts[name]
     return dict(moved), unknown
+
+
+def _first_operand_shape(rest: str, shapes: dict[str, str]) -> str:
+    """The shape of an instruction's first operand: printed before it, or that of the instruction it names."""
+    operand = rest.split(",")[0]
+    return operand if _ARRAY.search(operand) else shapes.get(operand.strip().lstrip("%"), "")

@@ -44,6 +44,7 @@ def run_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.C
     root = Path(config.workdir)
     teacher = copy.deepcopy(config.pipeline.teacher)
     teacher.workdir = str(root / "teacher")
+    teacher.update({key: config[key] for key in ("dry_run", "compile_topology", "compile_mfu")})
     teacher_checkpoint = str(root / "teacher" / "checkpoints" / str(teacher.train.steps))
     student = copy.deepcopy(config)
     student.pipeline.teacher = None  # a plain staged train run from here on
@@ -104,13 +105,19 @@ def write_report(root: Path, configs: dict[str, ml_collections.ConfigDict]) -> s
 def run(config: ml_collections.ConfigDict) -> str:
     """Run what is missing of the pipeline and write its report; returns the report table. Every
     run is planned (every config checked) before the first minute of training; the from-scratch
-    baseline is planned again once the student has run, on the architecture its stages produced."""
+    baseline is planned again once the student has run, on the architecture its stages produced.
+    With `dry_run` (and `compile_topology`), prints every run's plan (and compiled steps) instead."""
     if config.pipeline.teacher is None:
         raise ConfigError("a pipeline config needs pipeline.teacher: the train config that pretrains the teacher")
     configs = run_configs(config)
     plans = {name: train.plan_run(configs[name]) for name in configs if name != "from_scratch"}
     if "from_scratch" in configs:  # checked now on the planned architecture
-        train.plan_run(configs["from_scratch"], plans["student"].stages[-1].architecture)
+        plans["from_scratch"] = train.plan_run(configs["from_scratch"], plans["student"].stages[-1].architecture)
+    if config.dry_run:  # every run's plan, and with compile_topology its steps compiled; nothing trained
+        for name, plan in plans.items():
+            print(f"\n{LABELS[name]} ({configs[name].workdir}):")
+            train.dry_run(plan)
+        return ""
     teacher = configs["teacher"]
     if TrainingCheckpoints(teacher.workdir).latest_step() == teacher.train.steps:
         log.info("teacher: reusing %s", teacher.workdir)
@@ -120,7 +127,7 @@ def run(config: ml_collections.ConfigDict) -> str:
     for name in configs:
         if name == "teacher":
             continue
-        if name == "from_scratch":
+        if name == "from_scratch":  # planned again on the architecture the student's stages produced
             architecture = train.final_architecture(Path(configs["student"].workdir))
             plans[name] = train.plan_run(configs[name], architecture)
         log.info("%s: %s", name, configs[name].workdir)
@@ -132,6 +139,8 @@ def run(config: ml_collections.ConfigDict) -> str:
 
 def main(argv: list[str]) -> None:
     del argv
+    if flags.FLAGS.config.dry_run:
+        cli.use_the_cpu_only()
     cli.start_tool()
     try:
         run(flags.FLAGS.config)

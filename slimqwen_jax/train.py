@@ -622,8 +622,10 @@ def initialize_distributed(
 
 def main(argv: list[str]) -> None:
     del argv
-    cli.start_tool()
     fl = flags.FLAGS
+    if fl.config.dry_run:
+        cli.use_the_cpu_only()
+    cli.start_tool()
     try:
         initialize_distributed(fl.distributed, fl.coordinator_address, fl.num_processes, fl.process_id)
         run(fl.config)

@@ -12,12 +12,14 @@ import pytest
 from flax import nnx
 from tool_runs import REPO
 
-from slimqwen_jax import compile_plan, hlo_stats, moe, platforms, run_config, sharding, stage_functions, train
+from slimqwen_jax import (
+    compile_plan, hlo_stats, moe, pipeline, platforms, run_config, sharding, stage_functions, train
+)
 from slimqwen_jax.compile_plan import GiB, StageRequest
 from slimqwen_jax.compression import DepthSpec, ExpertSpec, PruneSpec, WidthSpec
 from slimqwen_jax.config import ConfigError, tiny
 from slimqwen_jax.model import abstract_model
-from slimqwen_jax.testing import hand_count_parameters
+from slimqwen_jax.testing import hand_count_parameters, load_config_file
 
 
 # ---------------------------------------------------------------------------- no compiler needed
@@ -48,7 +50,8 @@ def test_compile_settings_are_checked_with_the_config():
 
 
 # A loop of 12 iterations (bound in its condition) all-gathering 8 x 128 bf16 inside a fusion's caller,
-# an all-reduce of 4 f32 outside, an async all-gather pair, and a loop XLA gives a known trip count.
+# an all-reduce of 4 f32 outside, an async all-gather pair, a loop XLA gives a known trip count, and a
+# ragged all-to-all from a 6-row send buffer into a 24-row receive buffer.
 HLO = textwrap.dedent("""\
     %add (x: f32[], y: f32[]) -> f32[] {
       %x = f32[] parameter(0)
@@ -85,6 +88,10 @@ HLO = textwrap.dedent("""\
       %ags = (f32[4]{0}, f32[16]{0}) all-gather-start(%b), channel_id=2, dimensions={0}
       %agd = f32[16]{0} all-gather-done(%ags)
       %while.2 = f32[4]{0} while(%b), condition=%condition.2, body=%body.2, backend_config={"known_trip_count":{"n":"5"}}
+      %send = bf16[6,128]{1,0} parameter(2)
+      %receive = bf16[24,128]{1,0} parameter(3)
+      %sizes = s64[4]{0} parameter(4)
+      %ragged = bf16[24,128]{1,0} ragged-all-to-all(%send, %receive, %sizes, %sizes, %sizes, %sizes), channel_id=5
       ROOT %all-reduce.1 = f32[4]{0} all-reduce(%while.2), channel_id=3, to_apply=%add
     }
 """)
@@ -93,7 +100,8 @@ HLO = textwrap.dedent("""\
 def test_collective_bytes_count_each_loop_body_as_often_as_it_runs():
     moved, unknown = hlo_stats.collective_bytes(HLO)
     assert unknown == 0
-    assert moved == {"all-gather": 12 * 8 * 128 * 2 + 16 * 4, "all-reduce": 4 * 4, "collective-permute": 5 * 4 * 4}
+    assert moved == {"all-gather": 12 * 8 * 128 * 2 + 16 * 4, "all-reduce": 4 * 4, "collective-permute": 5 * 4 * 4,
+                     "ragged-all-to-all": 6 * 128 * 2}  # fmt: skip
 
 
 def test_out_of_memory_is_a_row_and_other_failures_are_one_line():
@@ -247,3 +255,16 @@ def test_v6e_aborts_on_the_interpreted_kernel_and_compiles_the_tpu_step():
     config.stages, config.train.steps = [], 4
     (row,) = [r["compiled"] for r in train.run(config)["stages"]]
     assert row["fits"] and row["topology"] == "v6e:2x2" and row["hbm_gib"] == 32
+
+
+def test_a_pipeline_dry_run_plans_every_run_and_writes_nothing(tmp_path, capsys):
+    config = load_config_file(REPO / "configs" / "slimqwen_tiny.py").get_config()
+    config.workdir = str(tmp_path / "pipeline")
+    config.dry_run, config.mesh.data, config.pipeline.teacher.mesh.data = True, 1, 1
+    assert pipeline.run(config) == ""
+    printed = capsys.readouterr().out
+    for name in pipeline.run_configs(config):
+        assert f"{pipeline.LABELS[name]} ({tmp_path / 'pipeline' / name}):" in printed
+    assert printed.count("dry run: ") == len(pipeline.run_configs(config)) and not (tmp_path / "pipeline").exists()
+    config.compile_topology = "v5p-8"  # the teacher's run is compiled for the same slice
+    assert {c.compile_topology for c in pipeline.run_configs(config).values()} == {"v5p-8"}
