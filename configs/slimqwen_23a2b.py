@@ -7,8 +7,12 @@ importance, partial preservation of half, expert-vector similarity); stage 2 rem
 layers and cuts the width 2048 -> 1536. Loss: the four terms with lam linear 1.0 -> 0.75 and beta
 cosine 0.3 -> 0.1 over the run, MTP-KD from the teacher's MTP head. Global batch 1,024 sequences of
 4,096 tokens (the sequence length is our assumption), AdamW peak 4e-4, 2,000 warmup steps, cosine
-to 3e-5, no re-warmup in stage 2. Mesh: 256 devices (e.g. a TPU v5p-512 pod slice), fsdp 32 x
-expert 8, experts sharded with expert parallelism; calibration on 1,024 sequences before each stage.
+to 3e-5, no re-warmup in stage 2. Mesh: 256 chips (v5e-256, v6e-256; --config.mesh.fsdp=-1 takes
+any other slice: 16 on v5p-256), fsdp 32 x expert 8, experts exchanged with expert parallelism;
+calibration on 1,024 sequences before each stage. To fit at this batch (docs/tpu.md): the layers
+scanned and fully rematerialised, 4 micro-batches per step; on v5e also
+--config.model.moe_capacity_factor=2.0. Compile each stage for a slice before booking it:
+  --config.dry_run=True --config.compile_topology=v5p-256 --config.mesh.fsdp=-1
 
 The stages come from `config.schedule` (a preset) and the whole cut in `config.schedule_options`, so
 another schedule is one flag away: `--config.schedule=joint` (or one_stage, width_first, n_stage
@@ -29,7 +33,8 @@ TOKENS = 400 * 10**9
 
 
 def get_config() -> ml_collections.ConfigDict:
-    source = qwen3_next_80b_a3b(dtype="bfloat16", param_dtype="float32", moe_backend="expert_parallel")
+    source = qwen3_next_80b_a3b(dtype="bfloat16", param_dtype="float32", moe_backend="expert_parallel",
+                                scan_layers=True, remat_policy="full")  # fmt: skip
     steps = -(-TOKENS // (GLOBAL_BATCH * SEQ_LEN))
     config = base_config()
     config.workdir = "runs/slimqwen_23a2b"
@@ -38,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = model_section(source)
     config.data.seq_len = SEQ_LEN  # point the data at the pretraining corpus: --config.data.source=tokens ...
     config.mesh.update(data=1, fsdp=32, expert=8)
-    config.train.update(steps=0, global_batch_size=GLOBAL_BATCH, log_every=10, eval_every=1000, eval_batches=16,
+    config.train.update(steps=0, global_batch_size=GLOBAL_BATCH, grad_accum_steps=4, log_every=10, eval_every=1000, eval_batches=16,
                         eval_batch_size=64, checkpoint_every=1000)  # fmt: skip
     config.loss = loss_section(distillation=True)
     config.optimizer = optimizer_section(peak_lr=4e-4, end_lr=3e-5, warmup_steps=2000, weight_decay=0.1)
