@@ -2,6 +2,7 @@
 emulator of tests/gcs_emulator.py: each read back equals its local-disk counterpart, every object
 is listed through the emulator itself, and an unreachable bucket is one clear error."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from slimqwen_jax.compression.calibration import CalibrationStats
 from slimqwen_jax.config import tiny
 from slimqwen_jax.data import sources
 from slimqwen_jax.model import Qwen3NextForCausalLM
+from slimqwen_jax.testing import checkpoint_params
 
 
 def upload(local: Path, url: str) -> str:
@@ -105,3 +107,28 @@ def test_no_credentials_is_one_clear_error(tmp_path, monkeypatch):
     code, output = run_tool("train", "quickstart.py", "--config.workdir=gs://some-bucket/run", *TINY_RUN)
     assert code == 1 and "Traceback" not in output, output
     assert "workdir gs://some-bucket/run cannot be reached: no Google credentials found" in output, output
+
+
+# ---------------------------------------------------------------------------- a run
+def test_a_run_with_its_workdir_at_gcs_writes_there_what_a_local_run_writes(gcs, tmp_path):
+    bucket = gcs.new_bucket()
+    args = ["--config.train.steps=4", "--config.train.eval_every=4", "--config.train.checkpoint_every=2", *TINY_RUN]
+    code, output = run_tool("train", "quickstart.py", f"--config.workdir={tmp_path / 'local'}", *args)
+    assert code == 0, output
+    code, output = run_tool("train", "quickstart.py", f"--config.workdir={bucket}/run", *args)
+    assert code == 0, output
+    objects = gcs.objects(f"{bucket}/run")
+    for name in ("summary.json", "metrics.jsonl", "loss_curve.png", "checkpoints/2/commit_success.txt",
+                 "checkpoints/4/commit_success.txt"):  # fmt: skip
+        assert f"run/{name}" in objects, objects
+    assert any(name.startswith("run/tensorboard/events.out.tfevents.") for name in objects), objects
+    assert not (REPO / "gs:").exists()
+    remote, local = storage.path(f"{bucket}/run"), tmp_path / "local"
+    strip = lambda text: [{k: v for k, v in json.loads(line).items() if not k.startswith("perf/")}  # noqa: E731
+                          for line in text.splitlines()]  # fmt: skip
+    assert strip((remote / "metrics.jsonl").read_text()) == strip((local / "metrics.jsonl").read_text())
+    for a, b in zip(checkpoint_params(remote, 4), checkpoint_params(local, 4), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # Rerun: resumes from the bucket's last checkpoint and has nothing left to do.
+    code, output = run_tool("train", "quickstart.py", f"--config.workdir={bucket}/run", *args)
+    assert code == 0 and "resumed" in output, output
