@@ -74,26 +74,17 @@ def append_text(target: str | os.PathLike, text: str) -> None:
 
 @contextlib.contextmanager
 def local_copy(source: str | os.PathLike) -> Iterator[pathlib.Path]:
-    """A local path holding `source` (a file or a directory): `source` itself when local, else a
-    temporary copy removed on exit. For libraries that open files by local name only."""
+    """A local path holding the file `source`: `source` itself when local, else a temporary copy
+    removed on exit. For libraries that open files by local name only."""
     source = path(source)
     if not is_url(source):
         yield source
         return
     with tempfile.TemporaryDirectory(prefix="slimqwen-jax-copy-") as scratch:
         target = pathlib.Path(scratch) / source.name
-        _copy_down(source, target)
-        yield target
-
-
-def _copy_down(source: epath.Path, target: pathlib.Path) -> None:
-    if source.is_dir():
-        target.mkdir()
-        for child in source.iterdir():
-            _copy_down(child, target / child.name)
-    else:
         with source.open("rb") as reader, target.open("wb") as writer:
             shutil.copyfileobj(reader, writer)
+        yield target
 
 
 def _bucket(url: str) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tool_runs import TINY_RUN, run_tool, start_tool
+from tool_runs import TINY_RUN, history, run_tool, start_tool
 
 from slimqwen_jax import storage, train
 from slimqwen_jax.testing import checkpoint_params
@@ -63,12 +63,6 @@ def shard_rows(output: str) -> tuple[int, int, list[str]]:
     (index, count, rows, digests), = SHARD_LINE.findall(output)  # fmt: skip
     assert len(digests.split()) == int(rows)
     return int(index), int(count), digests.split()
-
-
-def history(workdir: Path) -> list[dict]:
-    """metrics.jsonl without the timing entries (tokens/s), which no two runs share."""
-    entries = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in entry.items() if not k.startswith("perf/")} for entry in entries]
 
 
 @pytest.fixture(scope="module")

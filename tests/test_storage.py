@@ -2,7 +2,6 @@
 emulator of tests/gcs_emulator.py: each read back equals its local-disk counterpart, every object
 is listed through the emulator itself, and an unreachable bucket is one clear error."""
 
-import json
 import shutil
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from tool_runs import REPO, TINY_RUN, run_tool
+from tool_runs import REPO, TINY_RUN, history, run_tool
 
 from slimqwen_jax import checkpoint, hf, loading, storage
 from slimqwen_jax.compression.calibration import CalibrationStats
@@ -124,9 +123,7 @@ def test_a_run_with_its_workdir_at_gcs_writes_there_what_a_local_run_writes(gcs,
     assert any(name.startswith("run/tensorboard/events.out.tfevents.") for name in objects), objects
     assert not (REPO / "gs:").exists()
     remote, local = storage.path(f"{bucket}/run"), tmp_path / "local"
-    strip = lambda text: [{k: v for k, v in json.loads(line).items() if not k.startswith("perf/")}  # noqa: E731
-                          for line in text.splitlines()]  # fmt: skip
-    assert strip((remote / "metrics.jsonl").read_text()) == strip((local / "metrics.jsonl").read_text())
+    assert history(remote) == history(local)
     for a, b in zip(checkpoint_params(remote, 4), checkpoint_params(local, 4), strict=True):
         np.testing.assert_array_equal(a, b)
     # Rerun: resumes from the bucket's last checkpoint and has nothing left to do.
