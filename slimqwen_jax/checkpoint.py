@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from slimqwen_jax import storage
 from slimqwen_jax.config import Qwen3NextConfig
 from slimqwen_jax.model import Qwen3NextForCausalLM, abstract_model
 
@@ -38,7 +39,7 @@ def save_checkpoint(model: Qwen3NextForCausalLM, directory: str | os.PathLike) -
     Orbax writes to a temporary directory and renames it when complete, so an interrupted save
     leaves no half-written checkpoint.
     """
-    directory = Path(directory).absolute()
+    directory = storage.absolute(directory)
     if directory.exists():
         raise FileExistsError(f"{directory} already exists; refusing to overwrite a checkpoint")
     _checkpointer().save(
@@ -55,7 +56,7 @@ def save_checkpoint(model: Qwen3NextForCausalLM, directory: str | os.PathLike) -
 
 def load_checkpoint_config(directory: str | os.PathLike, **runtime) -> Qwen3NextConfig:
     """The model config stored in a checkpoint, with run-time fields overridden by `runtime`."""
-    directory = Path(directory).absolute()
+    directory = storage.absolute(directory)
     if not (directory / CONFIG_ITEM).exists():
         raise FileNotFoundError(f"{directory} is not a slimqwen_jax checkpoint (no '{CONFIG_ITEM}' item)")
     restored = _checkpointer().restore(directory, args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))
@@ -66,7 +67,7 @@ def load_checkpoint(directory: str | os.PathLike, **runtime) -> Qwen3NextForCaus
     """Restore a model written by `save_checkpoint` (or a training checkpoint step directory),
     sharded as saved when these are the devices that saved it, else (another mesh or number of
     processes) on this process's first device."""
-    directory = Path(directory).absolute()
+    directory = storage.absolute(directory)
     cfg = load_checkpoint_config(directory, **runtime)
     graphdef, params = abstract_model(cfg)
     target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), params)
@@ -113,7 +114,7 @@ class TrainingCheckpoints:
     """
 
     def __init__(self, workdir: str | os.PathLike, max_to_keep: int | None = 3):
-        self.directory = Path(workdir).absolute() / "checkpoints"
+        self.directory = storage.absolute(workdir) / "checkpoints"
         logging.getLogger("absl").addFilter(_ORBAX_TRACEBACKS)  # orbax logs through absl
         self._manager = ocp.CheckpointManager(
             self.directory,

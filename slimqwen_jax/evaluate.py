@@ -29,7 +29,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from slimqwen_jax import cli, data, run_config
+from slimqwen_jax import cli, data, run_config, storage
 from slimqwen_jax.config import ConfigError
 from slimqwen_jax.decoding import Decoder, DecodingError, uncached_generate
 from slimqwen_jax.hf import CheckpointMismatchError
@@ -48,7 +48,7 @@ class EvaluateError(RuntimeError):
 def report_path(config: ml_collections.ConfigDict) -> Path:
     """The JSON report's path (not empty: `run_config.check`), refused if it exists (unless
     `overwrite`) before anything runs."""
-    path = Path(config.report)
+    path = storage.path(config.report)
     if path.exists() and not config.overwrite:
         raise EvaluateError(f"{path} exists; pass --config.overwrite=true or another --config.report")
     return path

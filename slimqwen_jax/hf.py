@@ -29,6 +29,7 @@ from jax.typing import DTypeLike
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from slimqwen_jax import storage
 from slimqwen_jax.config import ConfigError, Qwen3NextConfig
 from slimqwen_jax.model import Qwen3NextForCausalLM, abstract_model
 
@@ -129,9 +130,12 @@ def _read_json_object(path: Path, error: type[Exception], what_to_do: str) -> di
 
 
 def _open_safetensors(path: Path):
-    """A safe_open handle of `path`; a damaged file raises CheckpointFileError naming it."""
+    """A safe_open handle of `path`; a damaged file raises CheckpointFileError naming it. A file at
+    a URL is copied to local temporary storage first (safe_open maps a local file), removed once open:
+    the handle's mapping keeps its data."""
     try:
-        return safe_open(path, framework="np")
+        with storage.local_copy(path) as local:
+            return safe_open(local, framework="np")
     except (SafetensorError, OSError) as reason:
         raise CheckpointFileError(f"{path} is not a readable safetensors file ({reason}); {REWRITE}") from None
 
@@ -231,7 +235,7 @@ def _check_sizes(hf: dict, config_file: Path) -> None:
 def load_config(path: str | os.PathLike, **runtime) -> Qwen3NextConfig:
     """The model config of an HF checkpoint directory; MTP depth comes from its `mtp.*` tensors.
     Raises ConfigError naming config.json for a file that is not a Qwen3-Next config."""
-    directory = Path(path)
+    directory = storage.path(path)
     config_file = directory / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file} not found: not an HF checkpoint directory")
@@ -262,7 +266,7 @@ def load_model(
       CheckpointFileError naming every tensor that holds NaN or infinity.
     """
     cfg = load_config(path, dtype=dtype, param_dtype=param_dtype or dtype, **runtime)
-    tensors = _SafetensorsDir(Path(path))
+    tensors = _SafetensorsDir(storage.path(path))
     graphdef, state = abstract_model(cfg)
     _check_tensors(state, tensors, cfg)
     np_dtype = _NUMPY_DTYPES[cfg.param_dtype]

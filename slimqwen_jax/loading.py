@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from slimqwen_jax import checkpoint, hf
+from slimqwen_jax import checkpoint, hf, storage
 from slimqwen_jax.config import ConfigError, Qwen3NextConfig
 from slimqwen_jax.model import Qwen3NextForCausalLM
 
@@ -22,7 +22,7 @@ T = TypeVar("T")
 
 def is_hf_directory(path: str | os.PathLike) -> bool:
     """An HF checkpoint directory has a config.json; ours has a `config` orbax item instead."""
-    return (Path(path) / "config.json").is_file()
+    return (storage.path(path) / "config.json").is_file()
 
 
 def _require_model_directory(path: Path, role: str) -> None:
@@ -56,7 +56,7 @@ def _read_checkpoint(read: Callable[[], T], path: Path, role: str, item: str) ->
 def load_model_config(path: str | os.PathLike, *, role: str = "model", **runtime) -> Qwen3NextConfig:
     """The config of the model at `path` (HF directory or our checkpoint), run-time fields from
     `runtime` (dtype, param_dtype, moe_backend, ...). Reads no tensor. `role` names the path in errors."""
-    path = Path(path)
+    path = storage.path(path)
     _require_model_directory(path, role)
     if is_hf_directory(path):
         return hf.load_config(path, **runtime)
@@ -68,7 +68,7 @@ def load_model_config(path: str | os.PathLike, *, role: str = "model", **runtime
 def load_model(path: str | os.PathLike, *, role: str = "model", **runtime) -> Qwen3NextForCausalLM:
     """The model at `path` (HF directory or our checkpoint) with its weights, run-time fields from
     `runtime`; `dtype` alone sets both the compute and the parameter dtype unless `param_dtype` is given."""
-    path = Path(path)
+    path = storage.path(path)
     _require_model_directory(path, role)
     if "dtype" in runtime:
         runtime.setdefault("param_dtype", runtime["dtype"])

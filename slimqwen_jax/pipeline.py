@@ -25,7 +25,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from slimqwen_jax import cli, train
+from slimqwen_jax import cli, storage, train
 from slimqwen_jax.checkpoint import TrainingCheckpoints
 from slimqwen_jax.compression import count_parameters, format_count
 from slimqwen_jax.config import ConfigError
@@ -41,7 +41,7 @@ LABELS = {"teacher": "teacher", "student": "pruned + KD", "pruned_lm_only": "pru
 def run_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
     """The train configs of the pipeline's runs (teacher, student, then `pipeline.baselines` in the
     report's order), each in its own directory under `config.workdir`."""
-    root = Path(config.workdir)
+    root = storage.path(config.workdir)
     teacher = copy.deepcopy(config.pipeline.teacher)
     teacher.workdir = str(root / "teacher")
     teacher.update({key: config[key] for key in ("dry_run", "compile_topology", "compile_mfu")})
@@ -66,8 +66,8 @@ def write_report(root: Path, configs: dict[str, ml_collections.ConfigDict]) -> s
     """report.json, report.md (the table) and report.png (held-out CE of every run)."""
     rows = []
     for name, config in configs.items():
-        summary = train.final_summary(Path(config.workdir))
-        cfg = train.final_architecture(Path(config.workdir))
+        summary = train.final_summary(storage.path(config.workdir))
+        cfg = train.final_architecture(storage.path(config.workdir))
         count = count_parameters(cfg)
         rows.append(dict(
             run=LABELS[name], layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, experts=cfg.num_experts,
@@ -95,7 +95,7 @@ def write_report(root: Path, configs: dict[str, ml_collections.ConfigDict]) -> s
                          f"pruned + KD does NOT beat {LABELS[name]} ({ce['student']:.4f} vs {ce[name]:.4f})")  # fmt: skip
     table = "\n".join(lines)
     (root / "report.md").write_text(table + "\n")
-    curves = {LABELS[name] + (" (its pretraining)" if name == "teacher" else ""): histories(Path(config.workdir))
+    curves = {LABELS[name] + (" (its pretraining)" if name == "teacher" else ""): histories(storage.path(config.workdir))
               for name, config in configs.items()}  # fmt: skip
     teacher = {f"teacher's final ({ce['teacher']:.3f})": ce["teacher"]}
     plot_runs(curves, root / "report.png", "heldout/ce", "held-out cross-entropy of every run", teacher)
@@ -128,11 +128,11 @@ def run(config: ml_collections.ConfigDict) -> str:
         if name == "teacher":
             continue
         if name == "from_scratch":  # planned again on the architecture the student's stages produced
-            architecture = train.final_architecture(Path(configs["student"].workdir))
+            architecture = train.final_architecture(storage.path(configs["student"].workdir))
             plans[name] = train.plan_run(configs[name], architecture)
         log.info("%s: %s", name, configs[name].workdir)
         train.execute(plans[name])
-    table = write_report(Path(config.workdir), configs) if jax.process_index() == 0 else ""
+    table = write_report(storage.path(config.workdir), configs) if jax.process_index() == 0 else ""
     print(table)
     return table
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import sys
@@ -11,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from slimqwen_jax import storage
 
 log = logging.getLogger("slimqwen_jax")
 
@@ -100,8 +103,7 @@ class ProgressLogger:
             return
         for name, value in scalars.items():
             self._writer.add_scalar(name, value, step)
-        with self.history_file.open("a") as f:
-            f.write(json.dumps({"step": step, **scalars}) + "\n")
+        storage.append_text(self.history_file, json.dumps({"step": step, **scalars}) + "\n")
 
     def train(self, step: int, metrics: dict, learning_rate: float) -> None:
         if step % self.log_every and step != self.end_step:
@@ -188,8 +190,15 @@ def plot_loss_curves(history_file: Path, output: Path, reference: dict[str, floa
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(output, dpi=120)
+    save_figure(fig, output)
     plt.close(fig)
+
+
+def save_figure(fig, output: Path) -> None:
+    """`fig` as a PNG at `output` (a local path or a URL, `storage.write_bytes`)."""
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    storage.write_bytes(output, png.getvalue())
 
 
 def drop_history_after(history_file: Path, step: int) -> None:
@@ -199,9 +208,7 @@ def drop_history_after(history_file: Path, step: int) -> None:
     lines = history_file.read_text().splitlines()
     kept = [line for line in lines if json.loads(line)["step"] <= step]
     if len(kept) != len(lines):
-        temporary = history_file.with_suffix(".jsonl.tmp")
-        temporary.write_text("".join(line + "\n" for line in kept))
-        temporary.replace(history_file)
+        storage.write_text(history_file, "".join(line + "\n" for line in kept))
 
 
 def read_history(history_file: Path, metric: str) -> dict[int, float]:
@@ -243,5 +250,5 @@ def plot_runs(
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(output, dpi=120)
+    save_figure(fig, output)
     plt.close(fig)

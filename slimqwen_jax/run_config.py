@@ -24,12 +24,11 @@ import dataclasses
 import difflib
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
 import ml_collections
 from ml_collections import config_dict
 
-from slimqwen_jax import compile_plan, data, losses, optimizer, sharding, stage_plan
+from slimqwen_jax import compile_plan, data, losses, optimizer, sharding, stage_plan, storage
 from slimqwen_jax.compression import DepthSpec, ExpertSpec, PruneSpec, WidthSpec
 from slimqwen_jax.compression.spec import choice_problems
 from slimqwen_jax.config import DTYPES, RUNTIME_FIELDS, ConfigError, Qwen3NextConfig, tiny
@@ -569,11 +568,13 @@ def _train_findings(config: ml_collections.ConfigDict
         found.append(f"baseline must be one of {BASELINES}, got {config.baseline!r}")
     if config.baseline_from and config.baseline != "from_scratch":
         found.append(f"baseline_from is only read by baseline 'from_scratch' (baseline is {config.baseline!r})")
-    workdir = Path(config.workdir)
-    if workdir.exists() and not workdir.is_dir():
+    unreachable = storage.url_problems(storage_paths(config))
+    found += unreachable
+    workdir = storage.path(config.workdir)
+    if not unreachable and workdir.exists() and not workdir.is_dir():
         found.append(f"workdir {workdir} is a file, not a directory")
     if cfg is not None and not schedule_found and tc.global_batch_size >= 1 and config.data.seq_len >= 1:
-        stages, stage_found = stage_plan.plan(config, cfg, workdir.absolute())
+        stages, stage_found = stage_plan.plan(config, cfg, storage.absolute(config.workdir))
         found += stage_found
     if config.pipeline.teacher is not None:
         found += [f"pipeline.teacher: {problem}" for problem in problems(config.pipeline.teacher, "train")]
@@ -581,6 +582,15 @@ def _train_findings(config: ml_collections.ConfigDict
     if unknown:
         found.append(f"pipeline.baselines: unknown {unknown}; choose from {PIPELINE_BASELINES}")
     return config, stages, found
+
+
+def storage_paths(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
+    """(field, path) of every path a train config reads or writes, each data path on its own."""
+    paths = config.data.paths
+    entries = paths.split(",") if isinstance(paths, str) else [str(p) for p in paths]
+    fields = ("workdir", "init_from", "teacher", "baseline_from")
+    return [*((field, config[field]) for field in fields), ("calibration.cache_dir", config.calibration.cache_dir),
+            *(("data.paths", entry.strip()) for entry in entries)]  # fmt: skip
 
 
 def _prune_problems(config: ml_collections.ConfigDict) -> list[str]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
+from slimqwen_jax import storage
 from slimqwen_jax.checkpoint import load_checkpoint
 from slimqwen_jax.config import FULL_ATTENTION, Qwen3NextConfig
 from slimqwen_jax.model import CausalLMOutput, Qwen3NextForCausalLM
@@ -46,7 +47,7 @@ def random_tokens(batch: int, length: int, vocab: int, seed: int = 0) -> np.ndar
 
 def checkpoint_params(directory: str | Path, step: int) -> list[np.ndarray]:
     """Every parameter of `<directory>/checkpoints/<step>` (a training run or stage), in order."""
-    model = load_checkpoint(Path(directory) / "checkpoints" / str(step))
+    model = load_checkpoint(storage.path(directory) / "checkpoints" / str(step))
     return [np.asarray(v[...]) for _, v in nnx.to_flat_state(nnx.state(model))]
 
 

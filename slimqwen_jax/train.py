@@ -48,6 +48,7 @@ from slimqwen_jax import (
     stacking,
     stage_functions,
     stage_plan,
+    storage,
 )
 from slimqwen_jax.checkpoint import TrainingCheckpoints
 from slimqwen_jax.config import RUNTIME_FIELDS, ConfigError, Qwen3NextConfig
@@ -121,7 +122,7 @@ def plan_run(config: ml_collections.ConfigDict, architecture: Qwen3NextConfig | 
     if config.baseline:
         config = run_config.resolve_baseline(config, stages, architecture)
         if config.baseline == "from_scratch":  # one stage of the final architecture
-            stages = stage_plan.plan_stages(config, run_config.model_config(config), Path(config.workdir).absolute())
+            stages = stage_plan.plan_stages(config, run_config.model_config(config), storage.absolute(config.workdir))
     return RunPlan(config, run_config.model_config(config), stages)
 
 
@@ -130,7 +131,7 @@ def baseline_architecture(config: ml_collections.ConfigDict, stages: Sequence[st
     """The architecture the `from_scratch` baseline of `config` trains: the final one of the finished
     run `baseline_from`, or None (the planned one) when no stage's layer choice needs statistics."""
     if config.baseline_from:
-        return final_architecture(Path(config.baseline_from))
+        return final_architecture(storage.path(config.baseline_from))
     chosen = run_config.depends_on_statistics(stages)
     if chosen:
         raise ConfigError(
@@ -353,9 +354,9 @@ def calibration_file(config: ml_collections.ConfigDict, stage: stage_plan.Stage)
         return stage.directory / "calibration.npz"
     data_cfg = {k: v for k, v in config.data.to_dict().items() if k not in ("shuffle_seed", "cache_dir")}
     calibration = {k: v for k, v in config.calibration.to_dict().items() if k not in ("cache_dir", "log_every")}
-    key = {"source": str(Path(config.init_from).absolute()), "calibration": calibration, "data": data_cfg}
+    key = {"source": str(storage.absolute(config.init_from)), "calibration": calibration, "data": data_cfg}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(cache_dir) / f"calibration-{digest}.npz"
+    return storage.path(cache_dir) / f"calibration-{digest}.npz"
 
 
 def pruning_report(before: Qwen3NextConfig, after: Qwen3NextConfig, params_before, params_after, decision) -> str:
@@ -527,7 +528,7 @@ def execute(plan: RunPlan) -> dict:
             summaries.append(run_stage(context, stage, previous))
             previous = stage
     if len(plan.stages) > 1 and jax.process_index() == 0:
-        write_run_report(Path(plan.config.workdir).absolute(), plan.stages, summaries)
+        write_run_report(storage.absolute(plan.config.workdir), plan.stages, summaries)
     return summaries[-1]
 
 
@@ -565,7 +566,7 @@ def dry_run(plan: RunPlan) -> list[dict]:
 def planned_teacher(config: ml_collections.ConfigDict, cfg: Qwen3NextConfig) -> Qwen3NextConfig:
     """The teacher a dry run plans with: its config from its files, else (not at hand, or no teacher)
     the source `cfg`, in `loss.teacher_dtype` with the student's other run-time fields."""
-    teacher = loading.load_model_config(config.teacher) if config.teacher and Path(config.teacher).exists() else cfg
+    teacher = loading.load_model_config(config.teacher) if config.teacher and storage.path(config.teacher).exists() else cfg
     dtype = config.loss.teacher_dtype
     runtime = {k: getattr(cfg, k) for k in RUNTIME_FIELDS if k not in ("dtype", "param_dtype")}
     return teacher.replace(dtype=dtype, param_dtype=dtype, **runtime)

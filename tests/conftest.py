@@ -29,6 +29,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -43,3 +44,14 @@ SLOWEST_FIRST = ("test_stages.py", "test_notebook.py", "test_train.py", "test_sw
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """A GCS emulator for this test process (tests/gcs_emulator.py), its environment set."""
+    from gcs_emulator import Emulator
+
+    emulator = Emulator()
+    emulator.start()
+    yield emulator
+    emulator.stop()

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tool_runs import TINY_RUN, run_tool, start_tool
+from tool_runs import TINY_RUN, history, run_tool, start_tool
 
-from slimqwen_jax import train
+from slimqwen_jax import storage, train
 from slimqwen_jax.testing import checkpoint_params
 
 STEPS, CHECKPOINT_EVERY, BATCH = 4, 2, 8
@@ -65,12 +65,6 @@ def shard_rows(output: str) -> tuple[int, int, list[str]]:
     return int(index), int(count), digests.split()
 
 
-def history(workdir: Path) -> list[dict]:
-    """metrics.jsonl without the timing entries (tokens/s), which no two runs share."""
-    entries = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in entry.items() if not k.startswith("perf/")} for entry in entries]
-
-
 @pytest.fixture(scope="module")
 def single(tmp_path_factory) -> tuple[Path, str]:
     workdir = tmp_path_factory.mktemp("single") / "run"
@@ -119,11 +113,20 @@ def test_each_process_reads_its_own_shard_of_every_batch(single, multi):
     assert not set(shards[0][2]) & set(shards[1][2])
 
 
-def test_a_killed_process_and_a_rerun_of_both_resume_exactly(multi, tmp_path):
-    workdir = tmp_path / "run"
+def saved(workdir, step: int) -> bool:
+    """Whether checkpoint `step` is complete: renamed into place on a local disk; at a gs:// URL,
+    where there is no rename, once orbax wrote its commit_success.txt."""
+    directory = workdir / "checkpoints" / str(step)
+    return (directory / "commit_success.txt").exists() if storage.is_url(directory) else directory.exists()
+
+
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_a_killed_process_and_a_rerun_of_both_resume_exactly(multi, tmp_path, where, request):
+    # "gcs": the workdir in the emulator's bucket (tests/gcs_emulator.py), shared by both processes.
+    workdir = tmp_path / "run" if where == "local" else storage.path(f"{request.getfixturevalue('gcs').new_bucket()}/run")
     processes = start_processes(workdir)
     deadline = time.time() + 300
-    while not (workdir / "checkpoints" / str(CHECKPOINT_EVERY)).exists() and time.time() < deadline:
+    while not saved(workdir, CHECKPOINT_EVERY) and time.time() < deadline:
         assert all(p.poll() is None for p in processes), finish(processes)
         time.sleep(0.02)
     processes[1].send_signal(signal.SIGKILL)
@@ -133,7 +136,7 @@ def test_a_killed_process_and_a_rerun_of_both_resume_exactly(multi, tmp_path):
     processes[1].wait()
     processes[0].send_signal(signal.SIGKILL)
     assert [code for code, _ in finish(processes)] == [-signal.SIGKILL] * 2
-    assert not (workdir / "checkpoints" / str(STEPS)).exists()
+    assert not saved(workdir, STEPS)
 
     results = finish(start_processes(workdir))
     assert all(code == 0 for code, _ in results), results

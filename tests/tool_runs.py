@@ -3,6 +3,7 @@ as asked) with the session's XLA flags and compilation cache (conftest.py), all 
 tokenized-data cache; optionally with a fault injected into a checkpoint save (inject_fault.py)."""
 
 import atexit
+import json
 import os
 import shutil
 import subprocess
@@ -52,3 +53,10 @@ def run_tool(tool: str, config: str, *overrides: str, devices: int = 1, fault: t
     process = start_tool(tool, config, *overrides, devices=devices, fault=fault)
     output, _ = process.communicate(timeout=600)
     return process.returncode, output
+
+
+def history(workdir: Path) -> list[dict]:
+    """A run's metrics.jsonl (workdir a local path or an epath URL) without the timing entries
+    (tokens/s), which no two runs share."""
+    entries = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in entry.items() if not k.startswith("perf/")} for entry in entries]

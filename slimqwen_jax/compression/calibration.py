@@ -24,9 +24,9 @@ Files written before `residual_in` / `residual_out` existed still serve every ot
 from __future__ import annotations
 
 import functools
+import io
 import json
 import logging
-import os
 import re
 import time
 import zipfile
@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from slimqwen_jax import data
+from slimqwen_jax import data, storage
 from slimqwen_jax.compression.spec import PruningError
 from slimqwen_jax.compression.state import EMBED_AXIS, flat_params, logical_axes
 from slimqwen_jax.config import ConfigError, Qwen3NextConfig
@@ -169,27 +169,26 @@ class CalibrationStats:
     def save(self, path: str | Path) -> Path:
         """Write `<path>` (.npz, the sums) and `<path>` with suffix .json (num_tokens, meta), each
         whole or not at all; the .npz, whose presence `load_statistics` looks for, comes last."""
-        path = Path(path)
+        path = storage.path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        info, temporary = path.with_suffix(".json"), path.with_name(f".{path.name}.tmp")
-        temporary.write_text(json.dumps({"num_tokens": self.num_tokens, "meta": self.meta}, indent=2) + "\n")
-        os.replace(temporary, info)
-        with open(temporary, "wb") as f:  # np.savez would append .npz to a name without it
-            np.savez(f, **self.sums)
-        os.replace(temporary, path)
+        storage.write_text(path.with_suffix(".json"), json.dumps({"num_tokens": self.num_tokens, "meta": self.meta},
+                                                                 indent=2) + "\n")  # fmt: skip
+        arrays = io.BytesIO()
+        np.savez(arrays, **self.sums)
+        storage.write_bytes(path, arrays.getvalue())
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> CalibrationStats:
         """The statistics `save` wrote to `path`. Raises PruningError naming the file when it (or its
         .json) is missing, truncated or corrupt, or holds NaN, infinity or no tokens."""
-        path = Path(path)
+        path = storage.path(path)
         if path.is_dir():
             raise PruningError(f"calibration statistics {path} is a directory; name a .npz file")
         try:
             info = json.loads(path.with_suffix(".json").read_text())
             num_tokens, meta = int(info["num_tokens"]), dict(info["meta"])
-            with np.load(path) as arrays:
+            with path.open("rb") as f, np.load(f) as arrays:
                 sums = {key: np.asarray(arrays[key]) for key in arrays.files}
         except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as reason:
             raise PruningError(
@@ -263,7 +262,7 @@ def load_statistics(path: str | Path, cfg: Qwen3NextConfig, *, name: str = "cali
     """The statistics file `path` if it exists, else None. Reads no model, so callers check an
     existing file before loading one; raises PruningError for a damaged file (`CalibrationStats.load`)
     or one computed on another architecture than `cfg`'s. `name` prefixes the log line."""
-    path = Path(path)
+    path = storage.path(path)
     if not path.exists():
         return None
     stats = CalibrationStats.load(path)
@@ -286,7 +285,7 @@ def load_or_calibrate(
     """The statistics file `path` if it exists (`load_statistics`), else `model` calibrated on
     `calibration_cfg.num_samples` windows of the data pipeline, saved there (on the main process).
     `name` prefixes the log lines (the tool or stage asking)."""
-    path = Path(path)
+    path = storage.path(path)
     stats = load_statistics(path, model.config, name=name)
     if stats is not None:
         return stats

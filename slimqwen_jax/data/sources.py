@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from slimqwen_jax import storage
+
 DOCUMENT_SOURCES = ("stdlib", "text", "jsonl")
 SOURCES = DOCUMENT_SOURCES + ("tokens",)
 SPLITS = ("train", "heldout")
@@ -44,21 +46,32 @@ def resolve_paths(paths: str | Sequence[str]) -> list[pathlib.Path]:
         raise DataError("no paths given: set data.paths to files or globs (comma-separated or a list)")
     files, problems = [], []
     for entry in entries:
-        expanded = os.path.expanduser(entry)
+        expanded = entry if storage.is_url(entry) else os.path.expanduser(entry)
+        path = storage.path(expanded)
         if any(c in expanded for c in "*?["):
-            matches = sorted(p for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
+            matches = _glob(expanded)
             if not matches:
                 problems.append(f"glob {entry!r} matches no file")
-            files += [pathlib.Path(p) for p in matches]
-        elif os.path.isdir(expanded):
+            files += matches
+        elif path.is_dir():
             problems.append(f"{entry!r} is a directory; name its files with a glob such as '{entry}/**/*.txt'")
-        elif not os.path.isfile(expanded):
+        elif not path.is_file():
             problems.append(f"path {entry!r} does not exist")
         else:
-            files.append(pathlib.Path(expanded))
+            files.append(path)
     if problems:  # one line for one problem, else one line each
         raise DataError("cannot read data paths:" + ("\n  " if len(problems) > 1 else " ") + "\n  ".join(problems))
     return files
+
+
+def _glob(pattern: str) -> list[pathlib.Path]:
+    """The files `pattern` matches, sorted; at a URL, through `storage.path` from the pattern's
+    last directory before its first wildcard."""
+    if not storage.is_url(pattern):
+        return [pathlib.Path(p) for p in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(p)]
+    wildcard = min(pattern.index(c) for c in "*?[" if c in pattern)
+    root, rest = pattern[: wildcard].rsplit("/", 1)
+    return sorted(p for p in storage.path(root).glob(rest + pattern[wildcard:]) if p.is_file())
 
 
 # ---------------------------------------------------------------------------- document sources
@@ -102,7 +115,7 @@ def jsonl_documents(paths: str | Sequence[str], field: str = "text") -> list[Doc
     """One document per JSON line (blank lines skipped), the string under `field`, keyed by content."""
     docs = []
     for path in resolve_paths(paths):
-        with open(path, "rb") as f:
+        with path.open("rb") as f:
             for line_no, raw in enumerate(f, start=1):
                 where = f"{path}:{line_no}"
                 line = decode_text(raw, where)
@@ -177,6 +190,8 @@ def load_token_file(paths: str | Sequence[str], token_dtype: str = "uint16") -> 
     if len(files) != 1:
         raise DataError(f"the tokens source takes exactly one file, got {len(files)}: concatenate them into one")
     path = files[0]
+    if storage.is_url(path):
+        raise DataError(f"{path}: the tokens source is memory-mapped from a local file; copy it to a local disk first")
     if path.suffix == ".npy":
         try:
             tokens = np.load(path, mmap_mode="r")
