@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from slimqwen_jax import hlo_stats, optimizer, platforms, sharding, stacking, stage_functions, stage_plan
+from slimqwen_jax import hlo_stats, optimizer, platforms, sharding, stacking, stage_functions, stage_plan, storage
 from slimqwen_jax.compression import count_parameters
 from slimqwen_jax.config import FULL_ATTENTION, ConfigError, Qwen3NextConfig
 from slimqwen_jax.model import abstract_model
@@ -403,9 +403,7 @@ def main(argv: Sequence[str]) -> None:
         row = compile_stage(request)
     except Exception as error:  # noqa: BLE001 - reported by the parent as one line
         row = {"error": failure_line(f"{type(error).__name__}: {error}")}
-    with open(row_file + ".tmp", "wb") as f:
-        pickle.dump(row, f)
-    os.replace(row_file + ".tmp", row_file)
+    storage.write_bytes(row_file, pickle.dumps(row))
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from slimqwen_jax import cli, pipeline, sweep, train
+from slimqwen_jax import cli, pipeline, storage, sweep, train
 from slimqwen_jax.compression import count_parameters, format_count
 from slimqwen_jax.config import ConfigError
 from slimqwen_jax.progress import format_duration, read_history
@@ -584,9 +584,7 @@ def write_results(reproduction: Reproduction, definition: sweep.Sweep, root: Pat
                 lines += [f"![{table.key} curves]({curves.name})", ""]
     lines += [runs_markdown(reproduction), "", run_markdown(records, read_invocations(root)), ""]
     text = "\n".join(lines)
-    temporary = results.with_name(f".{results.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, results)
+    storage.write_text(results, text)
     return text
 
 

@@ -41,7 +41,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import re
 import sys
 import time
@@ -56,7 +55,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from slimqwen_jax import cli, evaluate, loading, pipeline, prune, run_config, train
+from slimqwen_jax import cli, evaluate, loading, pipeline, prune, run_config, storage, train
 from slimqwen_jax.compression import count_parameters
 from slimqwen_jax.config import ConfigError, Qwen3NextConfig
 from slimqwen_jax.progress import format_duration
@@ -312,9 +311,7 @@ RUNNERS = {"train": _run_train, "pipeline": _run_pipeline, "prune": _run_prune, 
 def _write_record(directory: Path, record: dict) -> None:
     """point.json, written whole or not at all."""
     directory.mkdir(parents=True, exist_ok=True)
-    temporary = directory / f".{POINT_FILE}.tmp"
-    temporary.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    os.replace(temporary, directory / POINT_FILE)
+    storage.write_text(directory / POINT_FILE, json.dumps(record, indent=2, default=str) + "\n")
 
 
 def run_point(point_run: PointRun) -> dict:
