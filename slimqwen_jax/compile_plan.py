@@ -9,9 +9,12 @@ step the trainer runs (`stage_functions.build`: student and frozen teacher, the 
 MTP-KD, the config's MoE backend and kernels, the stacked layout, the mesh, gradient accumulation)
 is built for the TPU (`platforms.compiling_for`) from abstract inputs and compiled. Reported per
 chip:
-- memory, from XLA's buffer assignment (`memory_analysis()`): arguments, temporaries, outputs not
-  aliased to arguments, generated code; their total against the chip's HBM: fits, or short by
-  how much (a program that cannot fit fails to compile with RESOURCE_EXHAUSTED: the row says so);
+- memory: the TPU compiler's own account of the program's HBM use (its log's "Total hbm usage":
+  reserved + program + arguments, outputs sharing the donated arguments' buffers) against the
+  chip's HBM: fits, or short by how much (a program that cannot fit fails to compile with
+  RESOURCE_EXHAUSTED: the row says so); beside it XLA's buffer assignment (`memory_analysis()`):
+  arguments, temporaries, outputs not aliased to arguments, generated code, and their sum, which
+  counts the temporaries before the TPU backend places them again (an upper bound: docs/tpu.md);
 - model FLOPs per step (`training_flops`: student forward + backward, teacher forward);
 - bytes moved by collectives per step (`hlo_stats.collective_bytes`, loop bodies counted as often
   as they run);
@@ -269,6 +272,23 @@ def out_of_memory(message: str) -> dict | None:
     return row
 
 
+_HBM_USAGE = re.compile(r"Total hbm usage >= ([\d.]+[KMGT]):\s+reserved\s+([\d.]+[KMGT])\s+program\s+([\d.]+[KMGT])"
+                        r"\s+arguments\s+([\d.]+[KMGT])")
+
+
+def compiler_account(log: str) -> dict:
+    """The row fields of the TPU compiler's own HBM account, from its log (`compiling_environment`
+    turns it on): its total (reserved + program + arguments), program (temporaries after the
+    backend's placement, scoped memory, code) and arguments in GiB, of the largest program the log
+    accounts for (the train step; a process may compile small helpers too); {} when it has none."""
+    accounts = [tuple(_gib(size) for size in match) for match in _HBM_USAGE.findall(log)]
+    if not accounts:
+        return {}
+    total, reserved, program, arguments = max(accounts)
+    return {"compiler_total_gib": total, "compiler_reserved_gib": reserved, "compiler_program_gib": program,
+            "compiler_arguments_gib": arguments}  # fmt: skip
+
+
 def compile_stage(request: StageRequest) -> dict:
     """The stage's row of the compile plan (see the module docstring); raises what the compiler
     raises, except that running out of HBM is a row (`fits` False)."""
@@ -315,13 +335,17 @@ class CompileError(ConfigError):
     """A stage's step does not compile for the topology; the message names the stage and the op."""
 
 
+COMPILER_LOG = {"TPU_MIN_LOG_LEVEL": "0", "TPU_STDERR_LOG_LEVEL": "0"}  # libtpu's log, with its HBM account, on stderr
+
+
 def compiling_environment(topology: Topology) -> dict[str, str]:
     """The environment of a compiling process: JAX on the CPU, libtpu loaded for its compiler only.
     libtpu's start-up asks a TPU VM's metadata server for the slice and its hosts; told instead
     (any valid values do: the topology is passed explicitly), it starts quietly anywhere, and beside
-    another process holding it."""
+    another process holding it. Its log goes to stderr (`COMPILER_LOG`): `compiler_account` reads it."""
     return {**os.environ, "JAX_PLATFORMS": "cpu", "TPU_SKIP_MDS_QUERY": "1", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
-            "TPU_ACCELERATOR_TYPE": topology.accelerator_type, "TPU_WORKER_HOSTNAMES": "localhost"}  # fmt: skip
+            "TPU_ACCELERATOR_TYPE": topology.accelerator_type, "TPU_WORKER_HOSTNAMES": "localhost",
+            **COMPILER_LOG}  # fmt: skip
 
 
 _ERROR_LINE = re.compile(r"\b(INTERNAL|INVALID_ARGUMENT|UNIMPLEMENTED|UNKNOWN|FAILED_PRECONDITION|Check failed)\b|Error:")
@@ -363,6 +387,9 @@ def compile_stages(config: ml_collections.ConfigDict, stages: Sequence[stage_pla
                 how = "failed" if row is not None else f"aborted (exit code {done.returncode})"
                 reason = row["error"] if row is not None else failure_line(done.stderr + done.stdout)
                 raise CompileError(f"{stage.name}: the train step {how} to compile for {topology.name}: {reason}")
+            account = compiler_account(done.stderr)
+            if account:  # the compiler's verdict, not the upper bound of the buffer assignment's sum
+                row.update(account, fits=account["compiler_total_gib"] <= row["hbm_gib"])
             rows.append(row)
     print_table(rows)
     return rows
@@ -370,21 +397,23 @@ def compile_stages(config: ml_collections.ConfigDict, stages: Sequence[stage_pla
 
 def print_table(rows: Sequence[dict]) -> None:
     """The compile plan as a markdown table, a row per stage."""
-    header = ("stage", "topology", "mesh", "tokens/chip/micro", "remat", "args", "temps", "outputs", "total / HBM GiB",
-              "fits", "TFLOP/chip", "collectives GiB", f"step s (peak / {rows[0]['mfu']:.0%} MFU)", "stage days",
-              "compile s")  # fmt: skip
+    header = ("stage", "topology", "mesh", "tokens/chip/micro", "remat", "args", "temps", "outputs", "XLA sum GiB",
+              "compiler HBM / HBM GiB", "fits", "TFLOP/chip", "collectives GiB",
+              f"step s (peak / {rows[0]['mfu']:.0%} MFU)", "stage days", "compile s")  # fmt: skip
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
         mesh = "x".join(str(n) for n in r["mesh"].values())
         if "total_gib" in r:
+            used = r.get("compiler_total_gib", r["total_gib"])
+            compiler = f"{r['compiler_total_gib']:.2f}" if "compiler_total_gib" in r else "?"
             memory = [f"{r['arguments_gib']:.2f}", f"{r['temporaries_gib']:.2f}", f"{r['outputs_gib']:.2f}",
-                      f"{r['total_gib']:.2f} / {r['hbm_gib']:.0f}"]  # fmt: skip
-            fits = "yes" if r["fits"] else f"no: short {r['total_gib'] - r['hbm_gib']:.2f}"
+                      f"{r['total_gib']:.2f}", f"{compiler} / {r['hbm_gib']:.0f}"]  # fmt: skip
+            fits = "yes" if r["fits"] else f"no: short {used - r['hbm_gib']:.2f}"
             collectives = f"{sum(r['collective_gib'].values()):.2f}"
         else:  # refused for memory: the compiler's own account
             needed = f"{r['required_gib']:.2f} / {r['available_gib']:.2f}" if "required_gib" in r else "?"
-            memory, fits, collectives = ["-", "-", "-", needed], f"no: {r['reason'][:80]}", "-"
+            memory, fits, collectives = ["-", "-", "-", "-", needed], f"no: {r['reason'][:80]}", "-"
         print("| " + " | ".join([
             r["stage"], r["topology"], mesh, f"{r['micro_batch_tokens_per_chip']:,}", r["remat_policy"], *memory,
             fits, f"{r['model_tflops']:,.1f}", collectives,

@@ -20,7 +20,7 @@ from jax.ad_checkpoint import checkpoint_name
 from pallas_kernels.gated_delta_rule import gated_delta_rule
 from slimqwen_jax.config import Qwen3NextConfig
 from slimqwen_jax.platforms import target_platform
-from slimqwen_jax.sharding import on_batch_shards
+from slimqwen_jax.sharding import embedding_lookup, on_batch_shards
 
 
 class Calibration(nnx.Intermediate):
@@ -81,7 +81,7 @@ class Embedding(nnx.Module):
         self.dtype = cfg.compute_dtype
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        return embedding_lookup(self.embedding[...], ids, self.dtype)  # [..., D]
 
     def attend(self, x: jax.Array) -> jax.Array:
         return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype))

@@ -24,9 +24,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import struct
+from jax.sharding import PartitionSpec
 
 from slimqwen_jax.model import CausalLMOutput, Qwen3NextForCausalLM
-from slimqwen_jax.sharding import on_batch_shards
+from slimqwen_jax.sharding import LOGICAL_RULES, batch_shards, on_batch_shards, pad_rows, rule_axes
 
 WEIGHT_SCHEDULES = ("constant", "linear", "cosine")
 FOLLOW_LAM = "lam"  # loss.mtp_lam.schedule: the MTP terms' KD share is lam at every step
@@ -169,8 +170,13 @@ def chunked_token_sums(
 
     Under a context mesh each batch shard scans its own tokens and the sums meet once at the end
     (`sharding.on_batch_shards`): scanning sharded rows would gather every token on every device,
-    and the heads' gradients would be reduced over the devices once per chunk.
+    and the heads' gradients would be reduced over the devices once per chunk. Where the mesh shards
+    parameters (`vocab_axes`), the heads are split by vocabulary instead of gathered whole:
+    `vocab_sharded_token_sums`.
     """
+    if vocab_axes():
+        return vocab_sharded_token_sums(student_hidden, student_head, teacher_hidden, teacher_head, targets, mask,
+                                        chunk_size=chunk_size, temperature=temperature)  # fmt: skip
     with_teacher = teacher_hidden is not None
     names = ("ce", "kd", "agree") if with_teacher else ("ce",)
     # The heads in the hidden states' dtype (as `chunk_logits` uses them) before they are gathered
@@ -200,6 +206,119 @@ def chunked_token_sums(
         rows, whole = (student_hidden, targets, mask), (student_head,)
         fn = lambda hidden, targets, mask, head: local_sums(hidden, targets, mask, None, head, None)  # noqa: E731
     return on_batch_shards(fn, rows, (0,) * len(rows), whole, summed=True)
+
+
+# ---------------------------------------------------------------------------- vocabulary-sharded
+PADDED_LOGIT = -1e30  # the logit of a vocabulary column added to make the shards even: exp() is 0
+
+
+def vocab_axes() -> tuple[str, ...]:
+    """The context mesh's axes that split the LM heads by vocabulary in the loss: those of the
+    `embed` rule (which shard every parameter) with more than one device, when they also split the
+    batch; () without a mesh or without such axes."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return ()
+    batch_axes, _ = batch_shards(mesh)
+    axes = tuple(a for a in rule_axes(LOGICAL_RULES["embed"]) if a in mesh.axis_names and mesh.shape[a] > 1)
+    return axes if set(axes) <= set(batch_axes) else ()
+
+
+def _sharded_logsumexp(logits: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    """logsumexp over the vocabulary [R, V/G] -> [R], the columns split over `axes`."""
+    peak = jax.lax.pmax(jnp.max(jax.lax.stop_gradient(logits), axis=-1), axes)
+    return peak + jnp.log(jax.lax.psum(jnp.sum(jnp.exp(logits - peak[:, None]), axis=-1), axes))
+
+
+def _sharded_argmax(logits: jax.Array, columns: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    """The first column of the row maximum over the whole vocabulary [R, V/G] -> [R] (as jnp.argmax)."""
+    logits = jax.lax.stop_gradient(logits)
+    peak = jax.lax.pmax(jnp.max(logits, axis=-1), axes)
+    first = jnp.min(jnp.where(logits == peak[:, None], columns, jnp.iinfo(jnp.int32).max), axis=-1)
+    return jax.lax.pmin(first, axes)
+
+
+def sharded_token_terms(student, teacher, targets, columns, axes, temperature) -> dict:
+    """`token_terms` of logits whose vocabulary columns are split over `axes`: student and teacher
+    [R, V/G] (this device's `columns` [V/G] of every row), targets [R] -> terms [R], equal on every
+    device of the group."""
+    target_logits = jax.lax.psum(jnp.sum(jnp.where(columns == targets[:, None], student, 0.0), axis=-1), axes)
+    terms = {"ce": _sharded_logsumexp(student, axes) - target_logits}
+    if teacher is not None:
+        log_p_teacher = teacher / temperature - _sharded_logsumexp(teacher / temperature, axes)[:, None]
+        log_p_student = student / temperature - _sharded_logsumexp(student / temperature, axes)[:, None]
+        kl = jax.lax.psum(jnp.sum(jnp.exp(log_p_teacher) * (log_p_teacher - log_p_student), axis=-1), axes)
+        terms["kd"] = temperature**2 * kl
+        agree = _sharded_argmax(student, columns, axes) == _sharded_argmax(teacher, columns, axes)
+        terms["agree"] = agree.astype(jnp.float32)
+    return terms
+
+
+def _pad_columns(head: jax.Array, columns: int, axes: tuple[str, ...]) -> jax.Array:
+    """head [D, V] -> [D, columns], zero columns appended, each device padding its own rows of a
+    head sharded by width over `axes` (XLA's partitioner would gather the head to pad it)."""
+    if head.shape[1] == columns:
+        return head
+    pad = functools.partial(jnp.pad, pad_width=((0, 0), (0, columns - head.shape[1])))
+    if head.shape[0] % math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in axes):
+        return pad(head)
+    by_width = PartitionSpec(axes, None)
+    return jax.shard_map(pad, in_specs=by_width, out_specs=by_width)(head)
+
+
+def vocab_sharded_token_sums(student_hidden, student_head, teacher_hidden, teacher_head, targets, mask, *,
+                             chunk_size: int, temperature: float = 1.0) -> dict[str, jax.Array]:  # fmt: skip
+    """`chunked_token_sums` with the LM heads split by vocabulary over the G devices of `vocab_axes`,
+    never whole on a device: each device scans its own tokens C at a time; for a chunk the G devices
+    of its group gather their chunks ([G C, D], small) and each computes the logits of all G C
+    tokens in its V / G columns: one [C, V] block's worth of memory, as unsplit. The softmax sums,
+    the target's logit, KL and argmax meet over the group (psum / pmax), and a device adds the
+    terms of its own tokens. The backward recomputes a chunk's logits (`jax.checkpoint`); the
+    heads' gradients are V / G columns per device. A vocabulary that G does not divide is padded
+    with columns of logit `PADDED_LOGIT`.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    axes, (batch_axes, shards) = vocab_axes(), batch_shards(mesh)
+    group = math.prod(mesh.shape[a] for a in axes)
+    vocab = student_head.shape[1]
+    padded = -(-vocab // group) * group
+    rows = {"student": student_hidden, "targets": targets, "mask": mask}
+    heads = {"student": student_head.astype(student_hidden.dtype)}
+    if teacher_hidden is not None:
+        rows["teacher"] = jax.lax.stop_gradient(teacher_hidden)
+        heads["teacher"] = jax.lax.stop_gradient(teacher_head).astype(teacher_hidden.dtype)
+    rows = dict(zip(rows, pad_rows(tuple(rows.values()), (0,) * len(rows), shards)))  # padded rows: mask False
+    heads = {k: _pad_columns(h, padded, axes) for k, h in heads.items()}
+
+    def local(rows, heads):  # rows [n, ...]: this device's tokens; heads [D, V / G]: its columns
+        width = padded // group
+        columns = jax.lax.axis_index(axes) * width + jnp.arange(width)  # [V / G]
+        size = min(chunk_size, rows["mask"].shape[0])
+        own = jax.lax.axis_index(axes) * size  # where this device's chunk lies among its group's
+
+        def logits(hidden, head):  # [G C, V / G] of the group's chunks
+            return jnp.where(columns < vocab, chunk_logits(hidden, head), PADDED_LOGIT)
+
+        @jax.checkpoint
+        def chunk_sums(chunk):
+            group_rows = jax.tree.map(lambda a: jax.lax.all_gather(a, axes, axis=0, tiled=True), chunk)  # [G C, ...]
+            student = logits(group_rows["student"], heads["student"])
+            teacher = logits(group_rows["teacher"], heads["teacher"]) if "teacher" in chunk else None
+            terms = sharded_token_terms(student, teacher, group_rows["targets"], columns, axes, temperature)
+            weight = chunk["mask"].astype(jnp.float32)
+            return {k: jnp.sum(jax.lax.dynamic_slice_in_dim(v, own, size) * weight) for k, v in terms.items()}
+
+        def add_chunk(sums, chunk):
+            return jax.tree.map(jnp.add, sums, chunk_sums(chunk)), None
+
+        zero = jax.lax.pcast(jnp.zeros((), jnp.float32), batch_axes, to="varying")  # typed as the chunks' sums
+        names = ("ce", "kd", "agree") if "teacher" in rows else ("ce",)
+        chunks = jax.tree.map(functools.partial(token_chunks, chunk_size=size), rows)
+        sums, _ = jax.lax.scan(add_chunk, dict.fromkeys(names, zero), chunks)
+        return jax.lax.psum({**sums, "count": jnp.sum(rows["mask"].astype(jnp.float32))}, batch_axes)
+
+    by_rows, by_columns = PartitionSpec(batch_axes), PartitionSpec(None, axes)
+    return jax.shard_map(local, in_specs=(by_rows, by_columns), out_specs=PartitionSpec())(rows, heads)
 
 
 # ---------------------------------------------------------------------------- targets

@@ -117,6 +117,29 @@ def test_out_of_memory_is_a_row_and_other_failures_are_one_line():
     assert "Attempted to compile iota" in line and line.endswith("(at jit(train_step)/jvp()/while/body/iota)")
 
 
+COMPILER_LOG = """I1207 15:35:15.649477 28161 deepsea_compiler_backend.cc:2127] XLA::TPU program HBM usage: 1.00M / 15.75G
+I1207 15:35:15.649480 28161 deepsea_compiler_backend.cc:2171] Total hbm usage >= 258.13M:
+    reserved        258.12M
+    program           4.0K
+    arguments            0B
+I1207 15:35:15.649480 28161 deepsea_compiler_backend.cc:2171] Total hbm usage >= 15.12G:
+    reserved        258.12M
+    program          11.88G
+    arguments         2.99G
+
+Output size 2.28G; shares 2.28G with arguments.
+"""
+
+
+def test_the_compilers_hbm_account_is_read_from_its_log():
+    """libtpu's own account (a log from compiling the 23A2B stage 1 for v5e-256; a small helper
+    compiled before it): the train step's, the largest."""
+    account = compile_plan.compiler_account(COMPILER_LOG)
+    assert account == pytest.approx({"compiler_total_gib": 15.12, "compiler_reserved_gib": 258.12 / 1024,
+                                     "compiler_program_gib": 11.88, "compiler_arguments_gib": 2.99})  # fmt: skip
+    assert compile_plan.compiler_account("no account here") == {}
+
+
 def test_training_flops_count_the_active_parameters():
     cfg = tiny()
     _, active = hand_count_parameters(cfg)  # the backbone's, counted by hand
@@ -194,6 +217,9 @@ def test_staged_kd_step_compiles_for_v5e_and_reports_xlas_memory():
         assert row["fits"] and row["mesh"] == {"data": 4, "fsdp": 1, "expert": 1}
         parts = row["arguments_gib"] + row["temporaries_gib"] + row["outputs_gib"] + row["code_gib"]
         assert row["total_gib"] == pytest.approx(parts) and row["arguments_gib"] > 0
+        # The compiler's own account: the same arguments, and its total within the chip's HBM.
+        assert row["compiler_arguments_gib"] == pytest.approx(row["arguments_gib"], abs=0.01)
+        assert row["compiler_arguments_gib"] < row["compiler_total_gib"] <= row["hbm_gib"]
         assert row["micro_batch_tokens_per_chip"] == 8 * 64 // 2 // 4
         assert row["collective_gib"].get("all-reduce", 0) > 0  # data parallel: the gradients are summed
     # The same stage compiled here: the reported memory is XLA's own, byte for byte.

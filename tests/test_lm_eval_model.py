@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from flax import nnx
 from lm_eval.api.instance import Instance
-from tool_runs import REPO, one_device_env
+from tool_runs import one_device_env
 
+from slimqwen_jax import lm_eval_model
 from slimqwen_jax.checkpoint import save_checkpoint
 from slimqwen_jax.config import tiny
 from slimqwen_jax.data import ByteTokenizer
@@ -141,7 +142,7 @@ metric_list:
 
 
 @pytest.mark.slow
-def test_local_tasks_run_end_to_end_from_the_command_line(checkpoint, tmp_path):
+def test_local_tasks_run_end_to_end_from_the_command_line(checkpoint, tmp_path, monkeypatch, capsys):
     data = tmp_path / "data.jsonl"
     docs = [{"question": f"{a} + {b} =", "choices": [f" {a + b}", f" {a + b + 1}"], "answer": 0} for a, b in
             [(1, 2), (3, 4), (10, 5), (7, 7)]]  # fmt: skip
@@ -172,7 +173,9 @@ def test_local_tasks_run_end_to_end_from_the_command_line(checkpoint, tmp_path):
     )
     assert result.returncode != 0 and "error: slimqwen_jax: unknown model_args ['no_such_arg']" in result.stderr
     assert "Traceback" not in result.stderr, result.stderr
-    module_command = [sys.executable, "-m", "slimqwen_jax.lm_eval_model", *bad_args]
-    result = subprocess.run(module_command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 2 and "unknown model_args ['no_such_arg']" in result.stderr
+    # `python -m slimqwen_jax.lm_eval_model`: the same command line, its error one line and exit 2.
+    monkeypatch.setattr(sys, "argv", ["slimqwen_jax.lm_eval_model", *bad_args])
+    with pytest.raises(SystemExit) as exited:
+        lm_eval_model.main()
+    assert exited.value.code == 2 and "unknown model_args ['no_such_arg']" in capsys.readouterr().err
     assert os.path.exists(results_file)

@@ -99,12 +99,12 @@ def test_chunked_terms_equal_full_softmax_in_value_and_gradient(chunk_size):
 
 
 def test_chunked_terms_on_the_batch_shards_of_a_mesh():
-    """Under a context mesh of 8 batch shards (45 tokens: padded to 48), each shard scans its own
-    tokens and the sums meet once: values and gradients equal the unchunked objective, greedy
-    tokens equal numpy's argmax, and, with 48 tokens placed on the shards, no collective carries
-    token rows or a head gradient per chunk."""
+    """Under a context mesh of 8 batch shards that shards no parameters (data x expert; 45 tokens:
+    padded to 48), each shard scans its own tokens and the sums meet once: values and gradients
+    equal the unchunked objective, greedy tokens equal numpy's argmax, and, with 48 tokens placed on
+    the shards, no collective carries token rows or a head gradient per chunk."""
     arrays, targets, mask = random_inputs()
-    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "expert": 2})
+    mesh = sharding.make_mesh({"data": 4, "fsdp": 1, "expert": 2})
 
     def objective(terms_of):
         def value(student, student_head, teacher, targets, mask):
@@ -134,6 +134,49 @@ def test_chunked_terms_on_the_batch_shards_of_a_mesh():
     # One reduction of the sums and one of the head's gradient (not one per chunk inside the scan).
     results = collective_arrays(hlo)
     assert {shape for _, shape in results} <= {(), (D, V)} and results.count(("all-reduce", (D, V))) == 1
+
+
+@pytest.mark.parametrize("fsdp", [2, 4])
+def test_chunked_terms_with_the_heads_split_by_vocabulary(fsdp):
+    """On a mesh that shards parameters over fsdp (2 or 4 devices, whose count does not divide the
+    37-word vocabulary: padded), the heads are split by vocabulary (`losses.vocab_sharded_token_sums`):
+    values, top-1 agreement and gradients equal the unchunked objective, and no collective carries a
+    whole head or its gradient (the padding included)."""
+    arrays, targets, mask = random_inputs()
+    rng = np.random.default_rng(1)  # a teacher that agrees with the student on some tokens
+    arrays["teacher"] = jnp.concatenate([arrays["student"], arrays["teacher"][:, D:]], axis=1)
+    arrays["teacher_head"] = arrays["teacher_head"].at[:D].set(arrays["student_head"] + 0.3 * rng.normal(size=(D, V)))
+    mesh = sharding.make_mesh({"data": 8 // fsdp // 2, "fsdp": fsdp, "expert": 2})
+
+    def objective(terms_of):
+        def value(student, student_head, teacher, targets, mask):
+            terms = terms_of({**arrays, "student": student, "student_head": student_head, "teacher": teacher},
+                             targets, mask)  # fmt: skip
+            return terms["ce"] + 2.0 * terms["kd"], terms
+
+        return jax.jit(jax.value_and_grad(value, argnums=(0, 1), has_aux=True))
+
+    chunked = objective(lambda a, t, m: chunked_means(a, t, m, 4))
+    rows, head = (arrays["student"], arrays["teacher"], targets, mask), arrays["student_head"]  # [N, ...]
+    with jax.set_mesh(mesh):
+        assert losses.vocab_axes() == ("fsdp",)
+        (_, terms), grads = chunked(rows[0], head, *rows[1:])
+        # As in a train step: 48 tokens on the batch shards, the head sharded by width over fsdp.
+        placed = [jax.ShapeDtypeStruct((48, *a.shape[1:]), a.dtype, sharding=sharding.batch_sharding(mesh, a.ndim))
+                  for a in rows]  # fmt: skip
+        by_width = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp", None))
+        head_shape = jax.ShapeDtypeStruct((D, V), jnp.float32, sharding=by_width)
+        hlo = chunked.lower(placed[0], head_shape, *placed[1:]).compile().as_text()
+    (_, expected), reference = objective(naive_means)(rows[0], head, *rows[1:])
+    for name in ("ce", "kd"):
+        np.testing.assert_allclose(float(terms[name]), float(expected[name]), rtol=1e-5)
+    for ours, expected_grad in zip(grads, reference, strict=True):
+        np.testing.assert_allclose(ours, expected_grad, rtol=1e-5, atol=1e-6)
+    student = np.asarray(arrays["student"] @ arrays["student_head"])
+    teacher = np.asarray(arrays["teacher"] @ arrays["teacher_head"])
+    agree = (student.argmax(-1) == teacher.argmax(-1))[np.asarray(mask)].mean()
+    assert 0.2 < agree < 1 and float(terms["agree"]) == pytest.approx(agree, rel=1e-6)
+    assert max(math.prod(shape) for _, shape in collective_arrays(hlo)) < D * V  # a chunk's rows, a head's columns
 
 
 @pytest.mark.parametrize("tau", [0.5, 2.0])

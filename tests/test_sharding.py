@@ -1,5 +1,6 @@
 """Mesh construction, logical-axis placement and a sharded train step against one device."""
 
+import functools
 import math
 
 import jax
@@ -133,6 +134,35 @@ def test_data_parallel_distillation_step_moves_no_token_rows():
     assert max(math.prod(shape) for _, shape in results) <= max(sizes)
     # Every gradient once; the embedding's and the LM head's twice (the MTP module uses them too).
     assert sum(sizes) <= sum(math.prod(shape) for _, shape in results) <= 1.25 * sum(sizes)
+
+
+def test_an_embedding_lookup_on_an_fsdp_mesh_matches_take_and_moves_no_whole_table():
+    """`sharding.embedding_lookup` on a data 2 x fsdp 2 x expert 2 mesh against `jnp.take` on one
+    device: the same rows (bitwise) and gradient (a repeated token; 6 rows, which 8 shards do not
+    divide), and no collective of the table's size (for `jnp.take` of batch-sharded ids the TPU
+    compiler gathers the table whole and reduces its whole gradient: docs/tpu.md)."""
+    mesh = sharding.make_mesh(dict(data=2, fsdp=2, expert=2))
+    vocab, width = 64, 16
+    table = jax.random.normal(jax.random.key(0), (vocab, width))
+    ids = jax.random.randint(jax.random.key(1), (6, 5), 0, vocab).at[0, :3].set(7).at[4, 1].set(7)
+
+    def score(lookup, table, ids):
+        return jnp.sum(jnp.sin(lookup(table, ids)))
+
+    sharded = functools.partial(sharding.embedding_lookup, dtype=jnp.float32)
+    plain = functools.partial(jnp.take, axis=0)
+    expected_rows, expected_grad = plain(table, ids), jax.grad(score, argnums=1)(plain, table, ids)
+    with jax.set_mesh(mesh):
+        placed = jax.device_put(table, NamedSharding(mesh, PartitionSpec(None, "fsdp")))
+        rows = jax.jit(sharded)(placed, ids)
+        grad_fn = jax.jit(jax.grad(functools.partial(score, sharded)))
+        grad = grad_fn(placed, ids)
+        batch = jax.ShapeDtypeStruct((8, 5), jnp.int32, sharding=sharding.batch_sharding(mesh, 2))  # one row a device
+        ours = collective_arrays(grad_fn.lower(placed, batch).compile().as_text())
+    np.testing.assert_array_equal(rows, expected_rows)
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-6, atol=1e-6)
+    # The ids, the rows and the gradient of each device's columns (summed over data and expert).
+    assert max(math.prod(shape) for _, shape in ours) <= vocab * width // 2, ours
 
 
 def test_a_seeded_init_on_a_mesh_equals_the_model_built_with_nnx_rngs():

@@ -99,13 +99,14 @@ def test_a_missing_bucket_is_one_clear_error_before_anything_is_written(gcs):
 
 
 def test_no_credentials_is_one_clear_error(tmp_path, monkeypatch):
-    # No emulator and credentials that cannot be found: refused at once, naming the path.
+    # No emulator and credentials that cannot be found: refused at once, naming the path. (The
+    # command line's handling of such a line is the missing-bucket test's.)
     for name in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "absent.json"))
-    code, output = run_tool("train", "quickstart.py", "--config.workdir=gs://some-bucket/run", *TINY_RUN)
-    assert code == 1 and "Traceback" not in output, output
-    assert "workdir gs://some-bucket/run cannot be reached: no Google credentials found" in output, output
+    lines = storage.url_problems([("workdir", "gs://some-bucket/run"), ("teacher", "gs://some-bucket/teacher")])
+    assert [line.split(": no Google credentials found")[0] for line in lines] == [
+        "workdir gs://some-bucket/run cannot be reached", "teacher gs://some-bucket/teacher cannot be reached"]
 
 
 # ---------------------------------------------------------------------------- a run
