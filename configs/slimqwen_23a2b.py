@@ -10,8 +10,9 @@ cosine 0.3 -> 0.1 over the run, MTP-KD from the teacher's MTP head. Global batch
 to 3e-5, no re-warmup in stage 2. Mesh: 256 chips (v5e-256, v6e-256; --config.mesh.fsdp=-1 takes
 any other slice: 16 on v5p-256), fsdp 32 x expert 8, experts exchanged with expert parallelism;
 calibration on 1,024 sequences before each stage. To fit at this batch (docs/tpu.md): the layers
-scanned and fully rematerialised, 4 micro-batches per step; on v5e also
---config.model.moe_capacity_factor=2.0. Compile each stage for a slice before booking it:
+scanned and fully rematerialised, 4 micro-batches per step; on v5e (16 GiB a chip) also
+--config.model.moe_capacity_factor=2.0 --config.loss.chunk_size=256. Compile each stage for a slice
+before booking it:
   --config.dry_run=True --config.compile_topology=v5p-256 --config.mesh.fsdp=-1
 
 The stages come from `config.schedule` (a preset) and the whole cut in `config.schedule_options`, so

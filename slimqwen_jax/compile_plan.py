@@ -349,13 +349,14 @@ def compiling_environment(topology: Topology) -> dict[str, str]:
 
 
 _ERROR_LINE = re.compile(r"\b(INTERNAL|INVALID_ARGUMENT|UNIMPLEMENTED|UNKNOWN|FAILED_PRECONDITION|Check failed)\b|Error:")
+_INFO_OR_WARNING = re.compile(r"[IW]\d{4} \d\d:\d\d:\d\d")  # libtpu's log lines that report, not fail
 _OP_NAME = re.compile(r"\b(jit\([\w.]+\)/[^\s,\"'}]+)")
 
 
 def failure_line(output: str) -> str:
     """One line of a failed compile's output: its first error line and the op that line, or the
     output after it, names (`jit(train_step)/jvp()/while/body/iota`)."""
-    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    lines = [line.strip() for line in output.splitlines() if line.strip() and not _INFO_OR_WARNING.match(line)]
     first = next((i for i, line in enumerate(lines) if _ERROR_LINE.search(line)), max(len(lines) - 1, 0))
     reason = lines[first] if lines else "no output"
     op = _OP_NAME.search("\n".join(lines[first:]))

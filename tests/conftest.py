@@ -37,7 +37,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # The slowest files first (measured, docs/testing.md), the rest in their usual order: pytest.ini
 # turns xdist's reordering by test count off, so the workers take the long files while the short
 # ones fill in around them and finish together (longest-processing-time-first scheduling).
-SLOWEST_FIRST = ("test_stages.py", "test_notebook.py", "test_train.py", "test_sweep.py", "test_multihost.py",
+SLOWEST_FIRST = ("test_stages.py", "test_train.py", "test_compile_plan.py", "test_sweep.py", "test_multihost.py",
                  "test_losses.py", "test_reproduce.py", "test_bad_inputs.py", "test_lm_eval_model.py", "test_sharding.py", "test_moe.py")
 
 

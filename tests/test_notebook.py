@@ -51,9 +51,12 @@ def test_the_committed_notebook_is_the_builders_with_the_outputs_of_a_run():
     check_outputs(committed)
 
 
-@pytest.mark.slow
+@pytest.mark.notebook
 def test_the_notebook_runs_top_to_bottom_in_a_fresh_kernel(tmp_path, monkeypatch):
-    """Restart and run all, as a reader would, with the runs under tmp_path (about three minutes)."""
+    """Restart and run all, as a reader would, with the runs under tmp_path (about three and a half
+    minutes; `python -m pytest -m notebook`). Outside the default run: the test above checks the
+    committed cells and their outputs, and the code they call (the pipeline, evaluation, speculative
+    decoding, the HF export) has its own tests."""
     monkeypatch.setenv("SLIMQWEN_NOTEBOOK_WORKDIR", str(tmp_path / "runs"))
     monkeypatch.setenv("XLA_FLAGS", one_device_env()["XLA_FLAGS"])
     notebook = builder.execute(builder.build())  # raises on the first cell that fails
