@@ -98,6 +98,27 @@ def test_chunked_terms_equal_full_softmax_in_value_and_gradient(chunk_size):
         np.testing.assert_allclose(ours_grad, reference, rtol=1e-5, atol=1e-7)
 
 
+def mesh_objective(arrays, terms_of):
+    """jit(value_and_grad) of ce + 2 kd in (student, student_head), with the teacher's hidden states,
+    the targets and the mask arguments too: the rows the mesh tests place on the batch shards."""
+
+    def value(student, student_head, teacher, targets, mask):
+        terms = terms_of({**arrays, "student": student, "student_head": student_head, "teacher": teacher},
+                         targets, mask)  # fmt: skip
+        return terms["ce"] + 2.0 * terms["kd"], terms
+
+    return jax.jit(jax.value_and_grad(value, argnums=(0, 1), has_aux=True))
+
+
+def assert_equals_unchunked(arrays, rows, head, terms, grads, atol):
+    """`terms` and `grads` of `mesh_objective` equal those of the unchunked objective, one device."""
+    (_, expected), reference = mesh_objective(arrays, naive_means)(rows[0], head, *rows[1:])
+    for name in ("ce", "kd"):
+        np.testing.assert_allclose(float(terms[name]), float(expected[name]), rtol=1e-5)
+    for ours, expected_grad in zip(grads, reference, strict=True):
+        np.testing.assert_allclose(ours, expected_grad, rtol=1e-5, atol=atol)
+
+
 def test_chunked_terms_on_the_batch_shards_of_a_mesh():
     """Under a context mesh of 8 batch shards that shards no parameters (data x expert; 45 tokens:
     padded to 48), each shard scans its own tokens and the sums meet once: values and gradients
@@ -106,16 +127,7 @@ def test_chunked_terms_on_the_batch_shards_of_a_mesh():
     arrays, targets, mask = random_inputs()
     mesh = sharding.make_mesh({"data": 4, "fsdp": 1, "expert": 2})
 
-    def objective(terms_of):
-        def value(student, student_head, teacher, targets, mask):
-            terms = terms_of(
-                {**arrays, "student": student, "student_head": student_head, "teacher": teacher}, targets, mask
-            )
-            return terms["ce"] + 2.0 * terms["kd"], terms
-
-        return jax.jit(jax.value_and_grad(value, argnums=(0, 1), has_aux=True))
-
-    chunked = objective(lambda a, t, m: chunked_means(a, t, m, 4))
+    chunked = mesh_objective(arrays, lambda a, t, m: chunked_means(a, t, m, 4))
     argmax = jax.jit(lambda hidden, head: losses.chunked_argmax(hidden, head, chunk_size=4))
     rows = (arrays["student"], arrays["teacher"], targets, mask)  # [N, ...]
     head = arrays["student_head"]
@@ -125,11 +137,7 @@ def test_chunked_terms_on_the_batch_shards_of_a_mesh():
         by_rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.LOGICAL_RULES["batch"]))
         placed = jax.device_put([jnp.concatenate([a, a[: 48 - N]]) for a in rows], by_rows)  # 6 tokens per shard
         hlo = chunked.lower(placed[0], head, *placed[1:]).compile().as_text()
-    (_, expected), reference = objective(naive_means)(rows[0], head, *rows[1:])
-    for name in ("ce", "kd"):
-        np.testing.assert_allclose(float(terms[name]), float(expected[name]), rtol=1e-5)
-    for ours, expected_grad in zip(grads, reference, strict=True):
-        np.testing.assert_allclose(ours, expected_grad, rtol=1e-5, atol=1e-7)
+    assert_equals_unchunked(arrays, rows, head, terms, grads, atol=1e-7)
     np.testing.assert_array_equal(greedy, np.argmax(np.asarray(rows[0] @ head), -1))
     # One reduction of the sums and one of the head's gradient (not one per chunk inside the scan).
     results = collective_arrays(hlo)
@@ -148,15 +156,7 @@ def test_chunked_terms_with_the_heads_split_by_vocabulary(fsdp):
     arrays["teacher_head"] = arrays["teacher_head"].at[:D].set(arrays["student_head"] + 0.3 * rng.normal(size=(D, V)))
     mesh = sharding.make_mesh({"data": 8 // fsdp // 2, "fsdp": fsdp, "expert": 2})
 
-    def objective(terms_of):
-        def value(student, student_head, teacher, targets, mask):
-            terms = terms_of({**arrays, "student": student, "student_head": student_head, "teacher": teacher},
-                             targets, mask)  # fmt: skip
-            return terms["ce"] + 2.0 * terms["kd"], terms
-
-        return jax.jit(jax.value_and_grad(value, argnums=(0, 1), has_aux=True))
-
-    chunked = objective(lambda a, t, m: chunked_means(a, t, m, 4))
+    chunked = mesh_objective(arrays, lambda a, t, m: chunked_means(a, t, m, 4))
     rows, head = (arrays["student"], arrays["teacher"], targets, mask), arrays["student_head"]  # [N, ...]
     with jax.set_mesh(mesh):
         assert losses.vocab_axes() == ("fsdp",)
@@ -167,11 +167,7 @@ def test_chunked_terms_with_the_heads_split_by_vocabulary(fsdp):
         by_width = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp", None))
         head_shape = jax.ShapeDtypeStruct((D, V), jnp.float32, sharding=by_width)
         hlo = chunked.lower(placed[0], head_shape, *placed[1:]).compile().as_text()
-    (_, expected), reference = objective(naive_means)(rows[0], head, *rows[1:])
-    for name in ("ce", "kd"):
-        np.testing.assert_allclose(float(terms[name]), float(expected[name]), rtol=1e-5)
-    for ours, expected_grad in zip(grads, reference, strict=True):
-        np.testing.assert_allclose(ours, expected_grad, rtol=1e-5, atol=1e-6)
+    assert_equals_unchunked(arrays, rows, head, terms, grads, atol=1e-6)
     student = np.asarray(arrays["student"] @ arrays["student_head"])
     teacher = np.asarray(arrays["teacher"] @ arrays["teacher_head"])
     agree = (student.argmax(-1) == teacher.argmax(-1))[np.asarray(mask)].mean()
