@@ -27,7 +27,7 @@ from flax import struct
 from jax.sharding import PartitionSpec
 
 from slimqwen_jax.model import CausalLMOutput, Qwen3NextForCausalLM
-from slimqwen_jax.sharding import LOGICAL_RULES, batch_shards, on_batch_shards, pad_rows, rule_axes
+from slimqwen_jax.sharding import batch_shards, embed_group_axes, on_batch_shards, pad_rows
 
 WEIGHT_SCHEDULES = ("constant", "linear", "cosine")
 FOLLOW_LAM = "lam"  # loss.mtp_lam.schedule: the MTP terms' KD share is lam at every step
@@ -171,10 +171,10 @@ def chunked_token_sums(
     Under a context mesh each batch shard scans its own tokens and the sums meet once at the end
     (`sharding.on_batch_shards`): scanning sharded rows would gather every token on every device,
     and the heads' gradients would be reduced over the devices once per chunk. Where the mesh shards
-    parameters (`vocab_axes`), the heads are split by vocabulary instead of gathered whole:
-    `vocab_sharded_token_sums`.
+    parameters (`sharding.embed_group_axes`), the heads are split by vocabulary instead of gathered
+    whole: `vocab_sharded_token_sums`.
     """
-    if vocab_axes():
+    if embed_group_axes(jax.sharding.get_abstract_mesh()):
         return vocab_sharded_token_sums(student_hidden, student_head, teacher_hidden, teacher_head, targets, mask,
                                         chunk_size=chunk_size, temperature=temperature)  # fmt: skip
     with_teacher = teacher_hidden is not None
@@ -210,18 +210,6 @@ def chunked_token_sums(
 
 # ---------------------------------------------------------------------------- vocabulary-sharded
 PADDED_LOGIT = -1e30  # the logit of a vocabulary column added to make the shards even: exp() is 0
-
-
-def vocab_axes() -> tuple[str, ...]:
-    """The context mesh's axes that split the LM heads by vocabulary in the loss: those of the
-    `embed` rule (which shard every parameter) with more than one device, when they also split the
-    batch; () without a mesh or without such axes."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return ()
-    batch_axes, _ = batch_shards(mesh)
-    axes = tuple(a for a in rule_axes(LOGICAL_RULES["embed"]) if a in mesh.axis_names and mesh.shape[a] > 1)
-    return axes if set(axes) <= set(batch_axes) else ()
 
 
 def _sharded_logsumexp(logits: jax.Array, axes: tuple[str, ...]) -> jax.Array:
@@ -268,17 +256,18 @@ def _pad_columns(head: jax.Array, columns: int, axes: tuple[str, ...]) -> jax.Ar
 
 def vocab_sharded_token_sums(student_hidden, student_head, teacher_hidden, teacher_head, targets, mask, *,
                              chunk_size: int, temperature: float = 1.0) -> dict[str, jax.Array]:  # fmt: skip
-    """`chunked_token_sums` with the LM heads split by vocabulary over the G devices of `vocab_axes`,
-    never whole on a device: each device scans its own tokens C at a time; for a chunk the G devices
-    of its group gather their chunks ([G C, D], small) and each computes the logits of all G C
-    tokens in its V / G columns: one [C, V] block's worth of memory, as unsplit. The softmax sums,
+    """`chunked_token_sums` with the LM heads split by vocabulary over the G devices of
+    `sharding.embed_group_axes` (the fsdp axis), never whole on a device: each device scans its own
+    tokens C at a time; for a chunk the G devices of its group gather their chunks ([G C, D], small)
+    and each computes the logits of all G C tokens in its V / G columns: one [C, V] block's worth of
+    memory, as unsplit. The softmax sums,
     the target's logit, KL and argmax meet over the group (psum / pmax), and a device adds the
     terms of its own tokens. The backward recomputes a chunk's logits (`jax.checkpoint`); the
     heads' gradients are V / G columns per device. A vocabulary that G does not divide is padded
     with columns of logit `PADDED_LOGIT`.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    axes, (batch_axes, shards) = vocab_axes(), batch_shards(mesh)
+    axes, (batch_axes, shards) = embed_group_axes(mesh), batch_shards(mesh)
     group = math.prod(mesh.shape[a] for a in axes)
     vocab = student_head.shape[1]
     padded = -(-vocab // group) * group

@@ -151,6 +151,18 @@ def on_batch_shards(fn, rows, pad_values, whole=(), *, summed: bool = False, mes
     return out if summed else jax.tree.map(lambda a: a[:n], out)
 
 
+def embed_group_axes(mesh) -> tuple[str, ...]:
+    """The mesh axes of the `embed` rule that shard parameters over more than one device, when they
+    also split the batch: the devices of such a group hold different columns of every parameter
+    and different tokens (`embedding_lookup`, `losses.vocab_sharded_token_sums`). () otherwise, or
+    for an empty mesh."""
+    if mesh.empty:
+        return ()
+    batch_axes, _ = batch_shards(mesh)
+    axes = tuple(a for a in rule_axes(LOGICAL_RULES["embed"]) if a in mesh.axis_names and mesh.shape[a] > 1)
+    return axes if set(axes) <= set(batch_axes) else ()
+
+
 def embedding_lookup(table: jax.Array, ids: jax.Array, dtype, *, mesh=None) -> jax.Array:
     """table[ids] in `dtype`: table [V, D] with D sharded over the `embed` rule's axes (a group of G
     devices), ids [B, ...] over the batch axes -> [B, ..., D] over the batch axes.
@@ -166,13 +178,10 @@ def embedding_lookup(table: jax.Array, ids: jax.Array, dtype, *, mesh=None) -> j
     """
     context = mesh is None
     mesh = jax.sharding.get_abstract_mesh() if context else mesh
-    if mesh.empty:
+    axes = embed_group_axes(mesh)
+    if not axes or table.shape[1] % math.prod(mesh.shape[a] for a in axes):
         return jnp.take(table, ids, axis=0).astype(dtype)
     batch_axes, shards = batch_shards(mesh)
-    axes = tuple(a for a in rule_axes(LOGICAL_RULES["embed"]) if a in mesh.axis_names and mesh.shape[a] > 1)
-    group = math.prod(mesh.shape[a] for a in axes)
-    if not axes or not set(axes) <= set(batch_axes) or table.shape[1] % group:
-        return jnp.take(table, ids, axis=0).astype(dtype)
 
     def local(ids, table):  # ids [b, ...] this device's; table [V, D / G] its columns
         group_ids = jax.lax.all_gather(ids, axes, axis=0, tiled=True)  # [G b, ...], in group order

@@ -159,7 +159,7 @@ def test_chunked_terms_with_the_heads_split_by_vocabulary(fsdp):
     chunked = mesh_objective(arrays, lambda a, t, m: chunked_means(a, t, m, 4))
     rows, head = (arrays["student"], arrays["teacher"], targets, mask), arrays["student_head"]  # [N, ...]
     with jax.set_mesh(mesh):
-        assert losses.vocab_axes() == ("fsdp",)
+        assert sharding.embed_group_axes(mesh) == ("fsdp",)
         (_, terms), grads = chunked(rows[0], head, *rows[1:])
         # As in a train step: 48 tokens on the batch shards, the head sharded by width over fsdp.
         placed = [jax.ShapeDtypeStruct((48, *a.shape[1:]), a.dtype, sharding=sharding.batch_sharding(mesh, a.ndim))
