@@ -97,20 +97,24 @@ def _probe(url: str) -> str | None:
     """Why the bucket of `url` cannot be used (None if it answers): a missing client library,
     missing credentials, a missing bucket, or no answer within PROBE_SECONDS."""
     bucket = _bucket(url)
+    # Credentials first: without them gcsfs's client would try every way to find some (the metadata
+    # server among them) for seconds before failing.
+    if bucket.startswith("gs://") and not os.environ.get("STORAGE_EMULATOR_HOST"):
+        try:
+            import google.auth
+        except ImportError as error:
+            return f"the client library for {bucket} is not installed ({error}); pip install gcsfs"
+        try:
+            google.auth.default()
+        except google.auth.exceptions.DefaultCredentialsError:
+            return ("no Google credentials found (on a TPU VM the VM's service account provides them; elsewhere "
+                    "run `gcloud auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS)")  # fmt: skip
     try:
         import fsspec
 
         filesystem = fsspec.filesystem(url.split("://", 1)[0])
     except ImportError as error:
         return f"the client library for {bucket} is not installed ({error}); pip install gcsfs"
-    if bucket.startswith("gs://") and not os.environ.get("STORAGE_EMULATOR_HOST"):
-        import google.auth
-
-        try:
-            google.auth.default()
-        except google.auth.exceptions.DefaultCredentialsError:
-            return ("no Google credentials found (on a TPU VM the VM's service account provides them; elsewhere "
-                    "run `gcloud auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS)")  # fmt: skip
     answer: list[str | None] = []
 
     def ask() -> None:
