@@ -242,13 +242,14 @@ def sharded_token_terms(student, teacher, targets, columns, axes, temperature) -
     return terms
 
 
-def _pad_columns(head: jax.Array, columns: int, axes: tuple[str, ...]) -> jax.Array:
+def _pad_columns(head: jax.Array, columns: int, axes: tuple[str, ...], group: int) -> jax.Array:
     """head [D, V] -> [D, columns], zero columns appended, each device padding its own rows of a
-    head sharded by width over `axes` (XLA's partitioner would gather the head to pad it)."""
+    head sharded by width over `axes` (`group` devices; XLA's partitioner would gather the head to
+    pad it)."""
     if head.shape[1] == columns:
         return head
     pad = functools.partial(jnp.pad, pad_width=((0, 0), (0, columns - head.shape[1])))
-    if head.shape[0] % math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in axes):
+    if head.shape[0] % group:
         return pad(head)
     by_width = PartitionSpec(axes, None)
     return jax.shard_map(pad, in_specs=by_width, out_specs=by_width)(head)
@@ -277,7 +278,7 @@ def vocab_sharded_token_sums(student_hidden, student_head, teacher_hidden, teach
         rows["teacher"] = jax.lax.stop_gradient(teacher_hidden)
         heads["teacher"] = jax.lax.stop_gradient(teacher_head).astype(teacher_hidden.dtype)
     rows = dict(zip(rows, pad_rows(tuple(rows.values()), (0,) * len(rows), shards)))  # padded rows: mask False
-    heads = {k: _pad_columns(h, padded, axes) for k, h in heads.items()}
+    heads = {k: _pad_columns(h, padded, axes, group) for k, h in heads.items()}
 
     def local(rows, heads):  # rows [n, ...]: this device's tokens; heads [D, V / G]: its columns
         width = padded // group

@@ -93,25 +93,30 @@ def _bucket(url: str) -> str:
     return f"{scheme}://{rest.split('/', 1)[0]}"
 
 
+def _google_credentials() -> bool:
+    """Whether Google's application default credentials can be found (raises ImportError without
+    the client library)."""
+    import google.auth
+
+    try:
+        google.auth.default()
+    except google.auth.exceptions.DefaultCredentialsError:
+        return False
+    return True
+
+
 def _probe(url: str) -> str | None:
     """Why the bucket of `url` cannot be used (None if it answers): a missing client library,
     missing credentials, a missing bucket, or no answer within PROBE_SECONDS."""
     bucket = _bucket(url)
-    # Credentials first: without them gcsfs's client would try every way to find some (the metadata
-    # server among them) for seconds before failing.
-    if bucket.startswith("gs://") and not os.environ.get("STORAGE_EMULATOR_HOST"):
-        try:
-            import google.auth
-        except ImportError as error:
-            return f"the client library for {bucket} is not installed ({error}); pip install gcsfs"
-        try:
-            google.auth.default()
-        except google.auth.exceptions.DefaultCredentialsError:
-            return ("no Google credentials found (on a TPU VM the VM's service account provides them; elsewhere "
-                    "run `gcloud auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS)")  # fmt: skip
     try:
         import fsspec
 
+        # Credentials first: without them gcsfs's client would try every way to find some (the
+        # metadata server among them) for seconds before failing.
+        if bucket.startswith("gs://") and not os.environ.get("STORAGE_EMULATOR_HOST") and not _google_credentials():
+            return ("no Google credentials found (on a TPU VM the VM's service account provides them; elsewhere "
+                    "run `gcloud auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS)")  # fmt: skip
         filesystem = fsspec.filesystem(url.split("://", 1)[0])
     except ImportError as error:
         return f"the client library for {bucket} is not installed ({error}); pip install gcsfs"
