@@ -78,8 +78,10 @@ def use_the_cpu_only() -> None:
     jax.config.update("jax_platforms", "cpu")
 
 
-def start_tool() -> None:
+def start_tool(*, cpu_only: bool = False) -> None:
     """What every `python -m slimqwen_jax.<tool>` does first, before JAX's first computation: logging
-    set-up, then `keep_freed_host_memory`."""
+    set-up, then `keep_freed_host_memory`; with `cpu_only` (a dry run) `use_the_cpu_only` first."""
+    if cpu_only:
+        use_the_cpu_only()
     setup_logging()
     keep_freed_host_memory()

@@ -139,9 +139,7 @@ def run(config: ml_collections.ConfigDict) -> str:
 
 def main(argv: list[str]) -> None:
     del argv
-    if flags.FLAGS.config.dry_run:
-        cli.use_the_cpu_only()
-    cli.start_tool()
+    cli.start_tool(cpu_only=flags.FLAGS.config.dry_run)
     try:
         run(flags.FLAGS.config)
     except train.RUN_ERRORS as error:

@@ -624,9 +624,7 @@ def initialize_distributed(
 def main(argv: list[str]) -> None:
     del argv
     fl = flags.FLAGS
-    if fl.config.dry_run:
-        cli.use_the_cpu_only()
-    cli.start_tool()
+    cli.start_tool(cpu_only=fl.config.dry_run)
     try:
         initialize_distributed(fl.distributed, fl.coordinator_address, fl.num_processes, fl.process_id)
         run(fl.config)
