@@ -323,6 +323,8 @@ def compile_stage(request: StageRequest) -> dict:
     )  # fmt: skip
     row.update({name: size / GiB for name, size in parts.items()})
     row["total_gib"] = sum(parts.values()) / GiB
+    # By the buffer assignment, an upper bound; compile_stages puts the compiler's own verdict in its
+    # place when the compiling process's log has the compiler's account (`compiler_account`).
     row["fits"] = row["total_gib"] <= row["hbm_gib"]
     collectives, unknown_loops = hlo_stats.collective_bytes(compiled.as_text())
     row["collective_gib"] = {kind: size / GiB for kind, size in sorted(collectives.items())}
